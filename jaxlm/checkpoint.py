@@ -1,0 +1,102 @@
+"""orbax checkpoints of the whole train state, plus every process's data-iterator state.
+
+A checkpoint step directory holds four items: `params`, `opt_state`, `train`
+(step and RNG) and `data` (JSON: one grain iterator state per process). Parameters
+are a separate item so later stages can start from them (`init_from`) without the
+optimizer that produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+ITEMS = ("params", "opt_state", "train", "data")
+
+
+def _abstract(tree):
+  """Arrays -> ShapeDtypeStructs that keep their shardings (restore targets)."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+def gather_process_states(state: dict) -> list:
+  """Every process's JSON-able iterator state, in process order, on every process."""
+  if jax.process_count() == 1:
+    return [state]
+  raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[: raw.size] = raw
+  everything = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[: int(n)]).decode()) for row, n in
+          zip(everything.reshape(len(lengths), -1), np.ravel(lengths))]
+
+
+class Checkpointer:
+  """Keep-last-N, optionally asynchronous checkpoints under `directory`."""
+
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: dict, data_state: dict | None):
+    """Start saving `state` at `step` (returns before the write finishes when async)."""
+    data = {"processes": gather_process_states(data_state)} if data_state is not None else {}
+    self.manager.save(step, force=True, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        train=ocp.args.StandardSave({"step": state["step"], "rng": state["rng"]}),
+        data=ocp.args.JsonSave(data)))
+
+  def restore(self, step: int, like_state: dict) -> tuple[dict, dict | None]:
+    """Restore into the shapes and shardings of `like_state` (arrays or abstract)."""
+    target = _abstract(like_state)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target["params"]),
+        opt_state=ocp.args.StandardRestore(target["opt_state"]),
+        train=ocp.args.StandardRestore({"step": target["step"], "rng": target["rng"]}),
+        data=ocp.args.JsonRestore()))
+    state = {"params": out.params, "opt_state": out.opt_state, "step": out.train["step"],
+             "rng": out.train["rng"]}
+    processes = (out.data or {}).get("processes")
+    data_state = processes[jax.process_index()] if processes else None
+    return state, data_state
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def find_params_dir(path: str) -> str:
+  """A workdir, its checkpoints/ folder, or one step folder -> that step's params item."""
+  path = os.path.abspath(path)
+  for candidate in (path, os.path.join(path, "checkpoints")):
+    if os.path.isdir(os.path.join(candidate, "params")):
+      return os.path.join(candidate, "params")
+    if os.path.isdir(candidate):
+      steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
+      if steps:
+        return os.path.join(candidate, str(max(steps)), "params")
+  raise FileNotFoundError(f"init_from: no jaxlm checkpoint under {path}")
+
+
+def load_params(path: str, like_params) -> dict:
+  """Parameters from a jaxlm checkpoint, placed like `like_params` (shape and sharding)."""
+  params_dir = find_params_dir(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(params_dir, _abstract(like_params))

@@ -1,0 +1,277 @@
+"""Shared config defaults, model shape presets, and validation.
+
+Every knob any task reads exists here with a comment, so a locked config accepts
+it on the command line (`--config.optimizer.lr=3e-4`) and rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import ml_collections
+
+
+# Model shapes shared by configs, benchmarks and the cost estimator.
+MODEL_PRESETS = {
+    # Small enough to train on 2 CPU cores in a couple of minutes.
+    "tiny": dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_dim=352),
+    "llama_150m": dict(d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, ffn_dim=2048,
+                       vocab_size=32000),
+    "tinyllama_1b": dict(d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4, ffn_dim=5632,
+                         vocab_size=32000),
+    "llama3_8b": dict(d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, ffn_dim=14336,
+                      vocab_size=128256, rope_theta=500000.0),
+    "gpt2_small": dict(family="gpt2", d_model=768, num_layers=12, num_heads=12, num_kv_heads=12,
+                       ffn_dim=3072, vocab_size=50257, tie_embeddings=True, max_seq_len=1024,
+                       norm_eps=1e-5),
+}
+
+# Ordered rules mapping logical axis names to mesh axes. For each dimension the first
+# rule whose mesh axes are still unused in that array wins; `None` means replicate.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
+    ("norm", None),
+    ("position", None),
+)
+
+
+def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
+  """The model section: defaults, then a shape preset, then overrides."""
+  m = ml_collections.ConfigDict()
+  m.family = "llama"            # "llama" (RMSNorm, RoPE, SwiGLU, GQA) or "gpt2"
+  m.vocab_size = 0              # 0: take the tokenizer's size, padded to vocab_multiple
+  m.vocab_multiple = 128        # pad the vocabulary to a multiple of this (sharding, MXU tiles)
+  m.d_model = 128
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 4            # < num_heads: grouped-query attention
+  m.head_dim = 0                # 0: d_model // num_heads
+  m.ffn_dim = 512
+  m.max_seq_len = 2048          # learned position table size (gpt2 only)
+  m.rope_theta = 10000.0
+  m.rope_scaling_factor = 0.0   # > 0 enables Llama-3 frequency scaling with the three fields below
+  m.rope_low_freq_factor = 1.0
+  m.rope_high_freq_factor = 4.0
+  m.rope_original_max_len = 8192
+  m.norm_eps = 1e-6
+  m.qkv_bias = False            # Qwen2-style biases on q, k, v
+  m.tie_embeddings = False      # share the input embedding with the output projection
+  m.init_std = 0.02
+  m.dtype = "bfloat16"          # compute dtype
+  m.param_dtype = "float32"     # storage dtype of parameters and optimizer state
+  m.remat = "minimal"           # "none" | "minimal" (save matmul outputs) | "full"
+  m.attention = "auto"          # "auto" | "xla" | "cudnn" | "splash"
+  for k, v in {**MODEL_PRESETS[preset], **overrides}.items():
+    setattr(m, k, v)
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every task. Configs under configs/ start here."""
+  c = ml_collections.ConfigDict()
+  c.task = "pretrain"
+  c.steps = 1000
+  c.seed = 0
+  c.log_every = 10
+  c.eval_every = 200            # 0 disables evaluation
+  c.eval_steps = 10             # batches per evaluation
+  c.checkpoint_every = 200      # a checkpoint is also written at the end
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.init_from = ""              # a jaxlm workdir or checkpoint directory to take params from
+  c.peak_tflops = 0.0           # per-device peak for MFU; 0: look up the device kind
+  c.progress = "auto"           # "auto" (bar on a terminal) | "bar" | "log"
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1               # pure data parallelism (replicated params)
+  c.mesh.fsdp = -1              # data parallelism with sharded params; -1: fill the devices
+  c.mesh.tensor = 1             # tensor (model) parallelism
+
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = DEFAULT_RULES
+
+  c.model = model_config("tiny")
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""             # comma-separated globs
+  c.data.eval = ""              # comma-separated globs; empty disables evaluation
+  c.data.format = "auto"        # "auto" (by extension) | "text" | "jsonl"
+  c.data.text_field = "text"    # JSONL field holding the document
+  c.data.text_split = "file"    # text files: "file" (one document each) | "paragraph" (blank lines)
+  c.data.tokenizer = ""         # SentencePiece .model; empty: train one into the workdir
+  c.data.tokenizer_vocab_size = 4096
+  c.data.tokenizer_sample_chars = 4_000_000
+  c.data.seq_len = 256
+  c.data.batch_size = 16        # global, in sequences
+  c.data.shuffle = True
+  c.data.prefetch = 2           # batches prepared ahead in a background thread
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 3e-4
+  c.optimizer.schedule = "cosine"   # "cosine" | "linear" | "constant" | "wsd"
+  c.optimizer.warmup_steps = 100
+  c.optimizer.decay_fraction = 0.2  # wsd: final fraction of steps that decays
+  c.optimizer.min_lr_ratio = 0.1    # final lr = lr * min_lr_ratio
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.decay_embeddings = False
+  c.optimizer.decay_norms_and_biases = False
+  c.optimizer.grad_clip = 1.0       # global-norm clipping; 0 disables
+  c.optimizer.grad_accum_steps = 1  # microbatches per step
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.z_loss = 0.0               # coefficient of log(Z)^2
+  return c
+
+
+class ConfigError(ValueError):
+  """A config problem, phrased as one line naming the key."""
+
+
+_CHOICES = {
+    "model.family": ("llama", "gpt2"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "minimal", "full"),
+    "model.attention": ("auto", "xla", "cudnn", "splash"),
+    "data.format": ("auto", "text", "jsonl"),
+    "data.text_split": ("file", "paragraph"),
+    "optimizer.schedule": ("cosine", "linear", "constant", "wsd"),
+    "progress": ("auto", "bar", "log"),
+}
+
+_POSITIVE = ("steps", "log_every", "keep_checkpoints", "checkpoint_every", "model.d_model",
+             "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.ffn_dim",
+             "data.seq_len", "data.batch_size", "optimizer.lr", "optimizer.grad_accum_steps",
+             "model.vocab_multiple")
+_NON_NEGATIVE = ("eval_every", "eval_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
+                 "optimizer.grad_clip", "loss.z_loss", "model.vocab_size", "model.head_dim",
+                 "peak_tflops", "data.prefetch", "model.rope_scaling_factor")
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def expand_globs(spec: str, key: str) -> list[str]:
+  """Comma-separated globs -> sorted file list; error naming `key` if one matches nothing."""
+  files = []
+  for pattern in [p.strip() for p in spec.split(",") if p.strip()]:
+    matched = sorted(f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
+    if not matched:
+      raise ConfigError(f"{key}: no file matches {pattern!r}")
+    files.extend(matched)
+  return files
+
+
+def mesh_shape(config, num_devices: int) -> dict[str, int]:
+  """Resolve `config.mesh` (one size may be -1) against the device count."""
+  from jaxlm import sharding  # pylint: disable=import-outside-toplevel
+  sizes = {a: int(config.mesh[a]) for a in sharding.MESH_AXES}
+  for a, s in sizes.items():
+    if s == 0 or s < -1:
+      raise ConfigError(f"mesh.{a}={s}: mesh sizes must be positive or -1")
+  try:
+    shape = sharding.resolve_mesh_shape(sizes, num_devices)
+  except sharding.ShardingError as e:
+    raise ConfigError(f"mesh: {e} (mesh.data*mesh.fsdp*mesh.tensor must equal the device count)")
+  return dict(zip(sharding.MESH_AXES, shape))
+
+
+def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
+  """Every problem in `config`, each as one line naming the key. Empty when valid."""
+  errors = []
+
+  def check(fn):
+    try:
+      fn()
+    except ConfigError as e:
+      errors.append(str(e))
+
+  for key, choices in _CHOICES.items():
+    value = _get(config, key)
+    if value is not None and value not in choices:
+      errors.append(f"{key}={value!r}: must be one of {', '.join(choices)}")
+  for key in _POSITIVE:
+    value = _get(config, key)
+    if value is not None and not value > 0:
+      errors.append(f"{key}={value!r}: must be > 0")
+  for key in _NON_NEGATIVE:
+    value = _get(config, key)
+    if value is not None and value < 0:
+      errors.append(f"{key}={value!r}: must be >= 0")
+  if not 0.0 <= config.optimizer.min_lr_ratio <= 1.0:
+    errors.append(f"optimizer.min_lr_ratio={config.optimizer.min_lr_ratio}: must be in [0, 1]")
+  if not 0.0 < config.optimizer.decay_fraction <= 1.0:
+    errors.append(f"optimizer.decay_fraction={config.optimizer.decay_fraction}: must be in (0, 1]")
+
+  m = config.model
+  if m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
+    errors.append(f"model.num_heads={m.num_heads} is not divisible by "
+                  f"model.num_kv_heads={m.num_kv_heads}")
+  if not m.head_dim and m.num_heads > 0 and m.d_model % m.num_heads:
+    errors.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} "
+                  f"(set model.head_dim)")
+  if (m.head_dim or (m.d_model // max(m.num_heads, 1))) % 2 and m.family == "llama":
+    errors.append("model.head_dim must be even for rotary embeddings")
+  if m.family == "gpt2" and config.data.seq_len > m.max_seq_len:
+    errors.append(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
+                  f"(learned positions)")
+
+  try:
+    sizes = mesh_shape(config, num_devices)
+  except ConfigError as e:
+    errors.append(str(e))
+    sizes = None
+  if sizes:
+    dp = sizes["data"] * sizes["fsdp"]
+    micro = config.data.batch_size // max(config.optimizer.grad_accum_steps, 1)
+    if config.data.batch_size % max(config.optimizer.grad_accum_steps, 1):
+      errors.append(f"data.batch_size={config.data.batch_size} is not divisible by "
+                    f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}")
+    elif micro % dp:
+      errors.append(f"data.batch_size={config.data.batch_size} (per microbatch {micro}) is not "
+                    f"divisible by the data-parallel size mesh.data*mesh.fsdp={dp}")
+    if config.data.batch_size % num_processes:
+      errors.append(f"data.batch_size={config.data.batch_size} is not divisible by the "
+                    f"{num_processes} processes")
+
+  for key in ("data.train", "data.eval"):
+    spec = _get(config, key)
+    if spec:
+      check(lambda spec=spec, key=key: expand_globs(spec, key))
+  if not _get(config, "data.train") and "data" in config and "train" in config.data:
+    errors.append("data.train: empty; give one or more comma-separated globs")
+  if config.data.tokenizer and not os.path.isfile(config.data.tokenizer):
+    errors.append(f"data.tokenizer: no such file {config.data.tokenizer!r}")
+  if config.init_from and not os.path.exists(config.init_from):
+    errors.append(f"init_from: no such path {config.init_from!r}")
+  return errors
+
+
+def parse_arg(arg: str | None, **defaults):
+  """`"k=v,k2=v2"` (the text after `:` in `--config file.py:ARG`) -> dict over defaults."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ConfigError(f"config arg {item!r}: expected one of "
+                        f"{', '.join(f'{k}=...' for k in defaults)}")
+    out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+  return out

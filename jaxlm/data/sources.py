@@ -1,0 +1,143 @@
+"""Random-access document sources over text and JSONL files.
+
+Files are indexed once (byte offsets), then documents are read on demand, so a grain
+pipeline can shuffle and resume by index. Every record that cannot be used is counted
+per reason and reported with its file and line.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import logging
+import re
+
+log = logging.getLogger(__name__)
+
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
+
+
+def file_format(path: str, fmt: str = "auto") -> str:
+  if fmt != "auto":
+    return fmt
+  return "jsonl" if path.endswith(_JSONL_SUFFIXES) else "text"
+
+
+class SkipReport:
+  """Counts of skipped records per reason, with the first place each reason occurred."""
+
+  def __init__(self):
+    self.counts = collections.Counter()
+    self.first = {}
+
+  def add(self, reason: str, where: str):
+    self.counts[reason] += 1
+    self.first.setdefault(reason, where)
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def summary(self) -> str:
+    return "; ".join(f"{r}: {n} (first at {self.first[r]})" for r, n in sorted(self.counts.items()))
+
+
+class Documents:
+  """A grain-compatible random-access source of document strings."""
+
+  def __init__(self, files: list[str], fmt: str = "auto", text_field: str = "text",
+               text_split: str = "file", name: str = "data"):
+    self.files = list(files)
+    self.skipped = SkipReport()
+    self.read = 0
+    # Each entry: (file index, start byte, end byte) or an in-memory string (gzip files).
+    self._index: list = []
+    for i, path in enumerate(self.files):
+      kind = file_format(path, fmt)
+      if kind == "jsonl":
+        self._index_jsonl(i, path, text_field)
+      else:
+        self._index_text(i, path, text_split)
+    if self.skipped.total:
+      log.warning("%s: skipped %d of %d records: %s", name, self.skipped.total, self.read,
+                  self.skipped.summary())
+    if not self._index:
+      raise ValueError(f"{name}: no usable documents in {len(self.files)} file(s)"
+                       + (f"; skipped {self.skipped.summary()}" if self.skipped.total else ""))
+
+  def _index_text(self, i: int, path: str, text_split: str):
+    with open(path, "rb") as f:
+      raw = f.read()
+    if text_split == "file":
+      spans = [(0, len(raw), 1)]
+    else:  # paragraphs: runs of text separated by blank lines
+      spans = []
+      for m in re.finditer(rb"(?:[^\n]|\n(?![ \t\r]*\n))+", raw):
+        spans.append((m.start(), m.end(), raw.count(b"\n", 0, m.start()) + 1))
+    for start, end, line in spans:
+      self.read += 1
+      chunk = raw[start:end]
+      try:
+        text = chunk.decode("utf-8")
+      except UnicodeDecodeError as e:
+        bad_line = line + chunk.count(b"\n", 0, e.start)
+        self.skipped.add("decode_error", f"{path}:{bad_line}")
+        continue
+      if not text.strip():
+        self.skipped.add("empty", f"{path}:{line}")
+        continue
+      self._index.append((i, start, end))
+
+  def _index_jsonl(self, i: int, path: str, field: str):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+      offset = 0
+      for lineno, line in enumerate(f, 1):
+        start, offset = offset, offset + len(line)
+        if not line.strip():
+          continue
+        self.read += 1
+        where = f"{path}:{lineno}"
+        try:
+          record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+          self.skipped.add("invalid_json", where)
+          continue
+        if not isinstance(record, dict) or field not in record:
+          self.skipped.add(f"missing_field_{field}", where)
+          continue
+        text = record[field]
+        if not isinstance(text, str):
+          self.skipped.add(f"wrong_type_{field}", where)
+          continue
+        if not text.strip():
+          self.skipped.add("empty", where)
+          continue
+        # gzip has no random access: keep its documents in memory.
+        self._index.append(text if path.endswith(".gz") else (i, start, offset, field))
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __getitem__(self, idx: int) -> str:
+    entry = self._index[idx]
+    if isinstance(entry, str):
+      return entry
+    path = self.files[entry[0]]
+    with open(path, "rb") as f:
+      f.seek(entry[1])
+      raw = f.read(entry[2] - entry[1])
+    if len(entry) == 4:
+      return json.loads(raw)[entry[3]]
+    return raw.decode("utf-8")
+
+  def sample_text(self, max_chars: int):
+    """Documents in index order until `max_chars` characters (for tokenizer training)."""
+    total = 0
+    for idx in range(len(self)):
+      text = self[idx]
+      yield text[: max_chars - total]
+      total += len(text)
+      if total >= max_chars:
+        return

@@ -1,0 +1,61 @@
+"""SentencePiece tokenizers: load a `.model`, or train one from text."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+
+import sentencepiece as spm
+
+# Ids fixed by the tokenizers jaxlm trains; loaded models keep their own.
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# Chat-role markers that later stages format conversations with.
+SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+class Tokenizer:
+  """A SentencePiece model with the ids training code needs."""
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"tokenizer: no such file {path}")
+    self.path = path
+    self.sp = spm.SentencePieceProcessor(model_file=path)
+    self.vocab_size = self.sp.get_piece_size()
+    self.bos_id = self.sp.bos_id()
+    self.eos_id = self.sp.eos_id()
+    pad = self.sp.pad_id()
+    self.pad_id = pad if pad >= 0 else 0
+
+  def encode(self, text: str) -> list[int]:
+    return self.sp.encode(text)
+
+  def decode(self, ids) -> str:
+    return self.sp.decode([int(i) for i in ids])
+
+
+def train(texts: Iterable[str], path: str, vocab_size: int, model_type: str = "bpe",
+          special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> Tokenizer:
+  """Train a byte-fallback SentencePiece model on `texts` and write it to `path`.
+
+  Whitespace is kept as written (code indentation matters), digits are split, and
+  characters outside the vocabulary (newlines among them) fall back to byte pieces.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  model = io.BytesIO()
+  # SentencePiece trains on sentences: give it non-empty lines.
+  lines = (line for text in texts for line in text.split("\n") if line.strip())
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=lines, model_writer=model, vocab_size=vocab_size,
+      model_type=model_type, byte_fallback=True, split_digits=True,
+      remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+      normalization_rule_name="identity", character_coverage=0.9995,
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      user_defined_symbols=list(special_tokens), hard_vocab_limit=False,
+      max_sentence_length=16384, num_threads=os.cpu_count() or 1, minloglevel=2)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, path)
+  return Tokenizer(path)

@@ -1,0 +1,279 @@
+"""The training loop every task shares.
+
+A task hands over a `Task` (how to init params, its loss, its data); the loop does the
+rest: mesh, sharded state, restore or init_from, the jitted step with gradient
+accumulation, metrics, evaluation, checkpoints and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlm import checkpoint, metrics as metrics_lib, optimizer, sharding
+from jaxlm.config import mesh_shape
+
+# loss_fn(params, batch, rng) -> (loss_sum, sums): `sums` is a dict of summed scalars
+# that must include "weight", the count the sums are normalized by.
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass
+class Task:
+  init_params: Callable[[jax.Array], Any]     # rng -> params (pure, traced under jit)
+  param_axes: Any                              # logical axes tree matching the params
+  loss_fn: LossFn
+  train_data: Any                              # grain IterDataset of per-process batches
+  eval_data: Callable[[], Any] | None = None   # fresh grain IterDataset for each evaluation
+  summarize: Callable[[dict], dict] = lambda m: m  # derived metrics from normalized sums
+  tokens_per_batch: int = 0                    # global tokens per step, for throughput
+  flops_per_token: float = 0.0                 # for MFU
+
+
+def make_sharder(config) -> sharding.Sharder:
+  mesh = sharding.make_mesh(mesh_shape(config, jax.device_count()))
+  return sharding.Sharder(mesh, config.sharding.rules)
+
+
+def state_shardings(sharder, param_axes, abstract_state):
+  """Shardings for {params, opt_state, step, rng}: optimizer moments follow their params."""
+  params_sh = sharder.tree(param_axes, abstract_state["params"])
+  params_def = jax.tree.structure(abstract_state["params"])
+  replicated = sharder.sharding(())
+
+  def is_param_like(x):
+    try:
+      return jax.tree.structure(x) == params_def
+    except Exception:  # pylint: disable=broad-except
+      return False
+
+  opt_sh = jax.tree.map(lambda x: params_sh if is_param_like(x) else replicated,
+                        abstract_state["opt_state"], is_leaf=is_param_like)
+  return {"params": params_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
+
+
+def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
+  """(state, batch) -> (state, metrics); batch leading axis is the global batch."""
+
+  def grads_and_sums(params, batch, rng):
+    (_, sums), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng)
+    return grads, sums
+
+  def step_fn(state, batch):
+    params = state["params"]
+    rng, step_rng = jax.random.split(state["rng"])
+    if accum_steps == 1:
+      grads, sums = grads_and_sums(params, batch, step_rng)
+    else:
+      # Microbatch i takes rows i, i+A, i+2A, ...: every device keeps an equal share.
+      def split(x):
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, inputs):
+        mb, i = inputs
+        mb = jax.tree.map(lambda x: sharder.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+        g, s = grads_and_sums(params, mb, jax.random.fold_in(step_rng, i))
+        g32 = jax.tree.map(lambda a: a.astype(jnp.float32), g)
+        return jax.tree.map(jnp.add, carry, (g32, s)), None
+
+      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32),
+                           jax.eval_shape(grads_and_sums, params, jax.tree.map(lambda x: x[0], micro),
+                                          step_rng))
+      (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": state["step"] + 1, "rng": rng}
+    out = {k: v / weight for k, v in sums.items() if k != "weight"}
+    out.update(weight=sums["weight"], grad_norm=optax.global_norm(grads),
+               lr=lr_schedule(state["step"]))
+    return new_state, out
+
+  return step_fn
+
+
+def make_eval_step(task: Task):
+  def eval_fn(params, batch):
+    _, sums = task.loss_fn(params, batch, jax.random.PRNGKey(0))
+    return sums
+  return eval_fn
+
+
+def device_batch(batch: dict, sharder) -> dict:
+  """A per-process numpy batch -> global arrays sharded over (data, fsdp)."""
+  def put(x):
+    spec = sharder.sharding(("batch",) + (None,) * (x.ndim - 1))
+    return jax.make_array_from_process_local_data(spec, np.asarray(x))
+  return {k: put(v) for k, v in batch.items()}
+
+
+class _StopSignal:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host(tree):
+  return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
+  """Run (or resume) training; returns the last logged metrics."""
+  total = config.steps
+  tx, lr_schedule = optimizer.make(config.optimizer, total)
+
+  def init_state(rng):
+    params_rng, train_rng = jax.random.split(rng)
+    params = task.init_params(params_rng)
+    return {"params": params, "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32), "rng": train_rng}
+
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init_state, rng)
+  shardings = state_shardings(sharder, task.param_axes, abstract)
+  # Created already sharded: no device ever holds the whole state.
+  state = jax.jit(init_state, out_shardings=shardings)(rng)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=config.keep_checkpoints,
+                                 async_save=config.async_checkpointing)
+  data_iter = iter(task.train_data)
+  start = ckpt.latest_step()
+  log = metrics_lib.MetricsWriter(workdir, total_steps=total, start_step=start or 0,
+                                  progress=config.progress)
+  if start is not None:
+    state, data_state = ckpt.restore(start, state)
+    if data_state is not None:
+      data_iter.set_state(data_state)
+    log.info(f"resumed from {ckpt.directory}/{start}")
+  else:
+    start = 0
+    if config.init_from:
+      state["params"] = checkpoint.load_params(config.init_from, state["params"])
+      log.info(f"initialized params from {config.init_from}")
+
+  n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
+  log.info(f"{n_params:,} parameters; mesh {dict(sharder.mesh.shape)}; "
+           f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+           f"{jax.process_count()} process(es)")
+
+  # State in and out keeps its sharding and is donated, so the update happens in place.
+  # Batches arrive already placed by `device_batch` (batch axis over data x fsdp), so
+  # their in_sharding is taken from the arrays; metrics are small replicated scalars.
+  step_fn = make_train_step(task, tx, lr_schedule, config.optimizer.grad_accum_steps, sharder)
+  train_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(task), in_shardings=(shardings["params"], None))
+  peak = metrics_lib.peak_flops_per_device(config.peak_tflops)
+  peak_total = peak * jax.device_count() if peak else None
+
+  def evaluate(params) -> dict:
+    if task.eval_data is None or not config.eval_steps:
+      return {}
+    it = iter(task.eval_data())
+    sums = None
+    for _ in range(config.eval_steps):
+      s = eval_step(params, device_batch(next(it), sharder))
+      sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+    if hasattr(it, "close"):
+      it.close()
+    sums = _host(sums)
+    weight = max(sums.pop("weight"), 1.0)
+    return {f"eval_{k}": v for k, v in task.summarize({k: v / weight for k, v in sums.items()}).items()}
+
+  def log_step(step, m, t_start, tokens):
+    m = _host(m)  # waits for the step to finish, so the clock below is read after it
+    elapsed = time.perf_counter() - t_start
+    m.pop("weight", None)
+    m = task.summarize(m)
+    tps = tokens / elapsed if elapsed > 0 else None
+    m["tokens_per_s"] = tps
+    m["mfu"] = (tps * task.flops_per_token / peak_total) if (peak_total and tps) else None
+    log.write(step, m)
+    return m
+
+  last = {}
+  pending = None
+  t_mark, tokens_since = time.perf_counter(), 0
+  saved_step = start
+  with _StopSignal() as stop:
+    for step in range(start, total):
+      if stop.requested:
+        log.info(f"SIGTERM: saving checkpoint at step {step} and exiting")
+        break
+      batch = device_batch(next(data_iter), sharder)
+      state, m = train_step(state, batch)
+      done = step + 1
+      if step == start:  # first step of this process: compile, measured apart
+        jax.block_until_ready(m)
+        log.info(f"first step (compile + run) took {time.perf_counter() - t_mark:.1f}s")
+        t_mark, tokens_since = time.perf_counter(), 0
+      else:
+        tokens_since += task.tokens_per_batch
+      if pending is not None:  # fetch the previous log step only after dispatching this one
+        last = log_step(*pending)
+        pending = None
+      if done % config.log_every == 0 or done == total:
+        pending = (done, m, t_mark, tokens_since)
+        t_mark, tokens_since = time.perf_counter(), 0
+      if config.eval_every and (done % config.eval_every == 0 or done == total):
+        if pending is not None:
+          last = log_step(*pending)
+          pending = None
+        ev = evaluate(state["params"])
+        if ev:
+          log.write(done, ev)
+          last.update(ev)
+        t_mark = time.perf_counter()
+      if done % config.checkpoint_every == 0 and done < total:
+        ckpt.save(done, state, data_iter.get_state())
+        saved_step = done
+      log.advance(done)
+    if pending is not None:
+      last = log_step(*pending)
+    final = int(jax.device_get(state["step"]))
+    if final != saved_step:
+      ckpt.save(final, state, data_iter.get_state())
+  ckpt.close()
+  if hasattr(data_iter, "close"):
+    data_iter.close()
+  log.close()
+  return last
+
+
+def write_config(config, workdir: str):
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
+

@@ -1,0 +1,131 @@
+"""Where training numbers go: metrics.jsonl, TensorBoard events, and the console.
+
+Only process 0 writes. On a terminal the console is a progress bar with step, loss,
+tokens/s, MFU and ETA; otherwise plain log lines every `log_every` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
+PEAK_TFLOPS = (
+    ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0), ("L4", 121.0),
+    ("TPU v6", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0),
+    ("TPU v5", 459.0), ("TPU v4", 275.0), ("TPU v3", 123.0),
+)
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
+  """Peak FLOP/s of one local device; None when unknown (CPU) and not overridden."""
+  if override_tflops > 0:
+    return override_tflops * 1e12
+  kind = jax.devices()[0].device_kind
+  for name, tflops in PEAK_TFLOPS:
+    if name in kind:
+      return tflops * 1e12
+  return None
+
+
+def _fmt_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+  """Append-only metrics for one run directory."""
+
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int, progress: str = "auto"):
+    self.active = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.start_step = start_step
+    self.t0 = time.time()
+    self.bar = None
+    self.tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._truncate_after(start_step)
+    self.file = open(self.path, "a", encoding="utf-8")
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+    if use_bar:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
+
+  def _truncate_after(self, step: int):
+    """On resume, drop records of steps the restored checkpoint does not include."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path, encoding="utf-8") as f:
+      kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(self.path, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+
+  def advance(self, step: int):
+    if self.bar is not None:
+      self.bar.n = step
+      self.bar.refresh()
+
+  def write(self, step: int, metrics: dict):
+    if not self.active:
+      return
+    record = {"step": int(step)}
+    for k, v in metrics.items():
+      v = None if v is None else float(v)
+      record[k] = None if v is not None and not math.isfinite(v) else v
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    for k, v in record.items():
+      if k != "step" and v is not None:
+        self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+    self._console(step, record)
+
+  def _console(self, step: int, r: dict):
+    parts = []
+    if "loss" in r:
+      parts.append(f"loss {r['loss']:.4f}")
+    if "eval_loss" in r:
+      parts.append(f"eval_loss {r['eval_loss']:.4f}")
+    if r.get("tokens_per_s") is not None:
+      parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+    if r.get("mfu") is not None:
+      parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    if self.bar is not None:
+      self.bar.set_postfix_str(" | ".join(parts), refresh=False)
+      self.advance(step)
+      return
+    done = step - self.start_step
+    elapsed = time.time() - self.t0
+    eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
+    extra = [f"grad_norm {r['grad_norm']:.3f}"] if r.get("grad_norm") is not None else []
+    extra += [f"lr {r['lr']:.3g}"] if r.get("lr") is not None else []
+    print(f"step {step}/{self.total_steps} | " + " | ".join(parts + extra) +
+          f" | eta {_fmt_eta(eta)}", flush=True)
+
+  def info(self, message: str):
+    if not self.active:
+      return
+    if self.bar is not None:
+      self.bar.write(message)
+    else:
+      print(message, flush=True)
+
+  def close(self):
+    if not self.active:
+      return
+    if self.bar is not None:
+      self.bar.close()
+    self.tb.close()
+    self.file.close()

@@ -1,0 +1,258 @@
+"""The decoder-only transformer as pure functions over a plain parameter dict.
+
+    params = init(model_config, rng)
+    logits_BTV = forward(params, tokens_BT, model_config, segment_ids=..., positions=...)
+
+Two families share the code: `llama` (RMSNorm, RoPE with optional Llama-3 scaling,
+SwiGLU, grouped-query attention, optional QKV bias as in Qwen2, optional tied
+embeddings) and `gpt2` (learned positions, LayerNorm, GELU, biases everywhere, tied
+embeddings). Layers are stacked on a leading axis and run with `jax.lax.scan`.
+
+Shape suffixes: B batch, T length, D d_model, H heads, G kv heads, K head dim,
+F ffn dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm import attention
+from jaxlm.sharding import Sharder
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def head_dim(cfg) -> int:
+  return cfg.head_dim or cfg.d_model // cfg.num_heads
+
+
+def param_shapes_and_axes(cfg) -> dict:
+  """{name: (shape, logical axes)} for every parameter; layer params get a leading L."""
+  D, H, G, K, F, V, L = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg),
+                         cfg.ffn_dim, cfg.vocab_size, cfg.num_layers)
+  gpt2 = cfg.family == "gpt2"
+  top = {"embed": ((V, D), ("vocab", "embed")),
+         "final_norm": ((D,), ("norm",))}
+  layer = {
+      "attn_norm": ((D,), ("norm",)),
+      "wq": ((D, H, K), ("embed", "heads", "head_dim")),
+      "wk": ((D, G, K), ("embed", "kv_heads", "head_dim")),
+      "wv": ((D, G, K), ("embed", "kv_heads", "head_dim")),
+      "wo": ((H, K, D), ("heads", "head_dim", "embed")),
+      "mlp_norm": ((D,), ("norm",)),
+      "w_up": ((D, F), ("embed", "mlp")),
+      "w_down": ((F, D), ("mlp", "embed")),
+  }
+  if gpt2:
+    top["pos_embed"] = ((cfg.max_seq_len, D), ("position", "embed"))
+    top["final_norm_bias"] = ((D,), ("norm",))
+    layer.update({"attn_norm_bias": ((D,), ("norm",)), "mlp_norm_bias": ((D,), ("norm",)),
+                  "bo": ((D,), ("norm",)), "b_up": ((F,), ("mlp",)),
+                  "b_down": ((D,), ("norm",))})
+  else:
+    layer["w_gate"] = ((D, F), ("embed", "mlp"))
+  if gpt2 or cfg.qkv_bias:
+    layer.update({"bq": ((H, K), ("heads", "head_dim")),
+                  "bk": ((G, K), ("kv_heads", "head_dim")),
+                  "bv": ((G, K), ("kv_heads", "head_dim"))})
+  if not cfg.tie_embeddings:
+    top["lm_head"] = ((D, V), ("embed", "vocab"))
+  top["layers"] = {n: ((L, *s), ("layers", *a)) for n, (s, a) in layer.items()}
+  return top
+
+
+def _is_spec(x):
+  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+
+
+def param_axes(cfg) -> dict:
+  """The logical-axes tree matching `init`'s parameters."""
+  return jax.tree.map(lambda s: s[1], param_shapes_and_axes(cfg), is_leaf=_is_spec)
+
+
+def init(cfg, rng: jax.Array) -> dict:
+  """Fresh parameters. Residual output projections are scaled by 1/sqrt(2L) (GPT-2)."""
+  specs = param_shapes_and_axes(cfg)
+  flat, treedef = jax.tree.flatten_with_path(specs, is_leaf=_is_spec)
+  keys = jax.random.split(rng, len(flat))
+  dtype = _dtype(cfg.param_dtype)
+  out_scale = 1.0 / math.sqrt(2 * cfg.num_layers)
+  leaves = []
+  for (path, (shape, _)), key in zip(flat, keys):
+    name = path[-1].key
+    if "norm" in name and not name.endswith("bias"):
+      leaves.append(jnp.ones(shape, dtype))
+    elif name.startswith("b") or name.endswith("bias"):
+      leaves.append(jnp.zeros(shape, dtype))
+    else:
+      std = cfg.init_std * (out_scale if name in ("wo", "w_down") else 1.0)
+      leaves.append((std * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+  """PaLM-style training FLOPs per token: 6N + 12*L*d*T.
+
+  N counts every weight used in a matmul: all parameters except the input embedding
+  table (a gather) and, for gpt2, the position table; a tied embedding counts once,
+  as the output projection.
+  """
+  shapes = param_shapes_and_axes(cfg)
+  n = sum(math.prod(s) for s, _ in jax.tree.leaves(shapes, is_leaf=_is_spec))
+  n -= math.prod(shapes["embed"][0]) * (0 if cfg.tie_embeddings else 1)
+  if "pos_embed" in shapes:
+    n -= math.prod(shapes["pos_embed"][0])
+  return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * head_dim(cfg) * seq_len
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rms_norm(x, scale, eps):
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x, scale, bias, eps):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+  return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(cfg) -> jax.Array:
+  """Inverse frequencies [K/2], with Llama-3 scaling when rope_scaling_factor > 0."""
+  K = head_dim(cfg)
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
+  if cfg.rope_scaling_factor > 0:
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_len
+    wavelen = 2 * math.pi / inv
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = jnp.where(wavelen > old_len / low, inv / factor, inv)
+    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    inv = jnp.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+  return inv
+
+
+def apply_rope(x_BTHK, positions_BT, inv_freq):
+  """Rotate-half RoPE (the Hugging Face Llama layout)."""
+  angles_BTk = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BTk)[:, :, None, :]
+  sin = jnp.sin(angles_BTk)[:, :, None, :]
+  x = x_BTHK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHK.dtype)
+
+
+_REMAT_POLICIES = {
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT):
+  """One transformer block (pre-norm)."""
+  dt = _dtype(cfg.dtype)
+  gpt2 = cfg.family == "gpt2"
+  c = sharder.constrain if sharder is not None else (lambda x, _: x)
+
+  def norm(x, name):
+    if gpt2:
+      return layer_norm(x, p[name], p[name + "_bias"], cfg.norm_eps)
+    return rms_norm(x, p[name], cfg.norm_eps)
+
+  h = norm(x_BTD, "attn_norm")
+  q = jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dt))
+  k = jnp.einsum("btd,dgk->btgk", h, p["wk"].astype(dt))
+  v = jnp.einsum("btd,dgk->btgk", h, p["wv"].astype(dt))
+  if "bq" in p:
+    q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+  if not gpt2:
+    q = apply_rope(q, positions_BT, inv_freq)
+    k = apply_rope(k, positions_BT, inv_freq)
+  q = c(q, ("batch", "length", "heads", "head_dim"))
+  k = c(k, ("batch", "length", "kv_heads", "head_dim"))
+  v = c(v, ("batch", "length", "kv_heads", "head_dim"))
+  o = attention.attend(q, k, v, segment_ids_BT, impl)
+  o = jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dt))
+  if gpt2:
+    o = o + p["bo"].astype(dt)
+  x_BTD = c(x_BTD + o, ("batch", "length", "embed"))
+
+  h = norm(x_BTD, "mlp_norm")
+  up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
+  if gpt2:
+    act = jax.nn.gelu(up + p["b_up"].astype(dt), approximate=True)
+  else:
+    act = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))) * up
+  act = c(act, ("batch", "length", "mlp"))
+  out = jnp.einsum("btf,fd->btd", act, p["w_down"].astype(dt))
+  if gpt2:
+    out = out + p["b_down"].astype(dt)
+  return c(x_BTD + out, ("batch", "length", "embed"))
+
+
+def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
+                  sharder: Sharder | None = None):
+  """Final-normed hidden states [B, T, D] in the compute dtype."""
+  dt = _dtype(cfg.dtype)
+  B, T = tokens_BT.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  impl = attention.resolve_impl(cfg.attention)
+  x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
+  if cfg.family == "gpt2":
+    x = x + jnp.take(params["pos_embed"], positions, axis=0).astype(dt)
+  if sharder is not None:
+    x = sharder.constrain(x, ("batch", "length", "embed"))
+  inv_freq = rope_frequencies(cfg) if cfg.family == "llama" else None
+
+  def body(x, p):
+    return _layer(cfg, impl, sharder, inv_freq, x, p, segment_ids, positions), None
+
+  if cfg.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, params["layers"])
+  if cfg.family == "gpt2":
+    return layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
+  return rms_norm(x, params["final_norm"], cfg.norm_eps)
+
+
+def unembed(params, h_BTD, cfg, sharder: Sharder | None = None):
+  """Hidden states -> float32 logits [B, T, V]."""
+  dt = _dtype(cfg.dtype)
+  if cfg.tie_embeddings:
+    logits = jnp.einsum("btd,vd->btv", h_BTD, params["embed"].astype(dt),
+                        preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("btd,dv->btv", h_BTD, params["lm_head"].astype(dt),
+                        preferred_element_type=jnp.float32)
+  if sharder is not None:
+    logits = sharder.constrain(logits, ("batch", "length", "vocab"))
+  return logits
+
+
+def forward(params, tokens, config, *, segment_ids=None, positions=None,
+            sharder: Sharder | None = None):
+  """Logits [B, T, V] (float32) for tokens [B, T].
+
+  `segment_ids` (0 = padding) keep packed documents from attending to each other;
+  `positions` restart per document. `sharder` (optional) constrains activations.
+  """
+  h = hidden_states(params, tokens, config, segment_ids=segment_ids, positions=positions,
+                    sharder=sharder)
+  return unembed(params, h, config, sharder)

@@ -1,0 +1,106 @@
+"""Pretraining and continued pretraining: next-token prediction on packed text.
+
+Continued pretraining is this task with `init_from` set, a new data mixture and a
+fresh warmup.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import jax
+
+from jaxlm import loop, losses, model
+from jaxlm.config import ConfigError, expand_globs
+from jaxlm.data import lm, tokenizer as tokenizer_lib
+from jaxlm.data.sources import Documents
+
+log = logging.getLogger(__name__)
+
+
+def prepare_tokenizer(config, workdir: str, docs: Documents) -> tokenizer_lib.Tokenizer:
+  """Load `data.tokenizer`, or train one into the workdir (reused on resume)."""
+  if config.data.tokenizer:
+    return tokenizer_lib.Tokenizer(config.data.tokenizer)
+  path = os.path.join(workdir, "tokenizer.model")
+  if jax.process_index() == 0 and not os.path.exists(path):
+    print(f"training a {config.data.tokenizer_vocab_size}-piece SentencePiece tokenizer on "
+          f"up to {config.data.tokenizer_sample_chars:,} characters -> {path}", flush=True)
+    tokenizer_lib.train(docs.sample_text(config.data.tokenizer_sample_chars), path,
+                        config.data.tokenizer_vocab_size)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("tokenizer")
+  return tokenizer_lib.Tokenizer(path)
+
+
+def set_vocab_size(config, tok: tokenizer_lib.Tokenizer):
+  """model.vocab_size=0 takes the tokenizer's size, padded to model.vocab_multiple."""
+  m = config.model
+  if m.vocab_size == 0:
+    padded = -(-tok.vocab_size // m.vocab_multiple) * m.vocab_multiple
+    if padded != tok.vocab_size:
+      print(f"vocabulary padded from {tok.vocab_size} to {padded} (model.vocab_multiple="
+            f"{m.vocab_multiple})", flush=True)
+    m.vocab_size = padded
+  elif m.vocab_size < tok.vocab_size:
+    raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                      f"{tok.vocab_size} pieces ({tok.path})")
+
+
+def lm_loss_fn(model_cfg, z_loss: float, sharder):
+  """Masked next-token cross-entropy on packed batches, as sums for the shared loop."""
+  def loss_fn(params, batch, rng):  # pylint: disable=unused-argument
+    logits = model.forward(params, batch["tokens"], model_cfg, segment_ids=batch["segment_ids"],
+                           positions=batch["positions"], sharder=sharder)
+    loss_sum, z_sum, weight = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"],
+                                                   z_loss)
+    return loss_sum, {"loss": loss_sum, "nll": loss_sum - z_sum, "weight": weight}
+  return loss_fn
+
+
+def summarize(m: dict) -> dict:
+  out = dict(m)
+  if "nll" in m:
+    out["perplexity"] = math.exp(min(m["nll"], 80.0))
+  return out
+
+
+def build(config, workdir: str, sharder) -> loop.Task:
+  d = config.data
+  pid, nproc = jax.process_index(), jax.process_count()
+  train_docs = Documents(expand_globs(d.train, "data.train"), d.format, d.text_field,
+                         d.text_split, name="data.train")
+  tok = prepare_tokenizer(config, workdir, train_docs)
+  set_vocab_size(config, tok)
+  local_batch = d.batch_size // nproc
+  train_data = lm.lm_dataset(train_docs, tok.path, seq_len=d.seq_len, batch_size=local_batch,
+                             seed=config.seed, shuffle=d.shuffle, process_index=pid,
+                             process_count=nproc, prefetch=d.prefetch)
+  eval_data = None
+  if d.eval:
+    eval_docs = Documents(expand_globs(d.eval, "data.eval"), d.format, d.text_field,
+                          d.text_split, name="data.eval")
+    eval_data = lambda: lm.lm_dataset(eval_docs, tok.path, seq_len=d.seq_len,  # pylint: disable=g-long-lambda
+                                      batch_size=local_batch, seed=0, shuffle=False,
+                                      process_index=pid, process_count=nproc)
+  m = config.model
+  return loop.Task(
+      init_params=lambda rng: model.init(m, rng),
+      param_axes=model.param_axes(m),
+      loss_fn=lm_loss_fn(m, config.loss.z_loss, sharder),
+      train_data=train_data,
+      eval_data=eval_data,
+      summarize=summarize,
+      tokens_per_batch=d.batch_size * d.seq_len,
+      flops_per_token=model.flops_per_token(m, d.seq_len),
+  )
+
+
+def run(config, workdir: str):
+  sharder = loop.make_sharder(config)
+  task = build(config, workdir, sharder)
+  loop.write_config(config, workdir)
+  return loop.train(config, workdir, task, sharder)
