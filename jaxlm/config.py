@@ -190,7 +190,7 @@ def mesh_shape(config, num_devices: int) -> dict[str, int]:
   try:
     shape = sharding.resolve_mesh_shape(sizes, num_devices)
   except sharding.ShardingError as e:
-    raise ConfigError(f"mesh: {e} (mesh.data*mesh.fsdp*mesh.tensor must equal the device count)")
+    raise ConfigError(f"mesh: {e}") from None
   return dict(zip(sharding.MESH_AXES, shape))
 
 

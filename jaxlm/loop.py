@@ -98,7 +98,7 @@ def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1, "rng": rng}
     out = {k: v / weight for k, v in sums.items() if k != "weight"}
-    out.update(weight=sums["weight"], grad_norm=optax.global_norm(grads),
+    out.update(weight=sums["weight"], grad_norm=optax.tree.norm(grads),
                lr=lr_schedule(state["step"]))
     return new_state, out
 

@@ -57,11 +57,12 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     if num_devices % known:
-      raise ShardingError(f"mesh sizes {shape} do not divide {num_devices} devices")
+      raise ShardingError(f"the fixed axes ({known} devices) do not divide the {num_devices} "
+                          f"devices")
     shape[shape.index(-1)] = num_devices // known
   if int(np.prod(shape)) != num_devices:
-    raise ShardingError(f"mesh {dict(zip(MESH_AXES, shape))} has {int(np.prod(shape))} "
-                        f"devices, but there are {num_devices}")
+    raise ShardingError("data*fsdp*tensor = " + "*".join(map(str, shape)) +
+                        f" = {int(np.prod(shape))}, but there are {num_devices} devices")
   return tuple(shape)
 
 

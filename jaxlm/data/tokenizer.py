@@ -46,6 +46,19 @@ def train(texts: Iterable[str], path: str, vocab_size: int, model_type: str = "b
   model = io.BytesIO()
   # SentencePiece trains on sentences: give it non-empty lines.
   lines = (line for text in texts for line in text.split("\n") if line.strip())
+  try:
+    _train_spm(lines, model, vocab_size, model_type, special_tokens)
+  except RuntimeError as e:  # SentencePiece's own reason, on one line
+    raise ValueError(f"tokenizer training failed (vocab_size={vocab_size}): "
+                     f"{str(e).splitlines()[-1].split('] ')[-1]}") from None
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, path)
+  return Tokenizer(path)
+
+
+def _train_spm(lines, model, vocab_size, model_type, special_tokens):
   spm.SentencePieceTrainer.train(
       sentence_iterator=lines, model_writer=model, vocab_size=vocab_size,
       model_type=model_type, byte_fallback=True, split_digits=True,
@@ -54,8 +67,3 @@ def train(texts: Iterable[str], path: str, vocab_size: int, model_type: str = "b
       pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
       user_defined_symbols=list(special_tokens), hard_vocab_limit=False,
       max_sentence_length=16384, num_threads=os.cpu_count() or 1, minloglevel=2)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)
-  return Tokenizer(path)

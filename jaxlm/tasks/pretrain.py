@@ -28,8 +28,11 @@ def prepare_tokenizer(config, workdir: str, docs: Documents) -> tokenizer_lib.To
   if jax.process_index() == 0 and not os.path.exists(path):
     print(f"training a {config.data.tokenizer_vocab_size}-piece SentencePiece tokenizer on "
           f"up to {config.data.tokenizer_sample_chars:,} characters -> {path}", flush=True)
-    tokenizer_lib.train(docs.sample_text(config.data.tokenizer_sample_chars), path,
-                        config.data.tokenizer_vocab_size)
+    try:
+      tokenizer_lib.train(docs.sample_text(config.data.tokenizer_sample_chars), path,
+                          config.data.tokenizer_vocab_size)
+    except ValueError as e:
+      raise ConfigError(f"data.tokenizer_vocab_size={config.data.tokenizer_vocab_size}: {e}")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices("tokenizer")

@@ -1,0 +1,114 @@
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_config
+from jaxlm import checkpoint, model, tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 30
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def run(workdir, **overrides):
+  base = {"optimizer.schedule": "constant", "steps": STEPS}
+  base.update(overrides)
+  return tasks.run(small_config(**base), str(workdir))
+
+
+def restored_params(workdir):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3, async_save=False)
+  step = ckpt.latest_step()
+  cfg = json.load(open(os.path.join(workdir, "config.json")))["model"]
+  from jaxlm.config import model_config
+  m = model_config("tiny", **{k: v for k, v in cfg.items()})
+  like = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
+  return step, checkpoint.load_params(workdir, like)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  run(workdir)
+  return workdir
+
+
+def test_tiny_run_learns_and_writes_its_outputs(uninterrupted):
+  records = read_metrics(uninterrupted)
+  train = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+  for key in ("step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu"):
+    assert key in train[-1]
+  assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:3]]) - 1.0
+  evals = [r for r in records if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [10, 20, 30]
+  assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+  assert evals[-1]["eval_perplexity"] == pytest.approx(np.exp(evals[-1]["eval_nll"]), rel=1e-6)
+  config = json.load(open(os.path.join(uninterrupted, "config.json")))
+  assert config["task"] == "pretrain" and config["model"]["vocab_size"] == 512
+  assert glob.glob(os.path.join(uninterrupted, "tensorboard", "events.out.tfevents.*"))
+  assert sorted(os.listdir(os.path.join(uninterrupted, "checkpoints"))) == ["10", "20", "30"]
+  assert os.path.exists(os.path.join(uninterrupted, "tokenizer.model"))
+
+
+def test_resumed_run_reproduces_every_step_exactly(uninterrupted, tmp_path):
+  run(tmp_path, steps=STEPS // 2 + 3)  # stops after a checkpoint at 10, logs 11..18 too
+  first = train_losses(tmp_path)
+  assert max(first) == STEPS // 2 + 3
+  # The same command again, with the full length: resumes from step 18's final checkpoint.
+  run(tmp_path)
+  expected = train_losses(uninterrupted)
+  assert train_losses(tmp_path) == expected  # bit-for-bit, every step
+  step_a, params_a = restored_params(uninterrupted)
+  step_b, params_b = restored_params(tmp_path)
+  assert step_a == step_b == STEPS
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+def test_init_from_starts_from_the_checkpoint(uninterrupted, tmp_path):
+  run(tmp_path, steps=2, init_from=str(uninterrupted),
+      **{"data.tokenizer": os.path.join(uninterrupted, "tokenizer.model")})
+  fresh_first = train_losses(uninterrupted)[1]
+  continued_first = train_losses(tmp_path)[1]
+  assert continued_first < fresh_first - 1.0
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+  args = [sys.executable, "-m", "jaxlm.launch", "--config",
+          os.path.join(ROOT, "configs", "pretrain_tiny.py"), "--workdir", str(tmp_path),
+          "--config.steps=400", "--config.eval_every=0", "--config.checkpoint_every=1000",
+          "--config.log_every=1", "--config.progress=log", "--config.model.d_model=32",
+          "--config.model.num_layers=1", "--config.model.ffn_dim=64", "--config.data.seq_len=16",
+          "--config.data.batch_size=8", "--config.data.tokenizer_vocab_size=512",
+          "--config.data.tokenizer_sample_chars=100000"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=ROOT)
+  deadline = time.time() + 240
+  metrics = os.path.join(tmp_path, "metrics.jsonl")
+  while time.time() < deadline and proc.poll() is None and not (
+      os.path.exists(metrics) and os.path.getsize(metrics)):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert "SIGTERM: saving checkpoint" in out
+  steps = [int(d) for d in os.listdir(os.path.join(tmp_path, "checkpoints")) if d.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 400
+  assert max(r["step"] for r in read_metrics(tmp_path)) >= steps[0]
