@@ -71,10 +71,13 @@ class Documents:
       raw = f.read()
     if text_split == "file":
       spans = [(0, len(raw), 1)]
-    else:  # paragraphs: runs of text separated by blank lines
-      spans = []
-      for m in re.finditer(rb"(?:[^\n]|\n(?![ \t\r]*\n))+", raw):
-        spans.append((m.start(), m.end(), raw.count(b"\n", 0, m.start()) + 1))
+    else:  # paragraphs: text between blank lines
+      spans, start = [], 0
+      for sep in [*re.finditer(rb"\n[ \t\r]*\n(?:[ \t\r]*\n)*", raw), None]:
+        end = sep.start() if sep else len(raw)
+        if end > start:
+          spans.append((start, end, raw.count(b"\n", 0, start) + 1))
+        start = sep.end() if sep else start
     for start, end, line in spans:
       self.read += 1
       chunk = raw[start:end]
