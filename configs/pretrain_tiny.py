@@ -13,7 +13,7 @@ from jaxlm.config import base_config, model_config, parse_arg
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, family="llama")
+  args = parse_arg(arg, choices={"family": ("llama", "gpt2")}, family="llama")
   c = base_config()
   c.task = "pretrain"
   c.steps = 300

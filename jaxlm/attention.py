@@ -21,8 +21,12 @@ def default_impl() -> str:
   return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
 
 
-def resolve_impl(name: str) -> str:
-  return default_impl() if name == "auto" else name
+def resolve_impl(name: str, dtype: str = "bfloat16") -> str:
+  """`auto` -> the platform's kernel; cuDNN flash attention needs bf16/fp16 compute."""
+  if name != "auto":
+    return name
+  impl = default_impl()
+  return "xla" if impl == "cudnn" and dtype == "float32" else impl
 
 
 def mask_BTS(segment_ids_BT: jax.Array | None, T: int, S: int) -> jax.Array:

@@ -46,6 +46,8 @@ DEFAULT_RULES = (
 
 def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
   """The model section: defaults, then a shape preset, then overrides."""
+  if preset not in MODEL_PRESETS:
+    raise ConfigError(f"model preset {preset!r}: must be one of {', '.join(MODEL_PRESETS)}")
   m = ml_collections.ConfigDict()
   m.family = "llama"            # "llama" (RMSNorm, RoPE, SwiGLU, GQA) or "gpt2"
   m.vocab_size = 0              # 0: take the tokenizer's size, padded to vocab_multiple
@@ -265,8 +267,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
   return errors
 
 
-def parse_arg(arg: str | None, **defaults):
-  """`"k=v,k2=v2"` (the text after `:` in `--config file.py:ARG`) -> dict over defaults."""
+def parse_arg(arg: str | None, choices: dict | None = None, **defaults):
+  """`"k=v,k2=v2"` (the text after `:` in `--config file.py:ARG`) -> dict over defaults.
+
+  `choices` maps a key to its allowed values; anything else is a ConfigError.
+  """
   out = dict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
@@ -274,4 +279,7 @@ def parse_arg(arg: str | None, **defaults):
       raise ConfigError(f"config arg {item!r}: expected one of "
                         f"{', '.join(f'{k}=...' for k in defaults)}")
     out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+  for key, allowed in (choices or {}).items():
+    if out[key] not in allowed:
+      raise ConfigError(f"config arg {key}={out[key]!r}: must be one of {', '.join(allowed)}")
   return out

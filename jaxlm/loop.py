@@ -215,7 +215,7 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     elapsed = time.perf_counter() - t_start
     m.pop("weight", None)
     m = task.summarize(m)
-    tps = tokens / elapsed if elapsed > 0 else None
+    tps = tokens / elapsed if elapsed > 0 and tokens else None
     m["tokens_per_s"] = tps
     m["mfu"] = (tps * task.flops_per_token / peak_total) if (peak_total and tps) else None
     log.write(step, m)
@@ -253,7 +253,7 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
         if ev:
           log.write(done, ev)
           last.update(ev)
-        t_mark = time.perf_counter()
+        t_mark, tokens_since = time.perf_counter(), 0  # evaluation time is not training time
       if done % config.checkpoint_every == 0 and done < total:
         ckpt.save(done, state, data_iter.get_state())
         saved_step = done

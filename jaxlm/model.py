@@ -5,8 +5,8 @@
 
 Two families share the code: `llama` (RMSNorm, RoPE with optional Llama-3 scaling,
 SwiGLU, grouped-query attention, optional QKV bias as in Qwen2, optional tied
-embeddings) and `gpt2` (learned positions, LayerNorm, GELU, biases everywhere, tied
-embeddings). Layers are stacked on a leading axis and run with `jax.lax.scan`.
+embeddings) and `gpt2` (learned positions, LayerNorm, GELU, biases everywhere; tie the
+embeddings with `tie_embeddings`, as GPT-2 does). Layers are stacked on a leading axis and run with `jax.lax.scan`.
 
 Shape suffixes: B batch, T length, D d_model, H heads, G kv heads, K head dim,
 F ffn dim, V vocab, L layers.
@@ -213,7 +213,7 @@ def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
   B, T = tokens_BT.shape
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  impl = attention.resolve_impl(cfg.attention)
+  impl = attention.resolve_impl(cfg.attention, cfg.dtype)
   x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
   if cfg.family == "gpt2":
     x = x + jnp.take(params["pos_embed"], positions, axis=0).astype(dt)

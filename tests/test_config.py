@@ -38,6 +38,17 @@ def test_each_problem_is_one_line_naming_the_key(overrides, message):
   assert all("\n" not in e for e in errors)
 
 
+def test_config_arg_values_are_checked():
+  from jaxlm.config import ConfigError
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "pretrain_tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.get_config("family=gpt2").model.family == "gpt2"
+  with pytest.raises(ConfigError, match="family='gpt3': must be one of llama, gpt2"):
+    module.get_config("family=gpt3")
+
+
 def _launch(*args):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "jaxlm.launch", "--config",

@@ -55,6 +55,8 @@ def test_tiny_run_learns_and_writes_its_outputs(uninterrupted):
   assert [r["step"] for r in train] == list(range(1, STEPS + 1))
   for key in ("step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu"):
     assert key in train[-1]
+  assert all(r["tokens_per_s"] is None or r["tokens_per_s"] > 0 for r in train)
+  assert train[-1]["tokens_per_s"] > 0
   assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:3]]) - 1.0
   evals = [r for r in records if "eval_loss" in r]
   assert [r["step"] for r in evals] == [10, 20, 30]
@@ -82,8 +84,8 @@ def test_resumed_run_reproduces_every_step_exactly(uninterrupted, tmp_path):
 
 
 def test_init_from_starts_from_the_checkpoint(uninterrupted, tmp_path):
-  run(tmp_path, steps=2, init_from=str(uninterrupted),
-      **{"data.tokenizer": os.path.join(uninterrupted, "tokenizer.model")})
+  run(tmp_path, steps=2, init_from=str(uninterrupted))
+  assert not os.path.exists(os.path.join(tmp_path, "tokenizer.model"))  # the source run's is used
   fresh_first = train_losses(uninterrupted)[1]
   continued_first = train_losses(tmp_path)[1]
   assert continued_first < fresh_first - 1.0

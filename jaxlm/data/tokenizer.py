@@ -25,6 +25,9 @@ class Tokenizer:
     self.vocab_size = self.sp.get_piece_size()
     self.bos_id = self.sp.bos_id()
     self.eos_id = self.sp.eos_id()
+    if self.bos_id < 0 or self.eos_id < 0:
+      raise ValueError(f"tokenizer {path}: no BOS or EOS piece (bos_id={self.bos_id}, "
+                       f"eos_id={self.eos_id}); documents need both")
     pad = self.sp.pad_id()
     self.pad_id = pad if pad >= 0 else 0
 

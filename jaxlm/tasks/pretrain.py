@@ -21,9 +21,14 @@ log = logging.getLogger(__name__)
 
 
 def prepare_tokenizer(config, workdir: str, docs: Documents) -> tokenizer_lib.Tokenizer:
-  """Load `data.tokenizer`, or train one into the workdir (reused on resume)."""
+  """`data.tokenizer`, else the `init_from` run's, else one trained into the workdir
+  (and reused on resume)."""
   if config.data.tokenizer:
     return tokenizer_lib.Tokenizer(config.data.tokenizer)
+  inherited = os.path.join(config.init_from, "tokenizer.model") if config.init_from else ""
+  if inherited and os.path.isfile(inherited):
+    print(f"using the tokenizer of init_from: {inherited}", flush=True)
+    return tokenizer_lib.Tokenizer(inherited)
   path = os.path.join(workdir, "tokenizer.model")
   if jax.process_index() == 0 and not os.path.exists(path):
     print(f"training a {config.data.tokenizer_vocab_size}-piece SentencePiece tokenizer on "
