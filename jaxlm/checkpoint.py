@@ -16,6 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxlm.config import ConfigError
+
 ITEMS = ("params", "opt_state", "train", "data")
 
 
@@ -71,6 +73,10 @@ class Checkpointer:
     state = {"params": out.params, "opt_state": out.opt_state, "step": out.train["step"],
              "rng": out.train["rng"]}
     processes = (out.data or {}).get("processes")
+    if processes and len(processes) != jax.process_count():
+      raise ConfigError(f"checkpoint {self.directory}/{step} holds data positions for "
+                       f"{len(processes)} process(es); resume it with that many, not "
+                       f"{jax.process_count()}")
     data_state = processes[jax.process_index()] if processes else None
     return state, data_state
 
@@ -92,7 +98,7 @@ def find_params_dir(path: str) -> str:
       steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
       if steps:
         return os.path.join(candidate, str(max(steps)), "params")
-  raise FileNotFoundError(f"init_from: no jaxlm checkpoint under {path}")
+  raise FileNotFoundError(f"no jaxlm checkpoint under {path}")
 
 
 def load_params(path: str, like_params) -> dict:
@@ -100,3 +106,24 @@ def load_params(path: str, like_params) -> dict:
   params_dir = find_params_dir(path)
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(params_dir, _abstract(like_params))
+
+
+def describe(path: str) -> dict:
+  """What a checkpoint holds, from its metadata alone (no arrays are read).
+
+  Returns {"directory", "steps", "step", "params": [(name, shape, dtype)], "num_params"}.
+  """
+  params_dir = find_params_dir(path)
+  step_dir = os.path.dirname(params_dir)
+  root = os.path.dirname(step_dir)
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(params_dir).item_metadata
+  leaves = [(jax.tree_util.keystr(p), tuple(m.shape), str(m.dtype))
+            for p, m in jax.tree_util.tree_leaves_with_path(tree)]
+  return {
+      "directory": root,
+      "steps": sorted(int(d) for d in os.listdir(root) if d.isdigit()),
+      "step": int(os.path.basename(step_dir)),
+      "params": leaves,
+      "num_params": int(sum(np.prod(shape) for _, shape, _ in leaves)),
+  }

@@ -33,8 +33,12 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
+  try:
+    sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                          _PROCESS_ID.value)
+  except sharding.ShardingError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   errors = validate(config, jax.device_count(), jax.process_count())
   if config.task not in tasks.REGISTRY:
     errors.insert(0, f"task={config.task!r}: unknown; one of {', '.join(sorted(tasks.REGISTRY))}")

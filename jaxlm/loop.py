@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from jaxlm import checkpoint, metrics as metrics_lib, optimizer, sharding
-from jaxlm.config import mesh_shape
+from jaxlm.config import ConfigError, mesh_shape
 
 # loss_fn(params, batch, rng) -> (loss_sum, sums): `sums` is a dict of summed scalars
 # that must include "weight", the count the sums are normalized by.
@@ -121,13 +122,26 @@ def device_batch(batch: dict, sharder) -> dict:
 
 
 class _StopSignal:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+  """SIGTERM, checked between steps.
+
+  One process: a Python handler sets a flag. Several: JAX's preemption sync manager
+  (started by `jax.distributed.initialize`) hears the signal on any process and makes
+  every process agree on the same step to stop at.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multi = jax.process_count() > 1
+
+  def should_stop(self, step: int) -> bool:
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __enter__(self):
+    if self._multi:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread
@@ -178,7 +192,10 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
   else:
     start = 0
     if config.init_from:
-      state["params"] = checkpoint.load_params(config.init_from, state["params"])
+      try:
+        state["params"] = checkpoint.load_params(config.init_from, state["params"])
+      except FileNotFoundError as e:
+        raise ConfigError(f"init_from: {e}") from None
       log.info(f"initialized params from {config.init_from}")
 
   n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
@@ -210,12 +227,18 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     weight = max(sums.pop("weight"), 1.0)
     return {f"eval_{k}": v for k, v in task.summarize({k: v / weight for k, v in sums.items()}).items()}
 
-  def log_step(step, m, t_start, tokens):
-    m = _host(m)  # waits for the step to finish, so the clock below is read after it
-    elapsed = time.perf_counter() - t_start
+  # Dispatch is asynchronous, so the host clock means something only where the host has
+  # waited for the device: throughput runs from one fetched step to the next.
+  synced = {"step": start, "time": time.perf_counter()}
+
+  def log_step(step, m):
+    m = _host(m)  # waits until `step` has finished
+    now = time.perf_counter()
+    steps, elapsed = step - synced["step"], now - synced["time"]
+    synced.update(step=step, time=now)
     m.pop("weight", None)
     m = task.summarize(m)
-    tps = tokens / elapsed if elapsed > 0 and tokens else None
+    tps = steps * task.tokens_per_batch / elapsed if steps > 0 and elapsed > 0 else None
     m["tokens_per_s"] = tps
     m["mfu"] = (tps * task.flops_per_token / peak_total) if (peak_total and tps) else None
     log.write(step, m)
@@ -223,11 +246,10 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
 
   last = {}
   pending = None
-  t_mark, tokens_since = time.perf_counter(), 0
   saved_step = start
   with _StopSignal() as stop:
     for step in range(start, total):
-      if stop.requested:
+      if stop.should_stop(step):
         log.info(f"SIGTERM: saving checkpoint at step {step} and exiting")
         break
       batch = device_batch(next(data_iter), sharder)
@@ -235,16 +257,13 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
       done = step + 1
       if step == start:  # first step of this process: compile, measured apart
         jax.block_until_ready(m)
-        log.info(f"first step (compile + run) took {time.perf_counter() - t_mark:.1f}s")
-        t_mark, tokens_since = time.perf_counter(), 0
-      else:
-        tokens_since += task.tokens_per_batch
+        log.info(f"first step (compile + run) took {time.perf_counter() - synced['time']:.1f}s")
+        synced.update(step=done, time=time.perf_counter())
       if pending is not None:  # fetch the previous log step only after dispatching this one
         last = log_step(*pending)
         pending = None
       if done % config.log_every == 0 or done == total:
-        pending = (done, m, t_mark, tokens_since)
-        t_mark, tokens_since = time.perf_counter(), 0
+        pending = (done, m)
       if config.eval_every and (done % config.eval_every == 0 or done == total):
         if pending is not None:
           last = log_step(*pending)
@@ -253,7 +272,8 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
         if ev:
           log.write(done, ev)
           last.update(ev)
-        t_mark, tokens_since = time.perf_counter(), 0  # evaluation time is not training time
+        jax.block_until_ready(state["step"])
+        synced.update(step=done, time=time.perf_counter())  # evaluation is not training time
       if done % config.checkpoint_every == 0 and done < total:
         ckpt.save(done, state, data_iter.get_state())
         saved_step = done

@@ -83,6 +83,15 @@ def test_resumed_run_reproduces_every_step_exactly(uninterrupted, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
 
+def test_inspect_checkpoint_tool_lists_steps_and_params(uninterrupted):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "inspect_checkpoint.py"),
+                        str(uninterrupted)], capture_output=True, text=True, check=True).stdout
+  assert "steps 10, 20, 30" in out and "step 30:" in out
+  assert "['layers']['wq']" in out and "2x64x4x16" in out
+  n_params = sum(int(x.size) for x in jax.tree.leaves(restored_params(uninterrupted)[1]))
+  assert f"{n_params:,} parameters" in out
+
+
 def test_init_from_starts_from_the_checkpoint(uninterrupted, tmp_path):
   run(tmp_path, steps=2, init_from=str(uninterrupted))
   assert not os.path.exists(os.path.join(tmp_path, "tokenizer.model"))  # the source run's is used
