@@ -92,6 +92,15 @@ def test_inspect_checkpoint_tool_lists_steps_and_params(uninterrupted):
   assert f"{n_params:,} parameters" in out
 
 
+def test_resume_on_another_mesh_continues_the_run(uninterrupted, tmp_path):
+  run(tmp_path, steps=13)  # mesh 1x8x1 (fsdp fills the devices)
+  run(tmp_path, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  expected, got = train_losses(uninterrupted), train_losses(tmp_path)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  for step in range(14, STEPS + 1):  # other reduction order: equal to bf16 precision
+    assert got[step] == pytest.approx(expected[step], rel=2e-2), step
+
+
 def test_init_from_starts_from_the_checkpoint(uninterrupted, tmp_path):
   run(tmp_path, steps=2, init_from=str(uninterrupted))
   assert not os.path.exists(os.path.join(tmp_path, "tokenizer.model"))  # the source run's is used
