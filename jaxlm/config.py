@@ -104,8 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config("tiny")
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = ""             # comma-separated globs
-  c.data.eval = ""              # comma-separated globs; empty disables evaluation
+  c.data.train = ""             # comma-separated globs, or tfds:NAME[:VERSION]:SPLIT
+  c.data.eval = ""              # the same; empty disables evaluation
+  c.data.tfds_data_dir = ""     # where TFDS datasets are prepared; empty: TFDS's default
   c.data.format = "auto"        # "auto" (by extension) | "text" | "jsonl"
   c.data.text_field = "text"    # JSONL field holding the document
   c.data.text_split = "file"    # text files: "file" (one document each) | "paragraph" (blank lines)
@@ -256,7 +257,10 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
 
   for key in ("data.train", "data.eval"):
     spec = _get(config, key)
-    if spec:
+    if spec and spec.strip().startswith("tfds:"):
+      from jaxlm.data.sources import parse_tfds_spec  # pylint: disable=import-outside-toplevel
+      check(lambda spec=spec, key=key: parse_tfds_spec(spec, key))
+    elif spec:
       check(lambda spec=spec, key=key: expand_globs(spec, key))
   if not _get(config, "data.train") and "data" in config and "train" in config.data:
     errors.append("data.train: empty; give one or more comma-separated globs")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from jaxlm.data.sources import Documents
+from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tokenizer import Tokenizer
 
 
@@ -44,7 +44,7 @@ def row_to_example(row: dict) -> dict:
   }
 
 
-def lm_dataset(docs: Documents, tokenizer_path: str, *, seq_len: int, batch_size: int,
+def lm_dataset(docs: DocumentSource, tokenizer_path: str, *, seq_len: int, batch_size: int,
                seed: int, shuffle: bool, process_index: int = 0, process_count: int = 1,
                prefetch: int = 0) -> grain.IterDataset:
   """An endless, checkpointable stream of packed LM batches for this process.

@@ -1,8 +1,9 @@
-"""Random-access document sources over text and JSONL files.
+"""Random-access document sources: text and JSONL files, or a prepared TFDS dataset.
 
 Files are indexed once (byte offsets), then documents are read on demand, so a grain
 pipeline can shuffle and resume by index. Every record that cannot be used is counted
-per reason and reported with its file and line.
+per reason and reported with its file and line. A `data.train`/`data.eval` value of
+`tfds:NAME[:VERSION]:SPLIT` reads a TFDS dataset already prepared on disk instead.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import gzip
 import json
 import logging
 import re
+
+from jaxlm.config import ConfigError, expand_globs
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,28 @@ class SkipReport:
     return "; ".join(f"{r}: {n} (first at {self.first[r]})" for r, n in sorted(self.counts.items()))
 
 
-class Documents:
-  """A grain-compatible random-access source of document strings."""
+class DocumentSource:
+  """Random access to document strings (`len`, `[i]`), what grain's MapDataset reads."""
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def __getitem__(self, idx: int) -> str:
+    raise NotImplementedError
+
+  def sample_text(self, max_chars: int):
+    """Documents in index order until `max_chars` characters (for tokenizer training)."""
+    total = 0
+    for idx in range(len(self)):
+      text = self[idx]
+      yield text[: max_chars - total]
+      total += len(text)
+      if total >= max_chars:
+        return
+
+
+class Documents(DocumentSource):
+  """Documents of text and JSONL files."""
 
   def __init__(self, files: list[str], fmt: str = "auto", text_field: str = "text",
                text_split: str = "file", name: str = "data"):
@@ -135,12 +158,68 @@ class Documents:
       return json.loads(raw)[entry[3]]
     return raw.decode("utf-8")
 
-  def sample_text(self, max_chars: int):
-    """Documents in index order until `max_chars` characters (for tokenizer training)."""
-    total = 0
-    for idx in range(len(self)):
-      text = self[idx]
-      yield text[: max_chars - total]
-      total += len(text)
-      if total >= max_chars:
-        return
+
+TFDS_PREFIX = "tfds:"
+
+
+def parse_tfds_spec(spec: str, key: str) -> tuple[str, str]:
+  """`tfds:NAME[:VERSION]:SPLIT` -> (name with version, split); ConfigError naming `key`."""
+  body = spec[len(TFDS_PREFIX):].strip()
+  bracket = body.find("[")  # a slice, `train[:95%]`, may hold colons of its own
+  head = body if bracket < 0 else body[:bracket]
+  name, _, split = head.rpartition(":")
+  split += "" if bracket < 0 else body[bracket:]
+  if not name or not split or "," in spec:
+    raise ConfigError(f"{key}={spec!r}: a TFDS source is one tfds:NAME[:VERSION]:SPLIT, "
+                      f"e.g. tfds:wiki40b/en:train")
+  return name, split
+
+
+class TfdsDocuments(DocumentSource):
+  """Documents of a TFDS dataset prepared on disk in ArrayRecord format, by random access.
+
+  Nothing is downloaded: prepare the dataset first (`tfds build --file_format=array_record`)
+  into `data_dir` (TFDS's default, ~/tensorflow_datasets, when empty). Records are used
+  as stored; `text_field` must be a Text feature.
+  """
+
+  def __init__(self, spec: str, text_field: str = "text", data_dir: str = "",
+               name: str = "data"):
+    dataset, split = parse_tfds_spec(spec, name)
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ConfigError(f"{name}={spec!r}: reading TFDS needs tensorflow-datasets "
+                        f"(pip install tensorflow-datasets)") from None
+    where = data_dir or "TFDS's default data_dir"
+    try:
+      self.source = tfds.data_source(dataset, split=split, data_dir=data_dir or None,
+                                     download=False)
+    except Exception as e:  # pylint: disable=broad-except  # TFDS raises many kinds
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ConfigError(f"{name}={spec!r}: cannot open it in {where}: {reason}") from None
+    features = self.source.dataset_info.features
+    if text_field not in features or not isinstance(features[text_field],
+                                                    tfds.features.Text):
+      raise ConfigError(f"data.text_field={text_field!r}: not a Text feature of {dataset} "
+                        f"(features: {', '.join(features.keys())})")
+    self.spec, self.text_field = spec, text_field
+    self.skipped = SkipReport()
+    self.read = len(self.source)
+    if not self.read:
+      raise ValueError(f"{name}: {spec} has no records")
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, idx: int) -> str:
+    text = self.source[idx][self.text_field]
+    return text.decode("utf-8") if isinstance(text, bytes) else text
+
+
+def open_documents(spec: str, data_cfg, key: str) -> DocumentSource:
+  """The documents named by a `data.train`/`data.eval` value: globs or a TFDS split."""
+  if spec.strip().startswith(TFDS_PREFIX):
+    return TfdsDocuments(spec.strip(), data_cfg.text_field, data_cfg.tfds_data_dir, name=key)
+  return Documents(expand_globs(spec, key), data_cfg.format, data_cfg.text_field,
+                   data_cfg.text_split, name=key)

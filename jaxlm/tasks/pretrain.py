@@ -13,14 +13,14 @@ import os
 import jax
 
 from jaxlm import loop, losses, model
-from jaxlm.config import ConfigError, expand_globs
+from jaxlm.config import ConfigError
 from jaxlm.data import lm, tokenizer as tokenizer_lib
-from jaxlm.data.sources import Documents
+from jaxlm.data.sources import DocumentSource, open_documents
 
 log = logging.getLogger(__name__)
 
 
-def prepare_tokenizer(config, workdir: str, docs: Documents) -> tokenizer_lib.Tokenizer:
+def prepare_tokenizer(config, workdir: str, docs: DocumentSource) -> tokenizer_lib.Tokenizer:
   """`data.tokenizer`, else the `init_from` run's, else one trained into the workdir
   (and reused on resume)."""
   if config.data.tokenizer:
@@ -79,8 +79,7 @@ def summarize(m: dict) -> dict:
 def build(config, workdir: str, sharder) -> loop.Task:
   d = config.data
   pid, nproc = jax.process_index(), jax.process_count()
-  train_docs = Documents(expand_globs(d.train, "data.train"), d.format, d.text_field,
-                         d.text_split, name="data.train")
+  train_docs = open_documents(d.train, d, "data.train")
   tok = prepare_tokenizer(config, workdir, train_docs)
   set_vocab_size(config, tok)
   local_batch = d.batch_size // nproc
@@ -89,8 +88,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
                              process_count=nproc, prefetch=d.prefetch)
   eval_data = None
   if d.eval:
-    eval_docs = Documents(expand_globs(d.eval, "data.eval"), d.format, d.text_field,
-                          d.text_split, name="data.eval")
+    eval_docs = open_documents(d.eval, d, "data.eval")
     eval_data = lambda: lm.lm_dataset(eval_docs, tok.path, seq_len=d.seq_len,  # pylint: disable=g-long-lambda
                                       batch_size=local_batch, seed=0, shuffle=False,
                                       process_index=pid, process_count=nproc)
