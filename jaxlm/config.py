@@ -104,9 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config("tiny")
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = ""             # comma-separated globs, or tfds:NAME[:VERSION]:SPLIT
+  c.data.train = ""             # globs, a prepared corpus directory, or tfds:NAME[:VERSION]:SPLIT
   c.data.eval = ""              # the same; empty disables evaluation
   c.data.tfds_data_dir = ""     # where TFDS datasets are prepared; empty: TFDS's default
+  c.data.mixture = ""           # prepared corpus: "name=weight,..."; empty: its recorded weights
+  c.data.on_exhausted = "repeat"  # "repeat" (new epoch, reshuffled) | "stop" (end the run)
   c.data.format = "auto"        # "auto" (by extension) | "text" | "jsonl"
   c.data.text_field = "text"    # JSONL field holding the document
   c.data.text_split = "file"    # text files: "file" (one document each) | "paragraph" (blank lines)
@@ -149,6 +151,7 @@ _CHOICES = {
     "model.remat": ("none", "minimal", "full"),
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "data.format": ("auto", "text", "jsonl"),
+    "data.on_exhausted": ("repeat", "stop"),
     "data.text_split": ("file", "paragraph"),
     "optimizer.schedule": ("cosine", "linear", "constant", "wsd"),
     "progress": ("auto", "bar", "log"),
@@ -257,13 +260,19 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
 
   for key in ("data.train", "data.eval"):
     spec = _get(config, key)
-    if spec and spec.strip().startswith("tfds:"):
+    from jaxlm.data.prepare import is_prepared  # pylint: disable=import-outside-toplevel
+    if spec and is_prepared(spec):
+      pass  # a prepared corpus (tools/prepare_data.py); its sources are checked when read
+    elif spec and spec.strip().startswith("tfds:"):
       from jaxlm.data.sources import parse_tfds_spec  # pylint: disable=import-outside-toplevel
       check(lambda spec=spec, key=key: parse_tfds_spec(spec, key))
     elif spec:
       check(lambda spec=spec, key=key: expand_globs(spec, key))
   if not _get(config, "data.train") and "data" in config and "train" in config.data:
     errors.append("data.train: empty; give one or more comma-separated globs")
+  if _get(config, "data.mixture"):
+    from jaxlm.data.lm import parse_mixture  # pylint: disable=import-outside-toplevel
+    check(lambda: parse_mixture(config.data.mixture))
   if config.data.tokenizer and not os.path.isfile(config.data.tokenizer):
     errors.append(f"data.tokenizer: no such file {config.data.tokenizer!r}")
   if config.init_from and not os.path.exists(config.init_from):

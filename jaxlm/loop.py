@@ -156,6 +156,13 @@ class _StopSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _all_processes_sum(counts: dict[str, int]) -> dict[str, int]:
+  if jax.process_count() == 1:
+    return counts
+  summed = multihost_utils.process_allgather(np.array(list(counts.values()), np.int64)).sum(0)
+  return dict(zip(counts, summed.tolist()))
+
+
 def _host(tree):
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
@@ -252,7 +259,12 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
       if stop.should_stop(step):
         log.info(f"SIGTERM: saving checkpoint at step {step} and exiting")
         break
-      batch = device_batch(next(data_iter), sharder)
+      try:
+        host_batch = next(data_iter)
+      except StopIteration:  # data.on_exhausted="stop"
+        log.info(f"training data exhausted after step {step}: stopping")
+        break
+      batch = device_batch(host_batch, sharder)
       state, m = train_step(state, batch)
       done = step + 1
       if step == start:  # first step of this process: compile, measured apart
@@ -283,6 +295,12 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     final = int(jax.device_get(state["step"]))
     if final != saved_step:
       ckpt.save(final, state, data_iter.get_state())
+  if hasattr(data_iter, "consumed_tokens"):
+    consumed = _all_processes_sum(data_iter.consumed_tokens())
+    total_tokens = max(sum(consumed.values()), 1)
+    log.info("tokens consumed per source: " + ", ".join(
+        f"{n} {v:,} ({100 * v / total_tokens:.1f}%)" for n, v in consumed.items()))
+    log.write(final, {f"tokens_consumed/{n}": v for n, v in consumed.items()}, console=False)
   ckpt.close()
   if hasattr(data_iter, "close"):
     data_iter.close()

@@ -77,7 +77,7 @@ class MetricsWriter:
       self.bar.n = step
       self.bar.refresh()
 
-  def write(self, step: int, metrics: dict):
+  def write(self, step: int, metrics: dict, console: bool = True):
     if not self.active:
       return
     record = {"step": int(step)}
@@ -90,7 +90,8 @@ class MetricsWriter:
       if k != "step" and v is not None:
         self.tb.add_scalar(k, v, step)
     self.tb.flush()
-    self._console(step, record)
+    if console:
+      self._console(step, record)
 
   def _console(self, step: int, r: dict):
     parts = []

@@ -11,6 +11,8 @@ iterator's state (`get_state`/`set_state`) is JSON and goes into every checkpoin
 
 from __future__ import annotations
 
+import os
+
 import grain
 import numpy as np
 
@@ -35,30 +37,177 @@ class _Tokenize(grain.transforms.Map):
 def row_to_example(row: dict) -> dict:
   """A packed row of T+1 tokens -> model inputs and shifted targets of length T."""
   tokens, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
-  return {
+  example = {
       "tokens": tokens[:-1],
       "targets": tokens[1:],
       "loss_mask": ((seg[1:] == seg[:-1]) & (seg[:-1] != 0)).astype(np.int32),
       "segment_ids": seg[:-1].astype(np.int32),
       "positions": pos[:-1].astype(np.int32),
   }
+  if "source_ids" in row:  # which mixture source each token came from
+    example["source_ids"] = row["source_ids"][:-1].astype(np.int32)
+  return example
+
+
 
 
 def lm_dataset(docs: DocumentSource, tokenizer_path: str, *, seq_len: int, batch_size: int,
                seed: int, shuffle: bool, process_index: int = 0, process_count: int = 1,
-               prefetch: int = 0) -> grain.IterDataset:
-  """An endless, checkpointable stream of packed LM batches for this process.
+               prefetch: int = 0, repeat: bool = True) -> grain.IterDataset:
+  """A checkpointable stream of packed LM batches for this process.
 
-  `batch_size` is the per-process batch. Every epoch is reshuffled; process i reads
-  documents i, i + n, i + 2n, ... of the shuffled, repeated order.
+  `batch_size` is the per-process batch. With `repeat` the stream is endless and every
+  epoch is reshuffled; otherwise it ends after one pass. Process i reads documents
+  i, i + n, i + 2n, ... of the shuffled order.
   """
   ds = grain.MapDataset.source(docs)
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(None)[process_index::process_count]
+  if repeat:
+    ds = ds.repeat(None)
+  ds = ds[process_index::process_count]
   ds = ds.map(_Tokenize(tokenizer_path)).to_iter_dataset()
+  return _pack_and_batch(ds, seq_len, batch_size, prefetch)
+
+
+def _pack_and_batch(ds: grain.IterDataset, seq_len: int, batch_size: int, prefetch: int):
   ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
-  ds = ds.map(row_to_example).batch(batch_size, drop_remainder=True)
+  return _batch(ds, batch_size, prefetch)
+
+
+def _batch(rows: grain.IterDataset, batch_size: int, prefetch: int):
+  ds = rows.map(row_to_example).batch(batch_size, drop_remainder=True)
   if prefetch:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
   return ds
+
+
+class _RecordTokens(grain.transforms.Map):
+  """A prepared corpus record (token ids as bytes) -> BOS ids EOS, tagged with its source."""
+
+  def __init__(self, dtype: str, bos: int, eos: int, source: int):
+    self.dtype, self.bos, self.eos, self.source = dtype, bos, eos, source
+
+  def map(self, record: bytes):
+    ids = np.frombuffer(record, self.dtype).astype(np.int32)
+    tokens = np.concatenate([[self.bos], ids, [self.eos]]).astype(np.int32)
+    return {"tokens": tokens, "source_ids": np.full(tokens.shape, self.source, np.int32)}
+
+
+class MixtureData:
+  """Batches from a prepared corpus whose sources are mixed by weight (see `mixture_dataset`).
+
+  Iterating gives a checkpointable iterator that also counts, per source, the tokens
+  this process has handed to training; the count is part of its state.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, names: list[str]):
+    self.dataset, self.names = dataset, names
+
+  def __iter__(self):
+    return _CountingIterator(iter(self.dataset), self.names)
+
+
+class _CountingIterator:
+
+  def __init__(self, it, names):
+    self._it, self.names = it, names
+    self.tokens = np.zeros(len(names), np.int64)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._it)
+    source_ids = batch.pop("source_ids")
+    self.tokens += np.bincount(source_ids[batch["segment_ids"] > 0], minlength=len(self.names))
+    return batch
+
+  def consumed_tokens(self) -> dict[str, int]:
+    return dict(zip(self.names, self.tokens.tolist()))
+
+  def get_state(self) -> dict:
+    return {"grain": self._it.get_state(), "tokens": self.consumed_tokens()}
+
+  def set_state(self, state: dict):
+    self._it.set_state(state["grain"])
+    self.tokens = np.array([state["tokens"].get(n, 0) for n in self.names], np.int64)
+
+  def close(self):
+    if hasattr(self._it, "close"):
+      self._it.close()
+
+
+def mixture_weights(corpus: dict, spec: str, split: str, key: str) -> dict[str, float]:
+  """Source weights for one split of a prepared corpus (its manifest dict).
+
+  `spec` is `data.mixture`: "name=weight,..." (sources left out are not read), or empty
+  for the weights recorded when the corpus was prepared. Sources without documents in
+  `split`, or with weight 0, are left out.
+  """
+  from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
+  sources = corpus["sources"]
+  if spec.strip():
+    weights = parse_mixture(spec)
+    unknown = [n for n in weights if n not in sources]
+    if unknown:
+      raise ConfigError(f"data.mixture: no source {unknown[0]!r} in {key}; it has "
+                        f"{', '.join(sources)}")
+  else:
+    weights = {n: float(s["weight"]) for n, s in sources.items()}
+  weights = {n: w for n, w in weights.items()
+             if w > 0 and sources[n]["splits"].get(split, {}).get("documents", 0) > 0}
+  if not weights:
+    raise ConfigError(f"{key}: no source with documents in its {split} split has a weight > 0")
+  return weights
+
+
+def parse_mixture(spec: str) -> dict[str, float]:
+  """"web=0.6,code=0.25" -> {"web": 0.6, "code": 0.25}; ConfigError naming data.mixture."""
+  from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
+  weights = {}
+  for item in filter(None, (p.strip() for p in spec.split(","))):
+    name, sep, value = item.partition("=")
+    try:
+      weights[name.strip()] = float(value)
+      ok = bool(sep and name.strip()) and weights[name.strip()] >= 0
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ConfigError(f"data.mixture={spec!r}: expected name=weight,... with weights >= 0, "
+                        f"not {item!r}")
+  return weights
+
+
+def mixture_dataset(directory: str, split: str, weights: dict[str, float], *, seq_len: int,
+                    batch_size: int, seed: int, shuffle: bool, repeat: bool,
+                    process_index: int = 0, process_count: int = 1,
+                    prefetch: int = 0) -> MixtureData:
+  """Packed batches from the sources of a prepared corpus (tools/prepare_data.py).
+
+  Each source is a random-access grain dataset over its ArrayRecord shards, shuffled
+  with its own seed (reshuffled each epoch when repeating); process i reads its
+  documents i, i + n, ... so processes never overlap. Each source is packed into rows
+  on its own, and grain mixes the rows deterministically in the weight proportions, so
+  the weights are shares of tokens. Without `repeat` the stream ends when the first
+  source runs out.
+  """
+  from jaxlm.data import prepare  # pylint: disable=import-outside-toplevel
+  corpus = prepare.read_manifest(directory)
+  tok = Tokenizer(os.path.join(directory, corpus["tokenizer"]))
+  total = sum(weights.values())
+  parts = {}
+  for i, (name, weight) in enumerate(weights.items()):
+    shards = corpus["sources"][name]["splits"][split]["shards"]
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(
+        [os.path.join(directory, name, f) for f in shards]))
+    if shuffle:
+      ds = ds.shuffle(seed=seed + i)
+    if repeat:
+      ds = ds.repeat(None)
+    ds = ds[process_index::process_count]
+    ds = ds.map(_RecordTokens(corpus["dtype"], tok.bos_id, tok.eos_id, i)).to_iter_dataset()
+    parts[name] = grain.experimental.ConcatThenSplitIterDataset(
+        ds, length_struct={"tokens": seq_len + 1, "source_ids": seq_len + 1})
+  rows = grain.IterDataset.mix(parts, {n: w / total for n, w in weights.items()})
+  return MixtureData(_batch(rows, batch_size, prefetch), list(weights))

@@ -27,6 +27,20 @@ def file_format(path: str, fmt: str = "auto") -> str:
   return "jsonl" if path.endswith(_JSONL_SUFFIXES) else "text"
 
 
+def text_spans(raw: bytes, text_split: str) -> list[tuple[int, int, int]]:
+  """(start byte, end byte, first line) of each document in a text file's bytes: the
+  whole file, or with "paragraph" each run of text between blank lines."""
+  if text_split == "file":
+    return [(0, len(raw), 1)]
+  spans, start = [], 0
+  for sep in [*re.finditer(rb"\n[ \t\r]*\n(?:[ \t\r]*\n)*", raw), None]:
+    end = sep.start() if sep else len(raw)
+    if end > start:
+      spans.append((start, end, raw.count(b"\n", 0, start) + 1))
+    start = sep.end() if sep else start
+  return spans
+
+
 class SkipReport:
   """Counts of skipped records per reason, with the first place each reason occurred."""
 
@@ -92,16 +106,7 @@ class Documents(DocumentSource):
   def _index_text(self, i: int, path: str, text_split: str):
     with open(path, "rb") as f:
       raw = f.read()
-    if text_split == "file":
-      spans = [(0, len(raw), 1)]
-    else:  # paragraphs: text between blank lines
-      spans, start = [], 0
-      for sep in [*re.finditer(rb"\n[ \t\r]*\n(?:[ \t\r]*\n)*", raw), None]:
-        end = sep.start() if sep else len(raw)
-        if end > start:
-          spans.append((start, end, raw.count(b"\n", 0, start) + 1))
-        start = sep.end() if sep else start
-    for start, end, line in spans:
+    for start, end, line in text_spans(raw, text_split):
       self.read += 1
       chunk = raw[start:end]
       try:

@@ -58,7 +58,12 @@ def train(texts: Iterable[str], path: str, vocab_size: int, model_type: str = "b
   with open(tmp, "wb") as f:
     f.write(model.getvalue())
   os.replace(tmp, path)
-  return Tokenizer(path)
+  tok = Tokenizer(path)
+  vocab = os.path.splitext(path)[0] + ".vocab"  # SentencePiece's own layout: piece<TAB>score
+  with open(vocab, "w", encoding="utf-8") as f:
+    for i in range(tok.vocab_size):
+      f.write(f"{tok.sp.id_to_piece(i)}\t{tok.sp.get_score(i):g}\n")
+  return tok
 
 
 def _train_spm(lines, model, vocab_size, model_type, special_tokens):

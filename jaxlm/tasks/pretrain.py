@@ -6,6 +6,7 @@ fresh warmup.
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import math
 import os
@@ -14,7 +15,7 @@ import jax
 
 from jaxlm import loop, losses, model
 from jaxlm.config import ConfigError
-from jaxlm.data import lm, tokenizer as tokenizer_lib
+from jaxlm.data import lm, prepare, tokenizer as tokenizer_lib
 from jaxlm.data.sources import DocumentSource, open_documents
 
 log = logging.getLogger(__name__)
@@ -76,18 +77,52 @@ def summarize(m: dict) -> dict:
   return out
 
 
+def _prepared_tokenizer(config, directory: str, key: str, tok=None) -> tokenizer_lib.Tokenizer:
+  """A prepared corpus's tokenizer; it must agree with `data.tokenizer` or `tok` if given."""
+  path = os.path.join(directory, prepare.read_manifest(directory)["tokenizer"])
+  for other, what in ((config.data.tokenizer, "data.tokenizer"), (tok.path if tok else "", "the training tokenizer")):
+    if other and not filecmp.cmp(other, path, shallow=False):
+      raise ConfigError(f"{key}={directory!r}: its tokenizer {path} differs from {what} "
+                        f"{other}; token ids would not agree")
+  return tokenizer_lib.Tokenizer(path)
+
+
+def _prepared_data(config, directory: str, key: str, *, train: bool):
+  """A prepared corpus's mixed batches: the train split for training, for evaluation its
+  eval split when it has one (else its train split)."""
+  d = config.data
+  corpus = prepare.read_manifest(directory)
+  has_eval = any("eval" in s["splits"] for s in corpus["sources"].values())
+  split = "eval" if not train and has_eval else "train"
+  weights = lm.mixture_weights(corpus, d.mixture, split, key)
+  return lambda: lm.mixture_dataset(  # pylint: disable=g-long-lambda
+      directory, split, weights, seq_len=d.seq_len,
+      batch_size=d.batch_size // jax.process_count(), seed=config.seed if train else 0,
+      shuffle=d.shuffle and train, repeat=d.on_exhausted == "repeat" or not train,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      prefetch=d.prefetch if train else 0)
+
+
 def build(config, workdir: str, sharder) -> loop.Task:
   d = config.data
   pid, nproc = jax.process_index(), jax.process_count()
-  train_docs = open_documents(d.train, d, "data.train")
-  tok = prepare_tokenizer(config, workdir, train_docs)
-  set_vocab_size(config, tok)
   local_batch = d.batch_size // nproc
-  train_data = lm.lm_dataset(train_docs, tok.path, seq_len=d.seq_len, batch_size=local_batch,
-                             seed=config.seed, shuffle=d.shuffle, process_index=pid,
-                             process_count=nproc, prefetch=d.prefetch)
+  if prepare.is_prepared(d.train):
+    tok = _prepared_tokenizer(config, d.train, "data.train")
+    train_data = _prepared_data(config, d.train, "data.train", train=True)()
+  else:
+    train_docs = open_documents(d.train, d, "data.train")
+    tok = prepare_tokenizer(config, workdir, train_docs)
+    train_data = lm.lm_dataset(train_docs, tok.path, seq_len=d.seq_len, batch_size=local_batch,
+                               seed=config.seed, shuffle=d.shuffle, process_index=pid,
+                               process_count=nproc, prefetch=d.prefetch,
+                               repeat=d.on_exhausted == "repeat")
+  set_vocab_size(config, tok)
   eval_data = None
-  if d.eval:
+  if d.eval and prepare.is_prepared(d.eval):
+    _prepared_tokenizer(config, d.eval, "data.eval", tok)
+    eval_data = _prepared_data(config, d.eval, "data.eval", train=False)
+  elif d.eval:
     eval_docs = open_documents(d.eval, d, "data.eval")
     eval_data = lambda: lm.lm_dataset(eval_docs, tok.path, seq_len=d.seq_len,  # pylint: disable=g-long-lambda
                                       batch_size=local_batch, seed=0, shuffle=False,

@@ -1,0 +1,548 @@
+"""Corpus preparation: read -> normalize -> filter -> scrub -> deduplicate -> tokenize -> shards.
+
+    prepare(config, output_dir) -> stats
+
+Every source is streamed once. Worker processes decode, normalize, filter, scrub and
+sign documents; the main process decides duplicates in input order (so the result does
+not depend on the number of workers) and writes the kept text to ArrayRecord shards. A
+tokenizer is then trained on a sample of the kept text (or an existing one is used), and
+the workers tokenize the text shards into token shards. The output directory:
+
+    prepared.json        sources, weights, shard files, token dtype (what training reads)
+    stats.json           per source and in total: read, kept, removed{reason}, chars, tokens
+    tokenizer.model/.vocab
+    <source>/train-00000-of-00004.array_record   one record per document: its token ids
+    <source>/eval-...                            when eval_fraction > 0
+
+Every document read is kept or removed for exactly one reason: read = kept + removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+
+from jaxlm.config import ConfigError
+from jaxlm.data import clean, dedup, tokenizer as tokenizer_lib
+from jaxlm.data.sources import TFDS_PREFIX, TfdsDocuments, file_format, text_spans
+
+MANIFEST = "prepared.json"
+STATS = "stats.json"
+# Reasons that mean the record itself is broken (as opposed to filtered or duplicated);
+# with on_error="fail" the first of these stops the run.
+RECORD_ERRORS = ("decode_error", "invalid_json", "missing_field", "wrong_type")
+_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".py": "text",
+             ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".ndjson": "jsonl",
+             ".parquet": "parquet"}
+
+
+def source_config(path: str = "", **overrides) -> ml_collections.ConfigDict:
+  """One input source: where it is, how to read it, how to clean it, its mixture weight."""
+  s = ml_collections.ConfigDict()
+  s.path = path                 # comma-separated globs or directories, or tfds:NAME[:VERSION]:SPLIT
+  s.format = "auto"             # "auto" (by extension) | "text" | "jsonl" | "parquet"
+  s.text_field = "text"         # JSONL / Parquet / TFDS field holding the document
+  s.text_split = "file"         # text files: "file" (one document each) | "paragraph"
+  s.weight = 1.0                # default mixture weight, recorded for training
+  s.filters = "all"             # quality filters: "all" | "none" | comma-separated names
+  s.pii = True                  # scrub PII in this source
+  for k, v in overrides.items():
+    setattr(s, k, v)
+  return s
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults for `tools/prepare_data.py`. Configs under configs/data/ start here."""
+  c = ml_collections.ConfigDict()
+  c.sources = ml_collections.ConfigDict()   # name -> source_config(...)
+  c.workers = 0                 # worker processes; 0: one per CPU core
+  c.shards = 4                  # shards per source and split
+  c.on_error = "skip"           # broken records: "skip" (count, report file:line) | "fail"
+  c.on_decode_error = "skip"    # invalid UTF-8: "skip" (count as decode_error) | "repair" (U+FFFD)
+  c.eval_fraction = 0.0         # share of kept documents held out as the eval split (by hash)
+  c.seed = 0                    # MinHash permutations and the held-out split
+  c.keep_text = False           # also keep the cleaned text shards (<source>/text-*)
+
+  c.normalize = ml_collections.ConfigDict()
+  c.normalize.nfc = True        # Unicode NFC
+  c.normalize.control_chars = True  # drop control characters other than tab and newline
+  c.normalize.whitespace = True     # CRLF -> LF, trailing spaces, blank-line runs, ends
+
+  c.filters = ml_collections.ConfigDict()  # thresholds; each source picks which apply
+  c.filters.min_words = 50
+  c.filters.max_words = 100_000
+  c.filters.min_mean_word_length = 3.0
+  c.filters.max_mean_word_length = 10.0
+  c.filters.max_symbol_ratio = 0.1        # ('#' + ellipses) per word
+  c.filters.min_punctuation_lines = 0.1   # share of non-empty lines ending in . ! ? " ' : ; )
+  c.filters.max_duplicate_lines = 0.3     # share of non-empty lines that occur more than once
+  c.filters.max_top_2gram = 0.2           # chars in the most frequent word 2-gram
+  c.filters.max_duplicate_5grams = 0.15   # chars in word 5-grams that occur more than once
+  c.filters.min_alpha_words = 0.8         # share of words with an alphabetic character
+
+  c.dedup = ml_collections.ConfigDict()
+  c.dedup.exact = True          # drop documents whose text was already kept (any source)
+  c.dedup.near = True           # MinHash + LSH near-duplicate removal
+  c.dedup.ngram = 5             # word n-gram shingles
+  c.dedup.num_perm = 128        # MinHash permutations
+  c.dedup.threshold = 0.8       # estimated Jaccard similarity at which a document is a duplicate
+
+  c.pii = ml_collections.ConfigDict()  # placeholders; empty leaves that kind alone
+  c.pii.email = "<|email|>"
+  c.pii.phone = "<|phone|>"
+  c.pii.ip = "<|ip|>"
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ""         # an existing SentencePiece .model; empty: train one
+  c.tokenizer.vocab_size = 32000
+  c.tokenizer.model_type = "bpe"  # "bpe" | "unigram"
+  c.tokenizer.sample_chars = 20_000_000  # kept text it is trained on, shared by source weight
+  c.tokenizer.special_tokens = ",".join(tokenizer_lib.SPECIAL_TOKENS)  # plus the PII placeholders
+  return c
+
+
+# ---------------------------------------------------------------------------------------
+# Reading: every source as a stream of (where, kind, payload) records.
+
+
+def _files(spec: str, key: str) -> list[str]:
+  files = []
+  for pattern in [p.strip() for p in spec.split(",") if p.strip()]:
+    pattern = os.path.expanduser(pattern)
+    if os.path.isdir(pattern):
+      matched = sorted(os.path.join(root, f) for root, _, names in os.walk(pattern) for f in names)
+    else:
+      matched = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    if not matched:
+      raise ConfigError(f"{key}: no file matches {pattern!r}")
+    files.extend(matched)
+  return files
+
+
+def _format(path: str, fmt: str) -> str:
+  if fmt != "auto":
+    return fmt
+  for suffix, kind in sorted(_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
+    if path.endswith(suffix):
+      return kind
+  return file_format(path)
+
+
+def _text_records(path: str, split: str):
+  with open(path, "rb") as f:
+    raw = f.read()
+  for start, end, line in text_spans(raw, split):
+    yield f"{path}:{line}", "bytes", raw[start:end]
+
+
+def _jsonl_records(path: str):
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    for lineno, line in enumerate(f, 1):
+      if line.strip():
+        yield f"{path}:{lineno}", "json", line
+
+
+def _parquet_records(path: str, field: str):
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  pf = pq.ParquetFile(path)
+  if field not in pf.schema_arrow.names:
+    raise ConfigError(f"text_field={field!r}: no such column in {path} "
+                      f"(columns: {', '.join(pf.schema_arrow.names)})")
+  row = 0
+  for batch in pf.iter_batches(columns=[field], batch_size=1024):
+    for value in batch.column(0).to_pylist():
+      row += 1
+      yield f"{path}:row {row}", "value", value
+
+
+def read_source(src, key: str) -> Iterator[tuple[str, str, object]]:
+  """(where, kind, payload) for every record of a source, streamed in a fixed order."""
+  if src.path.strip().startswith(TFDS_PREFIX):
+    docs = TfdsDocuments(src.path.strip(), src.text_field, name=f"{key}.path")
+    for i in range(len(docs)):
+      yield f"{src.path.strip()}[{i}]", "value", docs[i]
+    return
+  for path in _files(src.path, f"{key}.path"):
+    kind = _format(path, src.format)
+    if kind == "jsonl":
+      yield from _jsonl_records(path)
+    elif kind == "parquet":
+      yield from _parquet_records(path, src.text_field)
+    else:
+      yield from _text_records(path, src.text_split)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-document work, in worker processes.
+
+_WORKER: dict = {}
+
+
+def _init_worker(settings: dict):
+  _WORKER.clear()
+  _WORKER.update(settings)
+  _WORKER["perms"] = dedup.permutations(settings["num_perm"], settings["seed"])
+
+
+def _decode(kind, payload, field):
+  """-> (text, None, repaired) or (None, reason, False)."""
+  repair = _WORKER["on_decode_error"] == "repair"
+  repaired = False
+  if kind == "bytes":
+    try:
+      return payload.decode("utf-8"), None, False
+    except UnicodeDecodeError:
+      if not repair:
+        return None, "decode_error", False
+      return payload.decode("utf-8", errors="replace"), None, True
+  if kind == "json":
+    try:
+      record = json.loads(payload)
+    except UnicodeDecodeError:
+      if not repair:
+        return None, "decode_error", False
+      repaired = True
+      try:
+        record = json.loads(payload.decode("utf-8", errors="replace"))
+      except json.JSONDecodeError:
+        return None, "invalid_json", False
+    except json.JSONDecodeError:
+      return None, "invalid_json", False
+    if not isinstance(record, dict) or field not in record:
+      return None, "missing_field", False
+    payload = record[field]
+  if payload is None:
+    return None, "missing_field", False
+  if isinstance(payload, bytes):
+    return _decode("bytes", payload, field)
+  if not isinstance(payload, str):
+    return None, "wrong_type", False
+  return payload, None, repaired
+
+
+def _process(item):
+  """One record -> (where, reason or None, text, hash, signature, pii counts, repaired)."""
+  where, kind, payload, field, filter_names, pii = item
+  text, reason, repaired = _decode(kind, payload, field)
+  if reason:
+    return where, reason, None, None, None, {}, False
+  text = clean.normalize(text, _WORKER["normalize"])
+  if not text:
+    return where, "empty", None, None, None, {}, repaired
+  reason = clean.first_failed_filter(text, filter_names, _WORKER["filters"])
+  if reason:
+    return where, reason, None, None, None, {}, repaired
+  counts = {}
+  if pii:
+    text, counts = clean.scrub_pii(text, _WORKER["pii"])
+  signature = (dedup.minhash(text, _WORKER["ngram"], _WORKER["perms"])
+               if _WORKER["near"] else None)
+  return where, None, text, dedup.content_hash(text), signature, counts, repaired
+
+
+def _process_chunk(items):
+  return [_process(item) for item in items]
+
+
+def _chunks(records, src, filter_names, size=64):
+  chunk = []
+  for where, kind, payload in records:
+    chunk.append((where, kind, payload, src.text_field, filter_names, src.pii))
+    if len(chunk) == size:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
+
+
+def _tokenize_shard(job):
+  """Worker: a text shard -> a token shard; returns (documents, tokens)."""
+  from array_record.python import array_record_module as ar  # pylint: disable=import-outside-toplevel
+  text_path, token_path, tokenizer_path, dtype = job
+  tok = tokenizer_lib.Tokenizer(tokenizer_path)
+  reader = ar.ArrayRecordReader(text_path)
+  writer = ar.ArrayRecordWriter(token_path, "group_size:1")
+  docs = tokens = 0
+  for start in range(0, reader.num_records(), 256):
+    batch = reader.read(list(range(start, min(start + 256, reader.num_records()))))
+    for ids in tok.sp.encode([b.decode("utf-8") for b in batch]):
+      writer.write(np.asarray(ids, dtype).tobytes())
+      docs, tokens = docs + 1, tokens + len(ids)
+  writer.close()
+  reader.close()
+  return docs, tokens
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline.
+
+
+class _Stats:
+  def __init__(self):
+    self.read = self.kept = self.chars = self.tokens = self.repaired = 0
+    self.removed = collections.Counter()
+    self.first = {}
+    self.pii = collections.Counter()
+
+  def remove(self, reason, where):
+    self.removed[reason] += 1
+    self.first.setdefault(reason, where)
+
+  def as_dict(self):
+    return {"read": self.read, "kept": self.kept, "removed": dict(sorted(self.removed.items())),
+            "chars": self.chars, "tokens": self.tokens, "pii": dict(sorted(self.pii.items())),
+            "repaired": self.repaired, "first_at": dict(sorted(self.first.items()))}
+
+
+def check_config(c) -> None:
+  """One-line ConfigErrors naming the key, before anything is read."""
+  if not c.sources:
+    raise ConfigError("sources: empty; add one (--input GLOB, or sources.NAME.path in a config)")
+  choices = {"on_error": ("skip", "fail"), "on_decode_error": ("skip", "repair"),
+             "tokenizer.model_type": ("bpe", "unigram")}
+  for key, allowed in choices.items():
+    node = c
+    for part in key.split("."):
+      node = node[part]
+    if node not in allowed:
+      raise ConfigError(f"{key}={node!r}: must be one of {', '.join(allowed)}")
+  for name, s in c.sources.items():
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+      raise ConfigError(f"sources.{name}: a source name may hold letters, digits, _ . - only")
+    if not s.path.strip():
+      raise ConfigError(f"sources.{name}.path: empty")
+    if s.format not in ("auto", "text", "jsonl", "parquet"):
+      raise ConfigError(f"sources.{name}.format={s.format!r}: must be one of auto, text, "
+                        f"jsonl, parquet")
+    if s.text_split not in ("file", "paragraph"):
+      raise ConfigError(f"sources.{name}.text_split={s.text_split!r}: must be file or paragraph")
+    if not s.weight >= 0:
+      raise ConfigError(f"sources.{name}.weight={s.weight}: must be >= 0")
+    try:
+      clean.parse_filter_names(s.filters, f"sources.{name}.filters")
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  if not 0.0 <= c.eval_fraction < 1.0:
+    raise ConfigError(f"eval_fraction={c.eval_fraction}: must be in [0, 1)")
+  if c.shards < 1 or c.workers < 0:
+    raise ConfigError("shards must be >= 1 and workers >= 0")
+  if not 0.0 < c.dedup.threshold <= 1.0:
+    raise ConfigError(f"dedup.threshold={c.dedup.threshold}: must be in (0, 1]")
+  if c.tokenizer.path and not os.path.isfile(c.tokenizer.path):
+    raise ConfigError(f"tokenizer.path: no such file {c.tokenizer.path!r}")
+
+
+def _is_heldout(digest: bytes, fraction: float, seed: int) -> bool:
+  """A fixed share of documents, chosen by content hash: the same text is always on
+  the same side, whatever the order or number of workers."""
+  if fraction <= 0:
+    return False
+  value = int.from_bytes(hashlib.blake2b(digest, digest_size=8, key=str(seed).encode()).digest(),
+                         "big")
+  return value / 2**64 < fraction
+
+
+def _token_shard(text_shard: str) -> str:
+  """<source>/text-train-00000-of-00004.array_record -> <source>/train-00000-of-00004..."""
+  folder, base = os.path.split(text_shard)
+  return os.path.join(folder, base[len("text-"):])
+
+
+def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = None) -> dict:
+  """Run the whole preparation; returns the stats that also go to `output/stats.json`."""
+  from array_record.python import array_record_module as ar  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  check_config(c)
+  if os.path.exists(os.path.join(output, MANIFEST)):
+    if not overwrite:
+      raise ConfigError(f"--output {output}: already holds a prepared corpus; pass --overwrite "
+                        f"or choose another directory")
+    for name in os.listdir(output):
+      path = os.path.join(output, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  os.makedirs(output, exist_ok=True)
+  workers = c.workers or os.cpu_count() or 1
+  settings = {"normalize": c.normalize.to_dict(), "filters": c.filters.to_dict(),
+              "pii": c.pii.to_dict(), "ngram": c.dedup.ngram, "num_perm": c.dedup.num_perm,
+              "seed": c.seed, "near": c.dedup.near, "on_decode_error": c.on_decode_error}
+  exact_seen: set[bytes] = set()
+  near_index = dedup.NearDuplicateIndex(c.dedup.num_perm, c.dedup.threshold)
+  total_weight = sum(s.weight for s in c.sources.values()) or 1.0
+  splits = ("train", "eval") if c.eval_fraction > 0 else ("train",)
+  stats: dict[str, _Stats] = {}
+  sample: list[str] = []
+  text_shards: dict[str, dict[str, list[str]]] = {}
+
+  ctx = multiprocessing.get_context("spawn")
+  with ctx.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
+    for name, src in c.sources.items():
+      st = stats[name] = _Stats()
+      filter_names = clean.parse_filter_names(src.filters, f"sources.{name}.filters")
+      os.makedirs(os.path.join(output, name), exist_ok=True)
+      paths = {sp: [os.path.join(output, name, f"text-{sp}-{i:05d}-of-{c.shards:05d}.array_record")
+                    for i in range(c.shards)] for sp in splits}
+      text_shards[name] = paths
+      writers = {sp: [ar.ArrayRecordWriter(p, "group_size:1") for p in paths[sp]] for sp in splits}
+      written = dict.fromkeys(splits, 0)
+      sample_budget = c.tokenizer.sample_chars * src.weight / total_weight
+      sampled = 0
+      bar = tqdm(desc=f"{name}", unit=" docs", disable=not progress if progress is not None
+                 else None, dynamic_ncols=True)
+      chunks = _chunks(read_source(src, f"sources.{name}"), src, filter_names)
+      for results in pool.imap(_process_chunk, chunks):
+        for where, reason, text, digest, signature, pii_counts, repaired in results:
+          st.read += 1
+          st.repaired += repaired
+          if reason is None and c.dedup.exact and digest in exact_seen:
+            reason = "exact_duplicate"
+          if reason is None and c.dedup.near and not near_index.add_if_new(signature):
+            reason = "near_duplicate"
+          if reason is not None:
+            if c.on_error == "fail" and reason in RECORD_ERRORS:
+              raise ValueError(f"{where}: {reason} (sources.{name}; on_error=fail)")
+            st.remove(reason, where)
+            continue
+          if c.dedup.exact:
+            exact_seen.add(digest)
+          st.kept += 1
+          st.chars += len(text)
+          st.pii.update(pii_counts)
+          split = "eval" if _is_heldout(digest, c.eval_fraction, c.seed) else "train"
+          writers[split][written[split] % c.shards].write(text.encode("utf-8"))
+          written[split] += 1
+          if split == "train" and sampled < sample_budget and not c.tokenizer.path:
+            sample.append(text)
+            sampled += len(text)
+        bar.update(len(results))
+        bar.set_postfix(kept=st.kept, refresh=False)
+      bar.close()
+      for sp in splits:
+        for w in writers[sp]:
+          w.close()
+
+    tok_path = os.path.join(output, "tokenizer.model")
+    if c.tokenizer.path:
+      shutil.copyfile(c.tokenizer.path, tok_path)
+      tok = tokenizer_lib.Tokenizer(tok_path)
+    else:
+      if not sample:
+        _write_stats(output, stats)
+        raise ValueError(f"no document was kept from any source, so there is no text to train "
+                         f"a tokenizer on; see {os.path.join(output, STATS)}")
+      specials = [t for t in c.tokenizer.special_tokens.split(",") if t]
+      specials += [p for p in c.pii.to_dict().values() if p and p not in specials]
+      print(f"training a {c.tokenizer.vocab_size}-piece SentencePiece {c.tokenizer.model_type} "
+            f"tokenizer on {sum(map(len, sample)):,} characters", flush=True)
+      tok = tokenizer_lib.train(sample, tok_path, c.tokenizer.vocab_size,
+                                model_type=c.tokenizer.model_type, special_tokens=tuple(specials))
+    del sample
+    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    jobs, owners = [], []
+    for name, paths in text_shards.items():
+      for sp, shard_paths in paths.items():
+        for p in shard_paths:
+          jobs.append((p, _token_shard(p), tok_path, dtype))
+          owners.append((name, sp))
+    token_docs = collections.defaultdict(int)
+    token_counts = collections.defaultdict(int)
+    for (name, sp), (docs, tokens) in zip(owners, pool.imap(_tokenize_shard, jobs)):
+      token_docs[name, sp] += docs
+      token_counts[name, sp] += tokens
+      stats[name].tokens += tokens
+
+  if not c.keep_text:
+    for job in jobs:
+      os.remove(job[0])
+  manifest = {"version": 1, "tokenizer": "tokenizer.model", "vocab_size": tok.vocab_size,
+              "dtype": dtype, "sources": {}}
+  for name, paths in text_shards.items():
+    manifest["sources"][name] = {
+        "weight": c.sources[name].weight,
+        "splits": {sp: {"shards": [os.path.basename(_token_shard(p)) for p in ps],
+                        "documents": token_docs[name, sp], "tokens": token_counts[name, sp]}
+                   for sp, ps in paths.items()}}
+  with open(os.path.join(output, MANIFEST), "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=2)
+  return _write_stats(output, stats)
+
+
+def _write_stats(output: str, stats: dict) -> dict:
+  out = {name: st.as_dict() for name, st in stats.items()}
+  total = _Stats()
+  for st in stats.values():
+    for k in ("read", "kept", "chars", "tokens", "repaired"):
+      setattr(total, k, getattr(total, k) + getattr(st, k))
+    total.removed.update(st.removed)
+    total.pii.update(st.pii)
+    for reason, where in st.first.items():
+      total.first.setdefault(reason, where)
+  out["total"] = total.as_dict()
+  with open(os.path.join(output, STATS), "w", encoding="utf-8") as f:
+    json.dump(out, f, indent=2)
+  return out
+
+
+def summary(stats: dict) -> str:
+  """A short table of what was read, kept and removed, per source."""
+  lines = [f"{'source':<16}{'read':>10}{'kept':>10}{'chars':>14}{'tokens':>14}  removed"]
+  for name, s in stats.items():
+    removed = ", ".join(f"{r} {n}" for r, n in sorted(s["removed"].items(), key=lambda x: -x[1]))
+    lines.append(f"{name:<16}{s['read']:>10,}{s['kept']:>10,}{s['chars']:>14,}{s['tokens']:>14,}"
+                 f"  {removed or '-'}")
+  total = stats["total"]
+  if total["pii"]:
+    lines.append("PII replaced: " + ", ".join(f"{k} {n}" for k, n in total["pii"].items()))
+  if total["repaired"]:
+    lines.append(f"documents with invalid UTF-8 repaired: {total['repaired']}")
+  for reason in RECORD_ERRORS + ("empty",):
+    if reason in total["first_at"]:
+      lines.append(f"first {reason}: {total['first_at'][reason]}")
+  return "\n".join(lines)
+
+
+def show(directory: str, n: int | None = None, out=sys.stdout):
+  """Print the first `n` kept training documents (all when None), decoded."""
+  corpus = read_manifest(directory)
+  tok = tokenizer_lib.Tokenizer(os.path.join(directory, corpus["tokenizer"]))
+  from array_record.python import array_record_module as ar  # pylint: disable=import-outside-toplevel
+  shown = 0
+  for name, source in corpus["sources"].items():
+    for sp, split in source["splits"].items():
+      for shard in split["shards"]:
+        reader = ar.ArrayRecordReader(os.path.join(directory, name, shard))
+        for i in range(reader.num_records()):
+          if n is not None and shown >= n:
+            reader.close()
+            return shown
+          ids = np.frombuffer(reader.read([i])[0], corpus["dtype"])
+          print(f"=== {name} {sp} {shard} #{i} ({ids.size} tokens)", file=out)
+          print(tok.decode(ids), file=out)
+          shown += 1
+        reader.close()
+  return shown
+
+
+def read_manifest(directory: str) -> dict:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isfile(path):
+    raise ConfigError(f"{directory}: not a prepared corpus (no {MANIFEST}); make one with "
+                      f"tools/prepare_data.py")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def is_prepared(spec: str) -> bool:
+  return os.path.isfile(os.path.join(spec.strip(), MANIFEST))
