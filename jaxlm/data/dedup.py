@@ -13,7 +13,6 @@ import zlib
 
 import numpy as np
 
-_MERSENNE = np.uint64((1 << 61) - 1)
 _WORDS = re.compile(r"\w+")
 
 
@@ -23,10 +22,11 @@ def content_hash(text: str) -> bytes:
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """The (a, b) of the universal hashes h(x) = (a*x + b) mod (2^61 - 1), from `seed`."""
+  """The (a, b) of `num_perm` multiply-add-shift hashes of 32-bit keys, from `seed`:
+  h(x) = ((a*x + b) mod 2^64) >> 32 with a odd (Dietzfelbinger's universal family)."""
   rng = np.random.default_rng(seed)
-  a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)
-  b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)
+  a = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+  b = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64) * np.uint64(2)
   return a, b
 
 
@@ -42,15 +42,15 @@ def shingles(text: str, n: int) -> np.ndarray:
 
 def minhash(text: str, n: int, perms: tuple[np.ndarray, np.ndarray],
             chunk: int = 4096) -> np.ndarray:
-  """MinHash signature [num_perm] of the word n-gram shingle set, kept to its low 32
-  bits (uint32: half the memory in the index, equal minima stay equal)."""
+  """MinHash signature [num_perm] (uint32) of the word n-gram shingle set."""
   a, b = perms
   x = shingles(text, n)
-  signature = np.full(a.shape, _MERSENNE, np.uint64)
-  for start in range(0, x.size, chunk):  # a*x + b < 2^64: a, b, x are below 2^32
-    h = (a[:, None] * x[None, start:start + chunk] + b[:, None]) % _MERSENNE
-    signature = np.minimum(signature, h.min(axis=1))
-  return (signature & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+  signature = np.full(a.shape, np.uint32(0xFFFFFFFF), np.uint32)
+  with np.errstate(over="ignore"):  # the products wrap modulo 2^64 by design
+    for start in range(0, x.size, chunk):
+      h = ((a[:, None] * x[None, start:start + chunk] + b[:, None]) >> np.uint64(32))
+      signature = np.minimum(signature, h.min(axis=1).astype(np.uint32))
+  return signature
 
 
 def lsh_shape(num_perm: int, threshold: float) -> tuple[int, int]:
