@@ -29,7 +29,9 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Iterator
+from concurrent import futures
 
 import ml_collections
 import numpy as np
@@ -290,6 +292,18 @@ def _tokenize_shard(job):
 # The pipeline.
 
 
+def _ordered_map(pool, fn, items, window: int):
+  """`pool.map` in input order with at most `window` items in flight, so a stream is
+  never read far ahead of the workers (memory stays bounded)."""
+  pending = collections.deque()
+  for item in items:
+    pending.append(pool.submit(fn, item))
+    if len(pending) >= window:
+      yield pending.popleft().result()
+  while pending:
+    yield pending.popleft().result()
+
+
 class _Stats:
   def __init__(self):
     self.read = self.kept = self.chars = self.tokens = self.repaired = 0
@@ -386,8 +400,12 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
   sample: list[str] = []
   text_shards: dict[str, dict[str, list[str]]] = {}
 
-  ctx = multiprocessing.get_context("spawn")
-  with ctx.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
+  seconds = {}
+  t0 = time.perf_counter()
+  # spawn, not fork: the caller may hold JAX's threads. A worker that dies breaks the pool
+  # with an error instead of a hang.
+  with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(settings,)) as pool:
     for name, src in c.sources.items():
       st = stats[name] = _Stats()
       filter_names = clean.parse_filter_names(src.filters, f"sources.{name}.filters")
@@ -402,7 +420,7 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
       bar = tqdm(desc=f"{name}", unit=" docs", disable=not progress if progress is not None
                  else None, dynamic_ncols=True)
       chunks = _chunks(read_source(src, f"sources.{name}"), src, filter_names)
-      for results in pool.imap(_process_chunk, chunks):
+      for results in _ordered_map(pool, _process_chunk, chunks, 4 * workers):
         for where, reason, text, digest, signature, pii_counts, repaired in results:
           st.read += 1
           st.repaired += repaired
@@ -433,6 +451,8 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
         for w in writers[sp]:
           w.close()
 
+    seconds["clean_filter_dedup"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     tok_path = os.path.join(output, "tokenizer.model")
     if c.tokenizer.path:
       shutil.copyfile(c.tokenizer.path, tok_path)
@@ -449,6 +469,8 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
       tok = tokenizer_lib.train(sample, tok_path, c.tokenizer.vocab_size,
                                 model_type=c.tokenizer.model_type, special_tokens=tuple(specials))
     del sample
+    seconds["tokenizer"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     jobs, owners = [], []
     for name, paths in text_shards.items():
@@ -458,10 +480,11 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
           owners.append((name, sp))
     token_docs = collections.defaultdict(int)
     token_counts = collections.defaultdict(int)
-    for (name, sp), (docs, tokens) in zip(owners, pool.imap(_tokenize_shard, jobs)):
+    for (name, sp), (docs, tokens) in zip(owners, _ordered_map(pool, _tokenize_shard, jobs, 4 * workers)):
       token_docs[name, sp] += docs
       token_counts[name, sp] += tokens
       stats[name].tokens += tokens
+    seconds["tokenize"] = time.perf_counter() - t0
 
   if not c.keep_text:
     for job in jobs:
@@ -476,10 +499,10 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
                    for sp, ps in paths.items()}}
   with open(os.path.join(output, MANIFEST), "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=2)
-  return _write_stats(output, stats)
+  return _write_stats(output, stats, seconds)
 
 
-def _write_stats(output: str, stats: dict) -> dict:
+def _write_stats(output: str, stats: dict, seconds: dict | None = None) -> dict:
   out = {name: st.as_dict() for name, st in stats.items()}
   total = _Stats()
   for st in stats.values():
@@ -490,6 +513,8 @@ def _write_stats(output: str, stats: dict) -> dict:
     for reason, where in st.first.items():
       total.first.setdefault(reason, where)
   out["total"] = total.as_dict()
+  if seconds:
+    out["total"]["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
   with open(os.path.join(output, STATS), "w", encoding="utf-8") as f:
     json.dump(out, f, indent=2)
   return out
