@@ -11,6 +11,8 @@ import collections
 import re
 import unicodedata
 
+import numpy as np
+
 # Control characters other than tab and newline (C0, DEL, C1).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
@@ -43,23 +45,19 @@ _WORD = re.compile(r"\S+")
 _TERMINAL = ('.', '!', '?', '"', "'", '\u201d', '\u2019', ':', ';', ')')
 
 
-def _ngram_repetition(words: list[str], n: int) -> tuple[float, float]:
+def _ngram_repetition(words: list[str], lengths: np.ndarray, n: int) -> tuple[float, float]:
   """(fraction of characters in the most common n-gram, fraction of characters in
   n-grams that occur more than once), over word n-grams as in Gopher."""
   if len(words) < n:
     return 0.0, 0.0
-  grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+  grams = list(zip(*(words[i:] for i in range(n))))
   counts = collections.Counter(grams)
-  total_chars = sum(len(w) for w in words)
+  total_chars = lengths.sum()
   top_gram, top_count = counts.most_common(1)[0]
   top = sum(len(w) for w in top_gram) * top_count / total_chars if top_count > 1 else 0.0
-  covered = [False] * len(words)
-  for i, g in enumerate(grams):
-    if counts[g] > 1:
-      for j in range(i, i + n):
-        covered[j] = True
-  dup = sum(len(w) for w, c in zip(words, covered) if c) / total_chars
-  return top, dup
+  repeated_start = np.fromiter((counts[g] > 1 for g in grams), bool, len(grams))
+  covered = np.convolve(repeated_start, np.ones(n, bool))[:len(words)] > 0  # word in any repeat
+  return top, lengths[covered].sum() / total_chars
 
 
 def _word_count(words, lines, s):
@@ -72,8 +70,9 @@ def _mean_word_length(words, lines, s):
 
 
 def _symbol_ratio(words, lines, s):
-  text_symbols = sum(w.count("#") + w.count("...") + w.count("\u2026") for w in words)
-  return text_symbols / max(len(words), 1) <= s["max_symbol_ratio"]
+  text = "\n".join(lines)  # no symbol spans whitespace: counting the text counts the words
+  symbols = text.count("#") + text.count("...") + text.count("\u2026")
+  return symbols / max(len(words), 1) <= s["max_symbol_ratio"]
 
 
 def _punctuation_lines(words, lines, s):
@@ -92,13 +91,17 @@ def _repeated_lines(words, lines, s):
 
 
 def _repeated_ngrams(words, lines, s):
-  top, _ = _ngram_repetition(words, 2)
-  _, dup = _ngram_repetition(words, 5)
+  lengths = np.fromiter(map(len, words), np.int64, len(words))
+  top, _ = _ngram_repetition(words, lengths, 2)
+  _, dup = _ngram_repetition(words, lengths, 5)
   return top <= s["max_top_2gram"] and dup <= s["max_duplicate_5grams"]
 
 
+_ALPHA = re.compile(r"[^\W\d_]")
+
+
 def _alpha_words(words, lines, s):
-  alpha = sum(any(ch.isalpha() for ch in w) for w in words)
+  alpha = sum(1 for w in words if _ALPHA.search(w))
   return alpha / max(len(words), 1) >= s["min_alpha_words"]
 
 
