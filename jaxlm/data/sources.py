@@ -32,11 +32,13 @@ def text_spans(raw: bytes, text_split: str) -> list[tuple[int, int, int]]:
   whole file, or with "paragraph" each run of text between blank lines."""
   if text_split == "file":
     return [(0, len(raw), 1)]
-  spans, start = [], 0
+  spans, start, line, counted = [], 0, 1, 0
   for sep in [*re.finditer(rb"\n[ \t\r]*\n(?:[ \t\r]*\n)*", raw), None]:
     end = sep.start() if sep else len(raw)
     if end > start:
-      spans.append((start, end, raw.count(b"\n", 0, start) + 1))
+      line += raw.count(b"\n", counted, start)  # newlines since the last span: linear time
+      counted = start
+      spans.append((start, end, line))
     start = sep.end() if sep else start
   return spans
 
