@@ -200,6 +200,23 @@ def test_exact_and_near_dedup_are_deterministic_across_workers(planted, tmp_path
   assert results[0] == results[1]
 
 
+def test_parquet_source_counts_bad_rows(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  rng = np.random.default_rng(5)
+  texts = [prose(rng) for _ in range(6)] + [None]
+  pq.write_table(pa.table({"content": texts}), tmp_path / "part.parquet")
+  c = small_prepare_config(p=prepare.source_config(str(tmp_path / "part.parquet"),
+                                                   text_field="content"))
+  stats = prepare.prepare(c, str(tmp_path / "out"), progress=False)["p"]
+  assert stats["read"] == 7 and stats["kept"] == 6
+  assert stats["first_at"]["missing_field"] == f"{tmp_path / 'part.parquet'}:row 7"
+  c.sources.p.text_field = "text"
+  with pytest.raises(ConfigError, match="text_field='text': no such column in .*columns: "
+                                        "content"):
+    prepare.prepare(c, str(tmp_path / "out2"), progress=False)
+
+
 def test_config_problems_name_the_key(tmp_path):
   c = small_prepare_config(web=prepare.source_config(str(tmp_path / "none*.jsonl")))
   with pytest.raises(ConfigError, match=r"sources.web.path: no file matches"):

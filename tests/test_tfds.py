@@ -82,3 +82,13 @@ def test_pretraining_reads_a_tfds_dataset(tfds_dir, tmp_path):
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
   assert np.isfinite([r["eval_loss"] for r in records if "eval_loss" in r]).all()
   assert os.path.exists(tmp_path / "tokenizer.model")  # trained on the TFDS text
+
+
+def test_prepare_reads_a_tfds_source(tfds_dir, tmp_path):
+  from jaxlm.data import prepare
+  c = prepare.default_config()
+  c.tfds_data_dir = tfds_dir
+  c.sources.stdlib = prepare.source_config("tfds:stdlib_modules:test", filters="none")
+  c.workers, c.tokenizer.vocab_size = 1, 400
+  stats = prepare.prepare(c, str(tmp_path), progress=False)
+  assert stats["stdlib"]["read"] == 4 and stats["stdlib"]["kept"] == 4

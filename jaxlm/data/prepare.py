@@ -76,6 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_fraction = 0.0         # share of kept documents held out as the eval split (by hash)
   c.seed = 0                    # MinHash permutations and the held-out split
   c.keep_text = False           # also keep the cleaned text shards (<source>/text-*)
+  c.tfds_data_dir = ""          # where tfds: sources are prepared; empty: TFDS's default
 
   c.normalize = ml_collections.ConfigDict()
   c.normalize.nfc = True        # Unicode NFC
@@ -170,10 +171,10 @@ def _parquet_records(path: str, field: str):
       yield f"{path}:row {row}", "value", value
 
 
-def read_source(src, key: str) -> Iterator[tuple[str, str, object]]:
+def read_source(src, key: str, tfds_data_dir: str = "") -> Iterator[tuple[str, str, object]]:
   """(where, kind, payload) for every record of a source, streamed in a fixed order."""
   if src.path.strip().startswith(TFDS_PREFIX):
-    docs = TfdsDocuments(src.path.strip(), src.text_field, name=f"{key}.path")
+    docs = TfdsDocuments(src.path.strip(), src.text_field, tfds_data_dir, name=f"{key}.path")
     for i in range(len(docs)):
       yield f"{src.path.strip()}[{i}]", "value", docs[i]
     return
@@ -419,7 +420,7 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
       sampled = 0
       bar = tqdm(desc=f"{name}", unit=" docs", disable=not progress if progress is not None
                  else None, dynamic_ncols=True)
-      chunks = _chunks(read_source(src, f"sources.{name}"), src, filter_names)
+      chunks = _chunks(read_source(src, f"sources.{name}", c.tfds_data_dir), src, filter_names)
       for results in _ordered_map(pool, _process_chunk, chunks, 4 * workers):
         for where, reason, text, digest, signature, pii_counts, repaired in results:
           st.read += 1
