@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import ml_collections
 
@@ -296,3 +297,28 @@ def parse_arg(arg: str | None, choices: dict | None = None, **defaults):
     if out[key] not in allowed:
       raise ConfigError(f"config arg {key}={out[key]!r}: must be one of {', '.join(allowed)}")
   return out
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, where every problem is one line and exit status 2: a bad value,
+  an unknown flag, or an override naming a key the locked config lacks (which
+  ml_collections raises as KeyError/AttributeError, with a traceback).
+  Pass as `app.run(main, flags_parser=parse_flags)`."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a bad value or an unknown flag: absl's message is one line
+    print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (KeyError, AttributeError) as e:
+    # ml_collections nests the key in quotes, sometimes with a "Did you mean" line.
+    text = str(e).encode().decode("unicode_escape")
+    words = re.findall(r"[A-Za-z0-9_]+", text)
+    key = words[0] if words else "?"
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    culprits = [a.split("=")[0] for a in argv[1:]
+                if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+    print(f"config error: {', '.join(culprits) or 'an override'}: the config has no key "
+          f"{key!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else ""), file=sys.stderr)
+    sys.exit(2)

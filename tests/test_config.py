@@ -59,9 +59,16 @@ def _launch(*args):
 
 def test_launcher_rejects_bad_overrides_before_compiling():
   unknown = _launch("--config.optimizer.learning_rate=1e-3")
-  assert unknown.returncode != 0 and "learning_rate" in unknown.stderr
+  assert unknown.returncode == 2
+  assert unknown.stderr.strip() == ("config error: --config.optimizer.learning_rate: the config "
+                                    "has no key 'learning_rate'")
+  typo = _launch("--config.optimizer.wieght_decay=0.1")
+  assert typo.stderr.strip().endswith("has no key 'wieght_decay' (did you mean "
+                                      "'weight_decay'?)"), typo.stderr
   wrong_type = _launch("--config.steps=many")
-  assert wrong_type.returncode != 0 and "steps" in wrong_type.stderr
+  assert wrong_type.returncode == 2
+  assert wrong_type.stderr.strip() == ("config error: flag --config.steps=many: invalid literal "
+                                       "for int() with base 10: 'many'")
   invalid = _launch("--config.mesh.tensor=3", "--config.task=nope")
   assert invalid.returncode == 2
   lines = [l for l in invalid.stderr.splitlines() if l.startswith("config error:")]

@@ -353,3 +353,13 @@ def test_prepare_tool_quick_mode_and_show(planted, tmp_path):
   assert shown.returncode == 0 and shown.stdout.count("=== ") == 2
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert again.returncode == 2 and "already holds a prepared corpus" in again.stderr
+
+
+def test_prepare_tool_bad_override_is_one_line():
+  result = subprocess.run([sys.executable, "tools/prepare_data.py", "--config",
+                           "configs/data/stdlib.py", "--output", "/tmp/jaxlm-never-written",
+                           "--config.sources.modules.wieght=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("config error: --config.sources.modules.wieght: the config "
+                                   "has no key 'wieght' (did you mean 'weight'?)")

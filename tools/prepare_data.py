@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, parse_flags
 from jaxlm.data import prepare
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/data/*.py[:arg]",
@@ -78,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

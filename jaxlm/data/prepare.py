@@ -125,13 +125,20 @@ def _files(spec: str, key: str) -> list[str]:
   for pattern in [p.strip() for p in spec.split(",") if p.strip()]:
     pattern = os.path.expanduser(pattern)
     if os.path.isdir(pattern):
-      matched = sorted(os.path.join(root, f) for root, _, names in os.walk(pattern) for f in names)
+      matched = sorted(_walk(pattern))
     else:
       matched = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
     if not matched:
       raise ConfigError(f"{key}: no file matches {pattern!r}")
     files.extend(matched)
   return files
+
+
+def _walk(directory: str):
+  """Every file under `directory`, leaving out hidden files and folders and __pycache__."""
+  for root, dirs, names in os.walk(directory):
+    dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+    yield from (os.path.join(root, f) for f in names if not f.startswith("."))
 
 
 def _format(path: str, fmt: str) -> str:
