@@ -102,7 +102,18 @@ def find_params_dir(path: str) -> str:
 
 
 def load_params(path: str, like_params) -> dict:
-  """Parameters from a jaxlm checkpoint, placed like `like_params` (shape and sharding)."""
+  """Parameters from a jaxlm checkpoint or a Hugging Face model directory, placed like
+  `like_params` (shape, dtype and sharding)."""
+  from jaxlm import hf  # pylint: disable=import-outside-toplevel
+  if hf.is_hf_dir(path):
+    _, params = hf.load_hf(path)
+    abstract = _abstract(like_params)
+    def put(x, like):
+      if x.shape != like.shape:
+        raise ConfigError(f"init_from: {path} has a parameter of shape {x.shape} where the "
+                          f"model config wants {like.shape}")
+      return jax.device_put(np.asarray(x).astype(like.dtype), like.sharding)
+    return jax.tree.map(put, params, abstract)
   params_dir = find_params_dir(path)
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(params_dir, _abstract(like_params))

@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200      # a checkpoint is also written at the end
   c.keep_checkpoints = 3
   c.async_checkpointing = True
-  c.init_from = ""              # a jaxlm workdir or checkpoint directory to take params from
+  c.init_from = ""              # a jaxlm workdir / checkpoint, or a Hugging Face model directory
   c.peak_tflops = 0.0           # per-device peak for MFU; 0: look up the device kind
   c.progress = "auto"           # "auto" (bar on a terminal) | "bar" | "log"
 

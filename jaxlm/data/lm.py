@@ -17,7 +17,7 @@ import grain
 import numpy as np
 
 from jaxlm.data.sources import DocumentSource
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data.tokenizer import Tokenizer, load as load_tokenizer
 
 
 class _Tokenize(grain.transforms.Map):
@@ -28,7 +28,7 @@ class _Tokenize(grain.transforms.Map):
 
   def map(self, text: str):
     if self._tok is None:  # built lazily so the transform pickles into grain workers
-      self._tok = Tokenizer(self.tokenizer_path)
+      self._tok = load_tokenizer(self.tokenizer_path)
     tok = self._tok
     ids = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
     return {"tokens": np.asarray(ids, np.int32)}

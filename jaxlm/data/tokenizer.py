@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Iterable
 
@@ -36,6 +37,54 @@ class Tokenizer:
 
   def decode(self, ids) -> str:
     return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (through the `tokenizers` package) with the same face
+  as `Tokenizer`. BOS/EOS come from `tokenizer_config.json` beside it; a tokenizer with
+  no BOS (Qwen2, for one) starts documents with its EOS, as GPT-2 does."""
+
+  def __init__(self, path: str):
+    try:
+      import tokenizers  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ValueError(f"tokenizer {path}: reading tokenizer.json needs the `tokenizers` "
+                       f"package (pip install tokenizers)") from None
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"tokenizer: no such file {path}")
+    self.path = path
+    self.tok = tokenizers.Tokenizer.from_file(path)
+    self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+    special = {}
+    config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    if os.path.isfile(config_path):
+      with open(config_path, encoding="utf-8") as f:
+        special = json.load(f)
+
+    def token_id(key):
+      value = special.get(key)
+      if isinstance(value, dict):  # {"content": "<s>", ...}
+        value = value.get("content")
+      return self.tok.token_to_id(value) if value else None
+
+    self.eos_id = token_id("eos_token")
+    if self.eos_id is None:
+      raise ValueError(f"tokenizer {path}: no eos_token in {config_path}; documents need one")
+    bos = token_id("bos_token")
+    self.bos_id = self.eos_id if bos is None else bos
+    pad = token_id("pad_token")
+    self.pad_id = self.eos_id if pad is None else pad
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load(path: str):
+  """A SentencePiece `.model` or a Hugging Face `tokenizer.json`, by its name."""
+  return HFTokenizer(path) if path.endswith(".json") else Tokenizer(path)
 
 
 def train(texts: Iterable[str], path: str, vocab_size: int, model_type: str = "bpe",

@@ -7,13 +7,14 @@ fresh warmup.
 from __future__ import annotations
 
 import filecmp
+import json
 import logging
 import math
 import os
 
 import jax
 
-from jaxlm import loop, losses, model
+from jaxlm import checkpoint, hf, loop, losses, model
 from jaxlm.config import ConfigError
 from jaxlm.data import lm, prepare, tokenizer as tokenizer_lib
 from jaxlm.data.sources import DocumentSource, open_documents
@@ -21,15 +22,44 @@ from jaxlm.data.sources import DocumentSource, open_documents
 log = logging.getLogger(__name__)
 
 
-def prepare_tokenizer(config, workdir: str, docs: DocumentSource) -> tokenizer_lib.Tokenizer:
-  """`data.tokenizer`, else the `init_from` run's, else one trained into the workdir
-  (and reused on resume)."""
+# Model fields a run keeps from its own config when its architecture comes from init_from.
+_TRAINING_FIELDS = ("dtype", "param_dtype", "remat", "attention", "vocab_multiple", "init_std")
+
+
+def adopt_init_from_architecture(config) -> None:
+  """With `init_from`, the model's shape comes from the source (a Hugging Face
+  config.json, or the jaxlm run's config.json); how it trains (dtype, remat, attention)
+  stays this config's."""
+  if not config.init_from:
+    return
+  if hf.is_hf_dir(config.init_from):
+    path = os.path.join(config.init_from, "config.json")
+    with open(path, encoding="utf-8") as f:
+      theirs = hf.model_config_from_hf(json.load(f), path).to_dict()
+  else:
+    try:
+      workdir = hf.find_workdir(checkpoint.find_params_dir(config.init_from))
+    except FileNotFoundError:
+      return  # the loop reports it
+    if workdir is None:
+      return
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      theirs = json.load(f).get("model", {})
+  for key, value in theirs.items():
+    if key not in _TRAINING_FIELDS and key in config.model:
+      setattr(config.model, key, value)
+
+
+def prepare_tokenizer(config, workdir: str, docs: DocumentSource):
+  """`data.tokenizer`, else the `init_from` run's or model's (`tokenizer.model` or
+  `tokenizer.json`), else one trained into the workdir (and reused on resume)."""
   if config.data.tokenizer:
-    return tokenizer_lib.Tokenizer(config.data.tokenizer)
-  inherited = os.path.join(config.init_from, "tokenizer.model") if config.init_from else ""
-  if inherited and os.path.isfile(inherited):
-    print(f"using the tokenizer of init_from: {inherited}", flush=True)
-    return tokenizer_lib.Tokenizer(inherited)
+    return tokenizer_lib.load(config.data.tokenizer)
+  for name in ("tokenizer.model", "tokenizer.json") if config.init_from else ():
+    inherited = os.path.join(config.init_from, name)
+    if os.path.isfile(inherited):
+      print(f"using the tokenizer of init_from: {inherited}", flush=True)
+      return tokenizer_lib.load(inherited)
   path = os.path.join(workdir, "tokenizer.model")
   if jax.process_index() == 0 and not os.path.exists(path):
     print(f"training a {config.data.tokenizer_vocab_size}-piece SentencePiece tokenizer on "
@@ -104,6 +134,7 @@ def _prepared_data(config, directory: str, key: str, *, train: bool):
 
 
 def build(config, workdir: str, sharder) -> loop.Task:
+  adopt_init_from_architecture(config)
   d = config.data
   pid, nproc = jax.process_index(), jax.process_count()
   local_batch = d.batch_size // nproc

@@ -1,0 +1,380 @@
+"""Hugging Face model directories in and out: config.json + safetensors, never pickles.
+
+    model_config, params = load_hf("path/to/hf_model")
+    save_hf(model_config, params, "path/to/out")   # transformers' from_pretrained reads it
+
+Families: the Llama family (model_type llama, mistral, qwen2; tied or untied embeddings;
+Llama-3 RoPE scaling) and gpt2. Weights are read tensor by tensor from single or sharded
+safetensors files and transposed into jaxlm's layout (see jaxlm.model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from jaxlm.config import model_config
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth",
+            "tf_model.h5", "flax_model.msgpack")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class HFError(ValueError):
+  """A Hugging Face directory jaxlm can't read, phrased as one line naming the file."""
+
+
+def is_hf_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and (
+      os.path.isfile(os.path.join(path, "model.safetensors"))
+      or os.path.isfile(os.path.join(path, SAFETENSORS_INDEX))
+      or any(os.path.isfile(os.path.join(path, p)) for p in _PICKLES))
+
+
+# ---------------------------------------------------------------------------------------
+# config.json <-> model config
+
+
+def _rope(hf: dict) -> tuple[float, dict]:
+  """(theta, scaling dict or {}) from transformers 5 `rope_parameters` or 4's fields."""
+  params = hf.get("rope_parameters") or {}
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  scaling = dict(hf.get("rope_scaling") or {})
+  if params.get("rope_type", "default") != "default":
+    scaling = params
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  return float(theta), ({} if kind == "default" else {"rope_type": kind, **scaling})
+
+
+def model_config_from_hf(hf: dict, where: str = "config.json"):
+  """A jaxlm model config (float32 compute, as stored) from a HF config.json dict."""
+  kind = hf.get("model_type")
+  if kind in LLAMA_TYPES:
+    if hf.get("hidden_act", "silu") != "silu":
+      raise HFError(f"{where}: hidden_act={hf['hidden_act']!r}; the llama family needs silu")
+    if hf.get("mlp_bias"):
+      raise HFError(f"{where}: mlp_bias=true is not supported")
+    if kind == "llama" and hf.get("attention_bias"):
+      raise HFError(f"{where}: attention_bias=true (an o_proj bias) is not supported")
+    theta, scaling = _rope(hf)
+    m = model_config(
+        "tiny", family="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or 0, ffn_dim=hf["intermediate_size"], rope_theta=theta,
+        norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=kind == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=hf.get("max_position_embeddings", 2048))
+    if scaling:
+      if scaling["rope_type"] != "llama3":
+        raise HFError(f"{where}: rope scaling {scaling['rope_type']!r} is not supported "
+                      f"(only llama3)")
+      m.rope_scaling_factor = float(scaling["factor"])
+      m.rope_low_freq_factor = float(scaling["low_freq_factor"])
+      m.rope_high_freq_factor = float(scaling["high_freq_factor"])
+      m.rope_original_max_len = int(scaling["original_max_position_embeddings"])
+  elif kind == "gpt2":
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+      raise HFError(f"{where}: activation_function={hf['activation_function']!r}; jaxlm's "
+                    f"gpt2 uses the tanh GELU (gelu_new)")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+      raise HFError(f"{where}: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
+                    f"are not supported")
+    d = hf["n_embd"]
+    m = model_config("tiny", family="gpt2", vocab_size=hf["vocab_size"], d_model=d,
+                     num_layers=hf["n_layer"], num_heads=hf["n_head"], num_kv_heads=hf["n_head"],
+                     head_dim=0, ffn_dim=hf.get("n_inner") or 4 * d,
+                     max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                     tie_embeddings=True)
+  else:
+    raise HFError(f"{where}: model_type {kind!r} is not supported; jaxlm reads "
+                  f"{', '.join(LLAMA_TYPES)} and gpt2")
+  m.vocab_multiple = 1
+  m.dtype = "float32"
+  return m
+
+
+def hf_config_from_model(m, dtype: str) -> dict:
+  """The config.json transformers needs to rebuild the model."""
+  common = {"vocab_size": m.vocab_size, "tie_word_embeddings": bool(m.tie_embeddings),
+            "dtype": dtype}
+  if m.family == "gpt2":
+    return {**common, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "n_embd": m.d_model, "n_layer": m.num_layers, "n_head": m.num_heads,
+            "n_inner": m.ffn_dim, "n_positions": m.max_seq_len,
+            "layer_norm_epsilon": m.norm_eps, "activation_function": "gelu_new"}
+  kind = "qwen2" if m.qkv_bias else "llama"
+  rope = {"rope_type": "default", "rope_theta": m.rope_theta}
+  if m.rope_scaling_factor > 0:
+    rope = {"rope_type": "llama3", "rope_theta": m.rope_theta, "factor": m.rope_scaling_factor,
+            "low_freq_factor": m.rope_low_freq_factor,
+            "high_freq_factor": m.rope_high_freq_factor,
+            "original_max_position_embeddings": m.rope_original_max_len}
+  return {**common, "architectures": ["Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"],
+          "model_type": kind, "hidden_size": m.d_model, "intermediate_size": m.ffn_dim,
+          "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+          "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim or m.d_model // m.num_heads,
+          "hidden_act": "silu", "rms_norm_eps": m.norm_eps, "max_position_embeddings": m.max_seq_len,
+          "rope_parameters": rope, "rope_theta": m.rope_theta,
+          "rope_scaling": rope if m.rope_scaling_factor > 0 else None,
+          "attention_bias": False, "mlp_bias": False}
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor names and layouts
+
+
+def _names(m) -> dict:
+  """jaxlm name -> (HF name pattern with {i} for the layer, transform kind)."""
+  if m.family == "gpt2":
+    t = {"embed": ("wte.weight", "same"), "pos_embed": ("wpe.weight", "same"),
+         "final_norm": ("ln_f.weight", "same"), "final_norm_bias": ("ln_f.bias", "same")}
+    layer = {"attn_norm": ("h.{i}.ln_1.weight", "same"), "attn_norm_bias": ("h.{i}.ln_1.bias", "same"),
+             "mlp_norm": ("h.{i}.ln_2.weight", "same"), "mlp_norm_bias": ("h.{i}.ln_2.bias", "same"),
+             "wo": ("h.{i}.attn.c_proj.weight", "in_heads"), "bo": ("h.{i}.attn.c_proj.bias", "same"),
+             "w_up": ("h.{i}.mlp.c_fc.weight", "same"), "b_up": ("h.{i}.mlp.c_fc.bias", "same"),
+             "w_down": ("h.{i}.mlp.c_proj.weight", "same"),
+             "b_down": ("h.{i}.mlp.c_proj.bias", "same")}
+    return {"top": t, "layer": layer}
+  t = {"embed": ("model.embed_tokens.weight", "same"), "final_norm": ("model.norm.weight", "same")}
+  if not m.tie_embeddings:
+    t["lm_head"] = ("lm_head.weight", "transpose")
+  p = "model.layers.{i}."
+  layer = {"attn_norm": (p + "input_layernorm.weight", "same"),
+           "mlp_norm": (p + "post_attention_layernorm.weight", "same"),
+           "wq": (p + "self_attn.q_proj.weight", "out_heads"),
+           "wk": (p + "self_attn.k_proj.weight", "out_heads"),
+           "wv": (p + "self_attn.v_proj.weight", "out_heads"),
+           "wo": (p + "self_attn.o_proj.weight", "in_heads_t"),
+           "w_gate": (p + "mlp.gate_proj.weight", "transpose"),
+           "w_up": (p + "mlp.up_proj.weight", "transpose"),
+           "w_down": (p + "mlp.down_proj.weight", "transpose")}
+  if m.qkv_bias:
+    layer.update({"bq": (p + "self_attn.q_proj.bias", "heads"),
+                  "bk": (p + "self_attn.k_proj.bias", "heads"),
+                  "bv": (p + "self_attn.v_proj.bias", "heads")})
+  return {"top": t, "layer": layer}
+
+
+def _to_jaxlm(x: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
+  """One HF tensor -> jaxlm's layout of `shape` (one layer's shape for layer params)."""
+  if kind == "transpose":
+    x = x.T
+  elif kind == "out_heads":   # [heads*K, D] (out, in) -> [D, heads, K]
+    x = x.T
+  elif kind == "in_heads_t":  # [D, H*K] (out, in) -> [H, K, D]
+    x = x.T
+  return np.ascontiguousarray(x.reshape(shape))
+
+
+def _to_hf(x: np.ndarray, kind: str, hf_shape: tuple) -> np.ndarray:
+  if kind in ("transpose", "out_heads", "in_heads_t"):
+    x = x.reshape(x.shape[0], -1) if kind == "out_heads" else x.reshape(-1, x.shape[-1])
+    x = x.T
+  return np.ascontiguousarray(x.reshape(hf_shape))
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and writing
+
+
+class _Tensors:
+  """Lazy access to the tensors of single or sharded safetensors files."""
+
+  def __init__(self, path: str):
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    index = os.path.join(path, SAFETENSORS_INDEX)
+    if os.path.isfile(index):
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+      weight_map = None
+    else:
+      found = [p for p in _PICKLES if os.path.isfile(os.path.join(path, p))]
+      raise HFError(f"{path}: no model.safetensors or {SAFETENSORS_INDEX}"
+                    + (f"; {found[0]} is a pickle-based format, which jaxlm never loads: "
+                       f"convert it to safetensors first" if found else ""))
+    files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+    self.handles = {f: safe_open(os.path.join(path, f), framework="numpy") for f in files}
+    self.where = {}
+    for f, h in self.handles.items():
+      for k in h.keys():
+        self.where[k] = f
+    self.path = path
+
+  def get(self, name: str) -> np.ndarray:
+    for candidate in (name, "transformer." + name, name.removeprefix("transformer.")):
+      if candidate in self.where:
+        return self.handles[self.where[candidate]].get_tensor(candidate)
+    raise HFError(f"{self.path}: tensor {name!r} is missing")
+
+
+def load_hf(path: str, param_dtype: str | None = None):
+  """(model_config, params as numpy) from a Hugging Face model directory."""
+  from jaxlm import model  # pylint: disable=import-outside-toplevel
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise HFError(f"{path}: no config.json; not a Hugging Face model directory")
+  with open(config_path, encoding="utf-8") as f:
+    hf = json.load(f)
+  m = model_config_from_hf(hf, config_path)
+  tensors = _Tensors(path)
+  stored = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+  m.param_dtype = param_dtype or ("bfloat16" if stored == "bfloat16" else "float32")
+  dtype = np.dtype(m.param_dtype) if m.param_dtype != "bfloat16" else None
+  shapes = model.param_shapes_and_axes(m)
+  names = _names(m)
+
+  def cast(x):
+    import ml_dtypes  # pylint: disable=import-outside-toplevel
+    return x.astype(dtype if dtype is not None else ml_dtypes.bfloat16)
+
+  params = {}
+  for name, (hf_name, kind) in names["top"].items():
+    params[name] = cast(_to_jaxlm(tensors.get(hf_name), kind, shapes[name][0]))
+  layers = {}
+  for name, (pattern, kind) in names["layer"].items():
+    if m.family == "gpt2" and name in ("wq", "wk", "wv", "bq", "bk", "bv"):
+      continue
+    shape = shapes["layers"][name][0][1:]
+    layers[name] = np.stack([cast(_to_jaxlm(tensors.get(pattern.format(i=i)), kind, shape))
+                             for i in range(m.num_layers)])
+  if m.family == "gpt2":  # c_attn holds q, k, v side by side: [D, 3D] and [3D]
+    H, K = m.num_heads, model.head_dim(m)
+    for part, (w, b) in enumerate((("wq", "bq"), ("wk", "bk"), ("wv", "bv"))):
+      ws, bs = [], []
+      for i in range(m.num_layers):
+        cw = tensors.get(f"h.{i}.attn.c_attn.weight")
+        cb = tensors.get(f"h.{i}.attn.c_attn.bias")
+        ws.append(cast(cw[:, part * H * K:(part + 1) * H * K].reshape(-1, H, K)))
+        bs.append(cast(cb[part * H * K:(part + 1) * H * K].reshape(H, K)))
+      layers[w], layers[b] = np.stack(ws), np.stack(bs)
+  params["layers"] = layers
+  return m, params
+
+
+def save_hf(m, params, path: str, *, max_shard_bytes: int = 5 * 2**30):
+  """Write `params` of model config `m` as a Hugging Face model directory."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  os.makedirs(path, exist_ok=True)
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  names = _names(m)
+  out = {}
+  for name, (hf_name, kind) in names["top"].items():
+    x = params[name]
+    hf_shape = x.shape if kind == "same" else x.shape[::-1]
+    out[("transformer." if m.family == "gpt2" else "") + hf_name] = _to_hf(x, kind, hf_shape)
+  for name, (pattern, kind) in names["layer"].items():
+    for i in range(m.num_layers):
+      x = params["layers"][name][i]
+      if kind == "heads":
+        hf_shape = (x.size,)
+      elif kind == "out_heads":
+        hf_shape = (x.shape[1] * x.shape[2], x.shape[0])
+      elif kind == "in_heads_t":
+        hf_shape = (x.shape[2], x.shape[0] * x.shape[1])
+      elif kind == "in_heads":
+        hf_shape = (x.shape[0] * x.shape[1], x.shape[2])
+      elif kind == "transpose":
+        hf_shape = x.shape[::-1]
+      else:
+        hf_shape = x.shape
+      out[("transformer." if m.family == "gpt2" else "") + pattern.format(i=i)] = (
+          _to_hf(x, kind, hf_shape))
+  if m.family == "gpt2":
+    for i in range(m.num_layers):
+      lp = {k: params["layers"][k][i] for k in ("wq", "wk", "wv", "bq", "bk", "bv")}
+      D = lp["wq"].shape[0]
+      out[f"transformer.h.{i}.attn.c_attn.weight"] = np.concatenate(
+          [lp[w].reshape(D, -1) for w in ("wq", "wk", "wv")], axis=1)
+      out[f"transformer.h.{i}.attn.c_attn.bias"] = np.concatenate(
+          [lp[b].reshape(-1) for b in ("bq", "bk", "bv")])
+  dtype = str(next(iter(out.values())).dtype)
+  _write_shards(out, path, max_shard_bytes, save_file)
+  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(hf_config_from_model(m, dtype), f, indent=2)
+
+
+def _write_shards(tensors: dict, path: str, max_shard_bytes: int, save_file):
+  shards, current, size = [], {}, 0
+  for name, x in tensors.items():
+    if current and size + x.nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = x
+    size += x.nbytes
+  shards.append(current)
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return
+  weight_map = {}
+  for n, shard in enumerate(shards, 1):
+    fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(shard, fname))
+  with open(os.path.join(path, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
+    json.dump({"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
+               "weight_map": weight_map}, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------
+# Whole directories: HF model dir <-> jaxlm checkpoint (tools/convert_hf.py)
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "tokenizer.vocab")
+
+
+def _copy_tokenizer(src: str, dst: str) -> list[str]:
+  import shutil  # pylint: disable=import-outside-toplevel
+  copied = []
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+      copied.append(name)
+  return copied
+
+
+def import_hf(hf_dir: str, out: str) -> str:
+  """A HF model directory -> a jaxlm directory that `init_from` takes:
+  `out/config.json` (its model section), `out/checkpoints/0/params`, and the tokenizer."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  m, params = load_hf(hf_dir)
+  os.makedirs(out, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(os.path.join(out, "checkpoints", "0", "params")), params)
+  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({"model": m.to_dict(), "converted_from": os.path.abspath(hf_dir)}, f, indent=2)
+  _copy_tokenizer(hf_dir, out)
+  return out
+
+
+def export_hf(jaxlm_path: str, out: str) -> str:
+  """A jaxlm workdir, checkpoints folder or step folder -> a HF model directory
+  (its latest step unless a step folder is given), with the tokenizer files."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxlm import checkpoint, model  # pylint: disable=import-outside-toplevel
+  params_dir = checkpoint.find_params_dir(jaxlm_path)
+  workdir = find_workdir(params_dir)
+  if workdir is None:
+    raise HFError(f"{jaxlm_path}: no config.json in it or above it; can't tell the model shape")
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    m = model_config("tiny", **json.load(f)["model"])
+  like = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
+  params = checkpoint.load_params(os.path.dirname(params_dir), like)
+  save_hf(m, params, out)
+  _copy_tokenizer(workdir, out)
+  return out
+
+
+def find_workdir(params_dir: str) -> str | None:
+  """The folder holding config.json: the step's workdir (…/checkpoints/<step>/params)."""
+  here = os.path.abspath(params_dir)
+  for _ in range(4):
+    here = os.path.dirname(here)
+    if os.path.isfile(os.path.join(here, "config.json")):
+      return here
+  return None

@@ -1,0 +1,126 @@
+"""Hugging Face interop: logits equal transformers', exact round trips, no pickles."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import hf, model
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=64)
+FAMILIES = {
+    "llama3_untied": lambda: transformers.LlamaConfig(
+        **SMALL, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama2_tied": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=4,
+                                                    tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=1,
+                                                  sliding_window=None),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=2,
+                                              tie_word_embeddings=True),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4,
+                                            n_positions=64),
+}
+
+
+def make_hf_model(family, path, shard=False):
+  torch.manual_seed(0)
+  m = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]())
+  with torch.no_grad():
+    for p in m.parameters():  # non-trivial norms and biases, too
+      p.normal_(0.0, 0.1)
+  m.eval()
+  m.save_pretrained(path, max_shard_size="40KB" if shard else "5GB")
+  return m
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_transformers(family, tmp_path):
+  ref = make_hf_model(family, tmp_path, shard=family == "llama3_untied")
+  if family == "llama3_untied":
+    assert os.path.exists(tmp_path / hf.SAFETENSORS_INDEX)  # the sharded path is exercised
+  cfg, params = hf.load_hf(str(tmp_path))
+  cfg.attention = "xla"
+  tokens = np.random.default_rng(0).integers(0, 96, size=(2, 24))
+  with torch.no_grad():
+    expected = ref(torch.tensor(tokens)).logits.numpy()
+  got = np.asarray(model.forward(jax.tree.map(jnp.asarray, params), jnp.asarray(tokens), cfg))
+  rel = np.max(np.abs(got - expected)) / np.max(np.abs(expected))
+  assert rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_round_trip_reproduces_the_weights_exactly(family, tmp_path):
+  ref = make_hf_model(family, tmp_path / "in")
+  cfg, params = hf.load_hf(str(tmp_path / "in"))
+  hf.save_hf(cfg, params, str(tmp_path / "out"))
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+  want, got = ref.state_dict(), back.state_dict()
+  assert set(got) == set(want)
+  for name, tensor in want.items():
+    assert torch.equal(got[name], tensor), name
+
+
+def test_sharded_export_loads_in_transformers(tmp_path):
+  make_hf_model("qwen2", tmp_path / "in")
+  cfg, params = hf.load_hf(str(tmp_path / "in"))
+  hf.save_hf(cfg, params, str(tmp_path / "out"), max_shard_bytes=30_000)
+  assert os.path.exists(tmp_path / "out" / hf.SAFETENSORS_INDEX)
+  cfg2, params2 = hf.load_hf(str(tmp_path / "out"))
+  jax.tree.map(np.testing.assert_array_equal, params, params2)
+  transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+
+
+def test_pickles_are_refused_with_a_clear_error(tmp_path):
+  make_hf_model("llama2_tied", tmp_path)
+  os.remove(tmp_path / "model.safetensors")
+  (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+  with pytest.raises(hf.HFError, match="pytorch_model.bin is a pickle-based format, which "
+                                       "jaxlm never loads"):
+    hf.load_hf(str(tmp_path))
+
+
+def test_unsupported_configs_name_the_file(tmp_path):
+  (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+  with pytest.raises(hf.HFError, match=r"config.json: model_type 'bert' is not supported"):
+    hf.load_hf(str(tmp_path))
+
+
+def test_convert_tool_both_ways(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  ref = make_hf_model("mistral", tmp_path / "hf")
+  for args in (["--hf", tmp_path / "hf", "--to_jaxlm", tmp_path / "jx"],
+               ["--jaxlm", tmp_path / "jx", "--to_hf", tmp_path / "back"]):
+    result = subprocess.run([sys.executable, "tools/convert_hf.py", *map(str, args)], cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"))
+  for name, tensor in ref.state_dict().items():
+    assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_init_from_a_hf_directory_takes_its_shape_and_weights(tmp_path):
+  from conftest import small_config
+  from jaxlm import tasks
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(**{**SMALL, "vocab_size": 640}, num_key_value_heads=2)
+  ref = transformers.AutoModelForCausalLM.from_config(cfg)
+  ref.save_pretrained(tmp_path / "hf")
+  # The run's own model section says something else: init_from's shape wins.
+  config = small_config(**{"init_from": str(tmp_path / "hf"), "steps": 1, "eval_every": 0,
+                           "optimizer.lr": 1e-12, "optimizer.weight_decay": 0.0,
+                           "model.d_model": 48, "model.num_layers": 3})
+  tasks.run(config, str(tmp_path / "run"))
+  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+  out = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+  for name, tensor in ref.state_dict().items():
+    np.testing.assert_allclose(out.state_dict()[name].numpy(), tensor.numpy(), atol=1e-7)
