@@ -81,7 +81,7 @@ def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every task. Configs under configs/ start here."""
   c = ml_collections.ConfigDict()
-  c.task = "pretrain"
+  c.task = "pretrain"            # "pretrain" | "sft"
   c.steps = 1000
   c.seed = 0
   c.log_every = 10
@@ -120,6 +120,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 16        # global, in sequences
   c.data.shuffle = True
   c.data.prefetch = 2           # batches prepared ahead in a background thread
+  # SFT (task "sft"): records -> chat template -> tokens with a loss mask
+  c.data.sft_format = "auto"    # "auto" (by fields) | "alpaca" | "messages" | "prompt_completion"
+  c.data.chat_template = "jaxlm"  # "jaxlm" | "chatml" | "llama3"
+  c.data.loss_on = "completion"  # "completion" (assistant turns) | "all" tokens
+  c.data.packing = True         # pack whole examples into rows (first fit); else pad each
+  c.data.truncation = "truncate"  # examples over seq_len: "truncate" | "drop"
+  c.data.on_error = "raise"     # bad records: "raise" (file:line) | "skip" (counted)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 3e-4
@@ -153,6 +160,11 @@ _CHOICES = {
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "data.format": ("auto", "text", "jsonl"),
     "data.on_exhausted": ("repeat", "stop"),
+    "data.sft_format": ("auto", "alpaca", "messages", "prompt_completion"),
+    "data.chat_template": ("jaxlm", "chatml", "llama3"),
+    "data.loss_on": ("completion", "all"),
+    "data.truncation": ("truncate", "drop"),
+    "data.on_error": ("raise", "skip"),
     "data.text_split": ("file", "paragraph"),
     "optimizer.schedule": ("cosine", "linear", "constant", "wsd"),
     "progress": ("auto", "bar", "log"),
@@ -264,6 +276,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     from jaxlm.data.prepare import is_prepared  # pylint: disable=import-outside-toplevel
     if spec and is_prepared(spec):
       pass  # a prepared corpus (tools/prepare_data.py); its sources are checked when read
+    elif spec and spec.strip().startswith("builtin:"):
+      pass  # generated data (jaxlm.data.sft.BUILTINS), checked when the task builds it
     elif spec and spec.strip().startswith("tfds:"):
       from jaxlm.data.sources import parse_tfds_spec  # pylint: disable=import-outside-toplevel
       check(lambda spec=spec, key=key: parse_tfds_spec(spec, key))

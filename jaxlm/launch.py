@@ -31,6 +31,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from jaxlm import sharding, tasks  # pylint: disable=import-outside-toplevel
   from jaxlm.config import ConfigError, validate  # pylint: disable=import-outside-toplevel
+  from jaxlm.data.sft import DataError  # pylint: disable=import-outside-toplevel
 
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
@@ -52,6 +53,9 @@ def main(argv):
     tasks.run(config, _WORKDIR.value)
   except (ConfigError, sharding.ShardingError) as e:
     print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except DataError as e:
+    print(f"data error: {e}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -39,6 +39,7 @@ class Task:
   summarize: Callable[[dict], dict] = lambda m: m  # derived metrics from normalized sums
   tokens_per_batch: int = 0                    # global tokens per step, for throughput
   flops_per_token: float = 0.0                 # for MFU
+  data_report: dict = dataclasses.field(default_factory=dict)  # counts for metrics.jsonl
 
 
 def make_sharder(config) -> sharding.Sharder:
@@ -205,6 +206,8 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
         raise ConfigError(f"init_from: {e}") from None
       log.info(f"initialized params from {config.init_from}")
 
+  if task.data_report:  # records read, used, skipped, truncated: once per run start
+    log.write(start, task.data_report, console=False)
   n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
   log.info(f"{n_params:,} parameters; mesh {dict(sharder.mesh.shape)}; "
            f"{jax.device_count()} {jax.devices()[0].platform} device(s), "

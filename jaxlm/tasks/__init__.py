@@ -9,6 +9,7 @@ import importlib
 
 REGISTRY = {
     "pretrain": "jaxlm.tasks.pretrain",
+    "sft": "jaxlm.tasks.sft",
 }
 
 

@@ -13,6 +13,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 
 from jaxlm import checkpoint, hf, loop, losses, model
 from jaxlm.config import ConfigError
@@ -50,16 +51,33 @@ def adopt_init_from_architecture(config) -> None:
       setattr(config.model, key, value)
 
 
+def inherited_tokenizer(config) -> str | None:
+  """The tokenizer file of `init_from`: in the directory itself (a workdir, a HF model)
+  or in the workdir of a checkpoint folder it names."""
+  if not config.init_from:
+    return None
+  places = [config.init_from]
+  if not hf.is_hf_dir(config.init_from):
+    try:
+      places.append(hf.find_workdir(checkpoint.find_params_dir(config.init_from)))
+    except FileNotFoundError:
+      pass
+  for place in filter(None, places):
+    for name in ("tokenizer.model", "tokenizer.json"):
+      if os.path.isfile(os.path.join(place, name)):
+        return os.path.join(place, name)
+  return None
+
+
 def prepare_tokenizer(config, workdir: str, docs: DocumentSource):
   """`data.tokenizer`, else the `init_from` run's or model's (`tokenizer.model` or
   `tokenizer.json`), else one trained into the workdir (and reused on resume)."""
   if config.data.tokenizer:
     return tokenizer_lib.load(config.data.tokenizer)
-  for name in ("tokenizer.model", "tokenizer.json") if config.init_from else ():
-    inherited = os.path.join(config.init_from, name)
-    if os.path.isfile(inherited):
-      print(f"using the tokenizer of init_from: {inherited}", flush=True)
-      return tokenizer_lib.load(inherited)
+  inherited = inherited_tokenizer(config)
+  if inherited:
+    print(f"using the tokenizer of init_from: {inherited}", flush=True)
+    return tokenizer_lib.load(inherited)
   path = os.path.join(workdir, "tokenizer.model")
   if jax.process_index() == 0 and not os.path.exists(path):
     print(f"training a {config.data.tokenizer_vocab_size}-piece SentencePiece tokenizer on "
@@ -96,7 +114,9 @@ def lm_loss_fn(model_cfg, z_loss: float, sharder):
                            positions=batch["positions"], sharder=sharder)
     loss_sum, z_sum, weight = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"],
                                                    z_loss)
-    return loss_sum, {"loss": loss_sum, "nll": loss_sum - z_sum, "weight": weight}
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * batch["loss_mask"])
+    return loss_sum, {"loss": loss_sum, "nll": loss_sum - z_sum,
+                      "mean_token_accuracy": correct.astype(jnp.float32), "weight": weight}
   return loss_fn
 
 

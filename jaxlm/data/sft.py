@@ -1,0 +1,404 @@
+"""Supervised fine-tuning data: records -> conversation -> chat template -> tokens and a
+loss mask -> packed batches.
+
+Formats follow TRL's dataset conventions and are detected by their fields:
+
+    alpaca              {"instruction", "input" (optional), "output"}
+    messages            {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
+    prompt_completion   {"prompt", "completion"}: strings, or lists of messages
+
+in JSON (a list of records) or JSONL files, gzip accepted. Every record that can't be
+used is reported with its file and line; `on_error="raise"` stops at the first, "skip"
+counts them. Examples longer than `seq_len + 1` tokens are truncated (or dropped), and an
+example whose supervised tokens would all be cut away is dropped and counted: nothing is
+trained on as empty.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import json
+import os
+import re
+
+import grain
+import numpy as np
+
+from jaxlm.config import ConfigError
+
+FORMATS = ("auto", "alpaca", "messages", "prompt_completion")
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+  """A bad record, phrased as one line starting with its file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  """How a conversation becomes text. Each turn is header(role) + content + end; the
+  strings in `specials` must each be one token of the tokenizer."""
+  name: str
+  header: str            # with {role}
+  end: str
+  begin: str = ""        # once, before the first turn (after BOS)
+  specials: tuple[str, ...] = ()
+
+
+TEMPLATES = {
+    # jaxlm's own: the role tokens every tokenizer jaxlm trains reserves.
+    "jaxlm": ChatTemplate("jaxlm", "<|{role}|>\n", "<|end|>\n",
+                          specials=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")),
+    "chatml": ChatTemplate("chatml", "<|im_start|>{role}\n", "<|im_end|>\n",
+                           specials=("<|im_start|>", "<|im_end|>")),
+    "llama3": ChatTemplate("llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n",
+                           "<|eot_id|>", specials=("<|start_header_id|>", "<|end_header_id|>",
+                                                   "<|eot_id|>")),
+}
+
+
+def check_template(template: ChatTemplate, tok) -> None:
+  for special in template.specials:
+    ids = tok.encode(special)
+    pieces = [i for i in ids if tok.decode([i]).strip()]  # a leading space piece may come first
+    if len(pieces) != 1:
+      raise ConfigError(f"data.chat_template={template.name!r}: {special!r} is not one token of "
+                        f"{tok.path} (it encodes to {len(ids)}); use a template whose role "
+                        f"markers the tokenizer has")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading records with their file and line
+
+
+def _json_array(text: str, path: str):
+  """(line, record or exception) for each element of a JSON array, with line numbers."""
+  decoder = json.JSONDecoder()
+  pos = len(text) - len(text.lstrip())
+  if not text.startswith("[", pos):
+    raise DataError(f"{path}:1: a .json SFT file must hold a list of records (or use .jsonl)")
+  pos += 1
+  line, counted = 1, 0
+  while True:
+    while pos < len(text) and text[pos] in " \t\r\n,":
+      pos += 1
+    if pos >= len(text) or text[pos] == "]":
+      return
+    line += text.count("\n", counted, pos)
+    counted = pos
+    try:
+      record, pos = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+      yield line + text.count("\n", pos, e.pos), e
+      return  # the rest of the array can't be found reliably
+    yield line, record
+
+
+def read_records(path: str):
+  """(where, record or a reason string) for every record of a JSON or JSONL file."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    raw = f.read()
+  if path.endswith((".json", ".json.gz")) and not path.endswith((".jsonl", ".jsonl.gz")):
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      line = raw.count(b"\n", 0, e.start) + 1
+      raise DataError(f"{path}:{line}: not UTF-8; a .json file must decode as a whole") from None
+    for line, record in _json_array(text, path):
+      yield f"{path}:{line}", ("invalid_json" if isinstance(record, Exception) else record)
+    return
+  for lineno, line in enumerate(raw.split(b"\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      yield f"{path}:{lineno}", json.loads(line)
+    except UnicodeDecodeError:
+      yield f"{path}:{lineno}", "decode_error"
+    except json.JSONDecodeError:
+      yield f"{path}:{lineno}", "invalid_json"
+
+
+def detect_format(record: dict) -> str | None:
+  if "messages" in record:
+    return "messages"
+  if "prompt" in record and "completion" in record:
+    return "prompt_completion"
+  if "instruction" in record and "output" in record:
+    return "alpaca"
+  return None
+
+
+def _messages(value, where: str) -> list[dict] | str:
+  """A list of {role, content} dicts, or the reason it isn't one."""
+  if not isinstance(value, list) or not value:
+    return "wrong_type"
+  for m in value:
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+      return "wrong_type"
+    if m["role"] not in ROLES or not isinstance(m["content"], str):
+      return "wrong_type"
+  return value
+
+
+def to_turns(record, fmt: str, where: str):
+  """A record -> ([(role, text, supervised)], is_chat) or a reason string.
+
+  Alpaca and plain prompt/completion are not chats: prompt + completion + EOS, with the
+  completion supervised. Conversations supervise their assistant turns (for a
+  conversational prompt/completion, the completion's)."""
+  if not isinstance(record, dict):
+    return "wrong_type"
+  kind = detect_format(record) if fmt == "auto" else fmt
+  if kind is None:
+    return "missing_field"
+  if kind == "alpaca":
+    if "instruction" not in record or "output" not in record:
+      return "missing_field"
+    instruction, extra, output = record["instruction"], record.get("input", ""), record["output"]
+    if not all(isinstance(x, str) for x in (instruction, extra or "", output)):
+      return "wrong_type"
+    if not output.strip():
+      return "empty_response"
+    prompt = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
+    return [("user", prompt, False), ("assistant", output, True)], False
+  if kind == "prompt_completion":
+    if "prompt" not in record or "completion" not in record:
+      return "missing_field"
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+      if not completion.strip():
+        return "empty_response"
+      return [("user", prompt, False), ("assistant", completion, True)], False
+    prompt, completion = _messages(prompt, where), _messages(completion, where)
+    if isinstance(prompt, str) or isinstance(completion, str):
+      return "wrong_type"
+    turns = [(m["role"], m["content"], False) for m in prompt]
+    turns += [(m["role"], m["content"], m["role"] == "assistant") for m in completion]
+  else:
+    if "messages" not in record:
+      return "missing_field"
+    messages = _messages(record["messages"], where)
+    if isinstance(messages, str):
+      return messages
+    turns = [(m["role"], m["content"], m["role"] == "assistant") for m in messages]
+  supervised = [t for t in turns if t[2]]
+  if not supervised:
+    return "no_assistant_turn"
+  if any(not t[1].strip() for t in supervised):
+    return "empty_response"
+  return turns, True
+
+
+def tokenize(turns, is_chat: bool, tok, template: ChatTemplate, loss_on: str):
+  """-> (ids, supervised) int32 arrays of equal length, BOS first."""
+  ids, sup = [tok.bos_id], [False]
+
+  def add(text, supervised):
+    piece = tok.encode(text) if text else []
+    ids.extend(piece)
+    sup.extend([supervised] * len(piece))
+
+  if not is_chat:
+    (_, prompt, _), (_, completion, _) = turns
+    add(prompt, False)
+    add(completion, True)
+    ids.append(tok.eos_id)
+    sup.append(True)
+  else:
+    add(template.begin, False)
+    for role, text, supervised in turns:
+      add(template.header.format(role=role), False)
+      add(text, supervised)
+      add(template.end, supervised)  # the end-of-turn marker is how the model learns to stop
+  ids, sup = np.asarray(ids, np.int32), np.asarray(sup, bool)
+  if loss_on == "all":
+    sup = np.ones_like(sup)
+  return ids, sup
+
+
+@dataclasses.dataclass
+class Examples:
+  examples: list                     # dicts of inputs/targets/loss_mask arrays
+  counts: collections.Counter        # records, used, skipped_<reason>, truncated, ...
+  first: dict                        # reason -> file:line of its first case
+
+  def report(self, split: str) -> dict:
+    return {f"data/{split}_{k}": v for k, v in sorted(self.counts.items())}
+
+
+def load_examples(files: list[str], tok, template: ChatTemplate, *, fmt: str, seq_len: int,
+                  loss_on: str, truncation: str, on_error: str) -> Examples:
+  """Every record of `files` -> training examples of at most seq_len tokens, counted."""
+  out = Examples([], collections.Counter(), {})
+  for path in files:
+    for where, record in read_records(path):
+      out.counts["records"] += 1
+      turns = record if isinstance(record, str) else to_turns(record, fmt, where)
+      if isinstance(turns, str):
+        if on_error == "raise":
+          raise DataError(f"{where}: {turns} (data.on_error=raise; 'skip' counts and goes on)")
+        out.counts[f"skipped_{turns}"] += 1
+        out.first.setdefault(turns, where)
+        continue
+      ids, sup = tokenize(*turns, tok, template, loss_on)
+      inputs, targets, mask = ids[:-1], ids[1:], sup[1:]
+      if len(inputs) > seq_len:
+        if truncation == "drop" or not mask[:seq_len].any():
+          reason = "dropped_too_long" if truncation == "drop" else "dropped_truncated_away"
+          out.counts[reason] += 1
+          out.first.setdefault(reason, where)
+          continue
+        inputs, targets, mask = inputs[:seq_len], targets[:seq_len], mask[:seq_len]
+        out.counts["truncated"] += 1
+      out.counts["used"] += 1
+      out.examples.append({"inputs": inputs, "targets": targets,
+                           "loss_mask": mask.astype(np.int32)})
+  return out
+
+
+def summary(name: str, ex: Examples) -> str:
+  c = ex.counts
+  skipped = {k[len("skipped_"):]: v for k, v in c.items() if k.startswith("skipped_")}
+  line = (f"{name}: {c['records']} records, {c['used']} used, {sum(skipped.values())} skipped, "
+          f"{c['truncated']} truncated, {c['dropped_too_long'] + c['dropped_truncated_away']} "
+          f"dropped as too long")
+  if skipped:
+    line += "; skipped " + ", ".join(f"{r}: {n} (first at {ex.first[r]})" for r, n in skipped.items())
+  return line
+
+
+def _to_row(packed: dict) -> dict:
+  return {"tokens": packed["inputs"], "targets": packed["targets"],
+          "loss_mask": packed["loss_mask"], "segment_ids": packed["inputs_segment_ids"],
+          "positions": packed["inputs_positions"]}
+
+
+def _pad_row(ex: dict, seq_len: int) -> dict:
+  n = len(ex["inputs"])
+  pad = lambda x: np.pad(x, (0, seq_len - n))  # noqa: E731
+  return {"tokens": pad(ex["inputs"]), "targets": pad(ex["targets"]),
+          "loss_mask": pad(ex["loss_mask"]),
+          "segment_ids": pad(np.ones(n, np.int32)), "positions": pad(np.arange(n, dtype=np.int32))}
+
+
+def sft_dataset(examples: list, *, seq_len: int, batch_size: int, seed: int, shuffle: bool,
+                packing: bool, repeat: bool = True, process_index: int = 0,
+                process_count: int = 1, prefetch: int = 0) -> grain.IterDataset:
+  """Batches of rows [tokens, targets, loss_mask, segment_ids, positions].
+
+  With `packing`, examples are packed whole (first fit, never split) into rows, each its
+  own segment with positions from 0; without, one example per row, padded."""
+  ds = grain.MapDataset.source(examples)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat(None)
+  ds = ds[process_index::process_count].to_iter_dataset()
+  if packing:
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct=dict.fromkeys(("inputs", "targets", "loss_mask"), seq_len),
+        num_packing_bins=max(batch_size, 8), seed=seed, shuffle_bins=shuffle)
+    ds = ds.map(_to_row)
+  else:
+    ds = ds.map(lambda ex: _pad_row(ex, seq_len))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if prefetch:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+  return ds
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in data: an instruction set from the Python standard library, no download.
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def stdlib_docstrings(path: str) -> str:
+  """Write an Alpaca-format JSONL of "what does this function do?" pairs, drawn from the
+  public functions and methods of standard-library modules and their docstrings."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import inspect  # pylint: disable=import-outside-toplevel
+  import warnings  # pylint: disable=import-outside-toplevel
+  modules = ("json", "textwrap", "string", "shutil", "os.path", "fnmatch", "glob", "base64",
+             "bisect", "heapq", "statistics", "random", "calendar", "difflib", "csv", "gzip",
+             "copy", "functools", "itertools", "operator", "html", "urllib.parse", "ipaddress",
+             "tempfile", "shlex", "colorsys", "fractions", "decimal", "datetime", "zipfile",
+             "email.utils", "http.cookies", "pprint", "keyword", "linecache", "tokenize",
+             "secrets", "uuid", "hashlib", "hmac", "quopri", "wave", "plistlib", "netrc",
+             "os", "collections", "pathlib", "argparse", "logging", "unittest", "configparser",
+             "inspect", "ast", "dis", "pydoc", "typing", "enum", "dataclasses", "contextlib",
+             "threading", "subprocess", "socket", "smtplib", "ftplib", "imaplib", "mailbox",
+             "tarfile", "codecs", "locale", "gettext", "traceback", "warnings", "weakref",
+             "shelve", "selectors", "sched", "queue", "concurrent.futures", "optparse",
+             "getopt", "cmd", "code", "doctest", "pdb", "profile", "pstats", "timeit", "trace",
+             "http.client", "http.server", "urllib.request", "xml.dom.minidom",
+             "xml.etree.ElementTree", "email.message", "email.parser", "json.decoder",
+             "json.encoder", "asyncio.locks", "asyncio.queues", "multiprocessing.pool",
+             "importlib.metadata", "zoneinfo", "graphlib", "numbers", "abc", "io", "tomllib",
+             "mimetypes", "filecmp", "sysconfig", "platform", "getpass", "webbrowser",
+             "imghdr", "sndhdr", "chunk", "token", "symtable", "compileall", "py_compile",
+             "modulefinder", "runpy", "site", "venv", "zipapp", "zipimport", "ssl", "socketserver",
+             "xmlrpc.client", "ipaddress", "string", "struct", "reprlib", "types")
+  records, seen = [], set()
+  for name in dict.fromkeys(modules):
+    try:
+      with warnings.catch_warnings():  # some of these are deprecated: still fine to read
+        warnings.simplefilter("ignore")
+        module = importlib.import_module(name)
+    except Exception:  # pylint: disable=broad-except  # missing on this Python: skip it
+      continue
+    functions = []
+    for attr in sorted(dir(module)):
+      obj = getattr(module, attr)
+      if attr.startswith("_"):
+        continue
+      if inspect.isfunction(obj):
+        functions.append((f"{name}.{attr}", obj))
+      elif inspect.isclass(obj) and obj.__module__ == module.__name__:
+        functions += [(f"{name}.{attr}.{m}", f) for m, f in sorted(vars(obj).items())
+                      if not m.startswith("_") and inspect.isfunction(f)]
+    for qualname, fn in functions:
+      doc = inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0].strip()
+      try:
+        signature = f"{qualname}{inspect.signature(fn)}"
+      except (TypeError, ValueError):
+        continue
+      if len(doc) < 20 or signature in seen:
+        continue
+      seen.add(signature)
+      records.append({"instruction": "Explain what this Python function does.",
+                      "input": signature, "output": re.sub(r"\s+", " ", doc)})
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  os.replace(path + ".tmp", path)
+  return path
+
+
+BUILTINS = {"stdlib_docstrings": stdlib_docstrings}
+
+
+def resolve_builtin(spec: str, workdir: str, key: str) -> list[str]:
+  """`builtin:NAME:train|eval` -> the generated file's split, written under the workdir.
+  Splits are by hash of the record, 1 in 10 to eval."""
+  _, name, split = (spec.split(":") + ["train"])[:3]
+  if name not in BUILTINS or split not in ("train", "eval"):
+    raise ConfigError(f"{key}={spec!r}: builtin data is builtin:NAME[:train|eval] with NAME in "
+                      f"{', '.join(BUILTINS)}")
+  folder = os.path.join(workdir, "builtin")
+  full = os.path.join(folder, f"{name}.jsonl")
+  if not os.path.exists(full):
+    BUILTINS[name](full)
+  part = os.path.join(folder, f"{name}.{split}.jsonl")
+  if not os.path.exists(part):
+    import zlib  # pylint: disable=import-outside-toplevel
+    with open(full, encoding="utf-8") as f, open(part + ".tmp", "w", encoding="utf-8") as out:
+      for line in f:
+        if (zlib.crc32(line.encode()) % 10 == 0) == (split == "eval"):
+          out.write(line)
+    os.replace(part + ".tmp", part)
+  return [part]

@@ -1,0 +1,84 @@
+"""Supervised fine-tuning: chat or instruction records, loss on the responses.
+
+The model, loss and loop are pretraining's; what differs is the data (jaxlm.data.sft):
+conversations rendered with a chat template, a loss mask over the assistant's tokens,
+and whole examples packed into rows. Start from a checkpoint with `init_from` (a jaxlm
+run or a Hugging Face directory), whose tokenizer is used.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxlm import loop, model
+from jaxlm.config import ConfigError, expand_globs
+from jaxlm.data import sft as sft_data, tokenizer as tokenizer_lib
+from jaxlm.tasks import pretrain
+
+
+def _tokenizer(config):
+  if config.data.tokenizer:
+    return tokenizer_lib.load(config.data.tokenizer)
+  inherited = pretrain.inherited_tokenizer(config)
+  if inherited:
+    return tokenizer_lib.load(inherited)
+  raise ConfigError("data.tokenizer: sft needs the tokenizer of the model it tunes; set "
+                    "data.tokenizer, or init_from a run or HF directory that has one")
+
+
+def _files(spec: str, workdir: str, key: str) -> list[str]:
+  if spec.strip().startswith(sft_data.BUILTIN_PREFIX):
+    return sft_data.resolve_builtin(spec.strip(), workdir, key)
+  return expand_globs(spec, key)
+
+
+def build(config, workdir: str, sharder) -> loop.Task:
+  pretrain.adopt_init_from_architecture(config)
+  d = config.data
+  tok = _tokenizer(config)
+  pretrain.set_vocab_size(config, tok)
+  template = sft_data.TEMPLATES[d.chat_template]
+  sft_data.check_template(template, tok)
+  pid, nproc = jax.process_index(), jax.process_count()
+
+  def load(spec, key):
+    ex = sft_data.load_examples(_files(spec, workdir, key), tok, template, fmt=d.sft_format,
+                                seq_len=d.seq_len, loss_on=d.loss_on, truncation=d.truncation,
+                                on_error=d.on_error)
+    if pid == 0:
+      print(sft_data.summary(key, ex), flush=True)
+    if not ex.examples:
+      raise ConfigError(f"{key}: no usable example ({sft_data.summary(key, ex)})")
+    return ex
+
+  train = load(d.train, "data.train")
+  local_batch = d.batch_size // nproc
+  make = lambda examples, train_split: sft_data.sft_dataset(  # noqa: E731
+      examples, seq_len=d.seq_len, batch_size=local_batch, seed=config.seed if train_split else 0,
+      shuffle=d.shuffle and train_split, packing=d.packing, process_index=pid,
+      process_count=nproc, prefetch=d.prefetch if train_split else 0)
+  eval_data = None
+  report = train.report("train")
+  if d.eval:
+    held_out = load(d.eval, "data.eval")
+    report.update(held_out.report("eval"))
+    eval_data = lambda: make(held_out.examples, False)  # noqa: E731
+  m = config.model
+  return loop.Task(
+      init_params=lambda rng: model.init(m, rng),
+      param_axes=model.param_axes(m),
+      loss_fn=pretrain.lm_loss_fn(m, config.loss.z_loss, sharder),
+      train_data=make(train.examples, True),
+      eval_data=eval_data,
+      summarize=pretrain.summarize,
+      tokens_per_batch=d.batch_size * d.seq_len,
+      flops_per_token=model.flops_per_token(m, d.seq_len),
+      data_report=report,
+  )
+
+
+def run(config, workdir: str):
+  sharder = loop.make_sharder(config)
+  task = build(config, workdir, sharder)
+  loop.write_config(config, workdir)
+  return loop.train(config, workdir, task, sharder)
