@@ -146,8 +146,9 @@ def _messages(value, where: str) -> list[dict] | str:
 def to_turns(record, fmt: str, where: str):
   """A record -> ([(role, text, supervised)], is_chat) or a reason string.
 
-  Alpaca and plain prompt/completion are not chats: prompt + completion + EOS, with the
-  completion supervised. Conversations supervise their assistant turns (for a
+  Alpaca becomes a user turn (instruction, a blank line, input) and an assistant turn.
+  A plain-text prompt/completion is not a chat: BOS prompt completion EOS, with the
+  completion (and EOS) supervised, joined as written, as TRL does. Conversations supervise their assistant turns (for a
   conversational prompt/completion, the completion's)."""
   if not isinstance(record, dict):
     return "wrong_type"
@@ -163,7 +164,7 @@ def to_turns(record, fmt: str, where: str):
     if not output.strip():
       return "empty_response"
     prompt = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
-    return [("user", prompt, False), ("assistant", output, True)], False
+    return [("user", prompt, False), ("assistant", output, True)], True
   if kind == "prompt_completion":
     if "prompt" not in record or "completion" not in record:
       return "missing_field"
@@ -193,27 +194,28 @@ def to_turns(record, fmt: str, where: str):
 
 
 def tokenize(turns, is_chat: bool, tok, template: ChatTemplate, loss_on: str):
-  """-> (ids, supervised) int32 arrays of equal length, BOS first."""
-  ids, sup = [tok.bos_id], [False]
+  """-> (ids, supervised) int32/bool arrays of equal length, BOS first.
 
-  def add(text, supervised):
-    piece = tok.encode(text) if text else []
-    ids.extend(piece)
-    sup.extend([supervised] * len(piece))
-
-  if not is_chat:
-    (_, prompt, _), (_, completion, _) = turns
-    add(prompt, False)
-    add(completion, True)
-    ids.append(tok.eos_id)
-    sup.append(True)
-  else:
-    add(template.begin, False)
+  The whole text is encoded at once, as it will be at inference, and a token is
+  supervised when it starts inside a supervised part (a response, or its end marker)."""
+  if is_chat:
+    parts = [(template.begin, False)]
     for role, text, supervised in turns:
-      add(template.header.format(role=role), False)
-      add(text, supervised)
-      add(template.end, supervised)  # the end-of-turn marker is how the model learns to stop
-  ids, sup = np.asarray(ids, np.int32), np.asarray(sup, bool)
+      # the end-of-turn marker is supervised with its turn: how the model learns to stop
+      parts += [(template.header.format(role=role), False), (text, supervised),
+                (template.end, supervised)]
+  else:
+    (_, prompt, _), (_, completion, _) = turns
+    parts = [(prompt, False), (completion, True)]
+  parts = [(t, sup) for t, sup in parts if t]
+  starts = np.cumsum([0] + [len(t.encode("utf-8")) for t, _ in parts[:-1]])
+  ids, offsets = tok.encode_with_offsets("".join(t for t, _ in parts))
+  part_of_token = np.searchsorted(starts, np.asarray(offsets, np.int64), side="right") - 1
+  sup = np.asarray([sup for _, sup in parts], bool)[np.maximum(part_of_token, 0)]
+  ids = np.concatenate([[tok.bos_id], ids]).astype(np.int32)
+  sup = np.concatenate([[False], sup])
+  if not is_chat:
+    ids, sup = np.append(ids, np.int32(tok.eos_id)), np.append(sup, True)
   if loss_on == "all":
     sup = np.ones_like(sup)
   return ids, sup

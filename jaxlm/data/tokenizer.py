@@ -35,6 +35,11 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text)
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+    """Ids and the UTF-8 byte offset in `text` where each token starts."""
+    pieces = self.sp.encode(text, out_type="proto").pieces
+    return [p.id for p in pieces], [p.begin for p in pieces]
+
   def decode(self, ids) -> str:
     return self.sp.decode([int(i) for i in ids])
 
@@ -77,6 +82,14 @@ class HFTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+    """Ids and the UTF-8 byte offset in `text` where each token starts."""
+    enc = self.tok.encode(text, add_special_tokens=False)
+    char_to_byte = [0]
+    for ch in text:
+      char_to_byte.append(char_to_byte[-1] + len(ch.encode("utf-8")))
+    return enc.ids, [char_to_byte[start] for start, _ in enc.offsets]
 
   def decode(self, ids) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
