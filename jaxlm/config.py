@@ -42,6 +42,7 @@ DEFAULT_RULES = (
     ("length", None),
     ("norm", None),
     ("position", None),
+    ("lora_rank", None),
 )
 
 
@@ -145,6 +146,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.z_loss = 0.0               # coefficient of log(Z)^2
+
+  c.lora = ml_collections.ConfigDict()  # low-rank adapters over a frozen init_from base
+  c.lora.rank = 0                   # 0: off (train every weight)
+  c.lora.alpha = 16.0               # the update is scaled by alpha / rank
+  c.lora.dropout = 0.0              # dropout on the adapters' input
+  c.lora.targets = "(wq|wk|wv|wo|w_gate|w_up|w_down)$"  # regex over layers/<name>
   return c
 
 
@@ -235,6 +242,13 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     value = _get(config, key)
     if value is not None and value < 0:
       errors.append(f"{key}={value!r}: must be >= 0")
+  if "lora" in config and config.lora.rank:
+    if config.lora.rank < 0 or config.lora.alpha <= 0 or not 0 <= config.lora.dropout < 1:
+      errors.append(f"lora: rank={config.lora.rank}, alpha={config.lora.alpha}, dropout="
+                    f"{config.lora.dropout}: need rank >= 0, alpha > 0, 0 <= dropout < 1")
+    if not config.init_from:
+      errors.append(f"lora.rank={config.lora.rank} needs init_from: adapters tune a trained "
+                    f"base model")
   if not 0.0 <= config.optimizer.min_lr_ratio <= 1.0:
     errors.append(f"optimizer.min_lr_ratio={config.optimizer.min_lr_ratio}: must be in [0, 1]")
   if not 0.0 < config.optimizer.decay_fraction <= 1.0:

@@ -354,7 +354,8 @@ def import_hf(hf_dir: str, out: str) -> str:
 
 def export_hf(jaxlm_path: str, out: str) -> str:
   """A jaxlm workdir, checkpoints folder or step folder -> a HF model directory
-  (its latest step unless a step folder is given), with the tokenizer files."""
+  (its latest step unless a step folder is given), with the tokenizer files. A LoRA
+  run's adapters are merged into its base (its init_from)."""
   import jax  # pylint: disable=import-outside-toplevel
   from jaxlm import checkpoint, model  # pylint: disable=import-outside-toplevel
   params_dir = checkpoint.find_params_dir(jaxlm_path)
@@ -362,9 +363,20 @@ def export_hf(jaxlm_path: str, out: str) -> str:
   if workdir is None:
     raise HFError(f"{jaxlm_path}: no config.json in it or above it; can't tell the model shape")
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    m = model_config("tiny", **json.load(f)["model"])
+    run_config = json.load(f)
+  m = model_config("tiny", **run_config["model"])
   like = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
-  params = checkpoint.load_params(os.path.dirname(params_dir), like)
+  lora_cfg = run_config.get("lora") or {}
+  if lora_cfg.get("rank", 0) > 0:  # adapters only: merge them into the run's base
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    from jaxlm import lora  # pylint: disable=import-outside-toplevel
+    lora_cfg = ml_collections.ConfigDict(lora_cfg)
+    adapters_like = jax.eval_shape(lambda r: lora.init(m, lora_cfg, r), jax.random.PRNGKey(0))
+    adapters = checkpoint.load_params(os.path.dirname(params_dir), adapters_like)
+    base = checkpoint.load_params(run_config["init_from"], like)
+    params = lora.merge(base, adapters, lora_cfg)
+  else:
+    params = checkpoint.load_params(os.path.dirname(params_dir), like)
   save_hf(m, params, out)
   _copy_tokenizer(workdir, out)
   return out

@@ -24,9 +24,10 @@ from jax.experimental import multihost_utils
 from jaxlm import checkpoint, metrics as metrics_lib, optimizer, sharding
 from jaxlm.config import ConfigError, mesh_shape
 
-# loss_fn(params, batch, rng) -> (loss_sum, sums): `sums` is a dict of summed scalars
-# that must include "weight", the count the sums are normalized by.
-LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+# loss_fn(params, batch, rng, frozen) -> (loss_sum, sums): `sums` is a dict of summed
+# scalars that must include "weight", the count the sums are normalized by. `frozen` is
+# the task's frozen tree (a LoRA base, for one), or None.
+LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]
 
 
 @dataclasses.dataclass
@@ -40,6 +41,9 @@ class Task:
   tokens_per_batch: int = 0                    # global tokens per step, for throughput
   flops_per_token: float = 0.0                 # for MFU
   data_report: dict = dataclasses.field(default_factory=dict)  # counts for metrics.jsonl
+  # A frozen tree the loss reads but never trains (LoRA's base), loaded from init_from:
+  frozen_shapes: Callable[[jax.Array], Any] | None = None  # rng -> params (only traced)
+  frozen_axes: Any = None
 
 
 def make_sharder(config) -> sharding.Sharder:
@@ -65,13 +69,14 @@ def state_shardings(sharder, param_axes, abstract_state):
 
 
 def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
-  """(state, batch) -> (state, metrics); batch leading axis is the global batch."""
+  """(state, frozen, batch) -> (state, metrics); batch leading axis is the global batch."""
 
-  def grads_and_sums(params, batch, rng):
-    (_, sums), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng)
-    return grads, sums
+  def step_fn(state, frozen, batch):
+    def grads_and_sums(params, batch, rng):
+      (_, sums), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng,
+                                                                        frozen)
+      return grads, sums
 
-  def step_fn(state, batch):
     params = state["params"]
     rng, step_rng = jax.random.split(state["rng"])
     if accum_steps == 1:
@@ -108,8 +113,8 @@ def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
 
 
 def make_eval_step(task: Task):
-  def eval_fn(params, batch):
-    _, sums = task.loss_fn(params, batch, jax.random.PRNGKey(0))
+  def eval_fn(params, frozen, batch):
+    _, sums = task.loss_fn(params, batch, None, frozen)  # no rng: no dropout
     return sums
   return eval_fn
 
@@ -199,16 +204,31 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     log.info(f"resumed from {ckpt.directory}/{start}")
   else:
     start = 0
-    if config.init_from:
+    if config.init_from and task.frozen_shapes is None:
       try:
         state["params"] = checkpoint.load_params(config.init_from, state["params"])
       except FileNotFoundError as e:
         raise ConfigError(f"init_from: {e}") from None
       log.info(f"initialized params from {config.init_from}")
+  frozen, frozen_sh = None, None
+  if task.frozen_shapes is not None:  # loaded on every start: checkpoints hold only `params`
+    abstract_frozen = jax.eval_shape(task.frozen_shapes, rng)
+    frozen_sh = sharder.tree(task.frozen_axes, abstract_frozen)
+    like = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        abstract_frozen, frozen_sh)
+    try:
+      frozen = checkpoint.load_params(config.init_from, like)
+    except FileNotFoundError as e:
+      raise ConfigError(f"init_from: {e}") from None
+    log.info(f"frozen base loaded from {config.init_from}")
 
   if task.data_report:  # records read, used, skipped, truncated: once per run start
     log.write(start, task.data_report, console=False)
   n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
+  if frozen is not None:
+    n_frozen = sum(int(x.size) for x in jax.tree.leaves(frozen))
+    log.info(f"{n_frozen:,} frozen parameters, {n_params:,} trained "
+             f"({100 * n_params / n_frozen:.2f}%)")
   log.info(f"{n_params:,} parameters; mesh {dict(sharder.mesh.shape)}; "
            f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
            f"{jax.process_count()} process(es)")
@@ -217,9 +237,10 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
   # Batches arrive already placed by `device_batch` (batch axis over data x fsdp), so
   # their in_sharding is taken from the arrays; metrics are small replicated scalars.
   step_fn = make_train_step(task, tx, lr_schedule, config.optimizer.grad_accum_steps, sharder)
-  train_step = jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
-                       donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(task), in_shardings=(shardings["params"], None))
+  # The frozen tree keeps its sharding and is not donated: every step reads it again.
+  train_step = jax.jit(step_fn, in_shardings=(shardings, frozen_sh, None),
+                       out_shardings=(shardings, None), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(task), in_shardings=(shardings["params"], frozen_sh, None))
   peak = metrics_lib.peak_flops_per_device(config.peak_tflops)
   peak_total = peak * jax.device_count() if peak else None
 
@@ -229,7 +250,7 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     it = iter(task.eval_data())
     sums = None
     for _ in range(config.eval_steps):
-      s = eval_step(params, device_batch(next(it), sharder))
+      s = eval_step(params, frozen, device_batch(next(it), sharder))
       sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
     if hasattr(it, "close"):
       it.close()
@@ -268,7 +289,7 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
         log.info(f"training data exhausted after step {step}: stopping")
         break
       batch = device_batch(host_batch, sharder)
-      state, m = train_step(state, batch)
+      state, m = train_step(state, frozen, batch)
       done = step + 1
       if step == start:  # first step of this process: compile, measured apart
         jax.block_until_ready(m)

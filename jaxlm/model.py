@@ -15,6 +15,8 @@ F ffn dim, V vocab, L layers.
 from __future__ import annotations
 
 import math
+import zlib
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,11 +166,29 @@ _REMAT_POLICIES = {
 }
 
 
-def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT):
-  """One transformer block (pre-norm)."""
+def _project(eq, x, p, name, dt, adapters, lora_scale, drop_rng, lora_dropout):
+  """x @ p[name], plus the low-rank update lora_scale * dropout(x) @ A @ B when `adapters`
+  has one for `name` (A: [in..., r], B: [r, out...]; see jaxlm.lora)."""
+  y = jnp.einsum(eq, x, p[name].astype(dt))
+  if adapters is None or name not in adapters:
+    return y
+  a, b = adapters[name]["a"].astype(dt), adapters[name]["b"].astype(dt)
+  if lora_dropout > 0 and drop_rng is not None:
+    keep = jax.random.bernoulli(jax.random.fold_in(drop_rng, zlib.crc32(name.encode())),
+                                1.0 - lora_dropout, x.shape)
+    x = jnp.where(keep, x / (1.0 - lora_dropout), 0).astype(x.dtype)
+  xa = jnp.tensordot(x, a, axes=a.ndim - 1)
+  return y + (lora_scale * jnp.tensordot(xa, b, axes=1)).astype(y.dtype)
+
+
+def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
+           adapters=None, lora_scale=1.0, drop_rng=None, lora_dropout=0.0):
+  """One transformer block (pre-norm). `adapters`: this layer's LoRA A/B pairs, or None."""
   dt = _dtype(cfg.dtype)
   gpt2 = cfg.family == "gpt2"
   c = sharder.constrain if sharder is not None else (lambda x, _: x)
+  proj = lambda eq, x, name: _project(eq, x, p, name, dt, adapters, lora_scale,  # noqa: E731
+                                      drop_rng, lora_dropout)
 
   def norm(x, name):
     if gpt2:
@@ -176,9 +196,9 @@ def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT)
     return rms_norm(x, p[name], cfg.norm_eps)
 
   h = norm(x_BTD, "attn_norm")
-  q = jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dt))
-  k = jnp.einsum("btd,dgk->btgk", h, p["wk"].astype(dt))
-  v = jnp.einsum("btd,dgk->btgk", h, p["wv"].astype(dt))
+  q = proj("btd,dhk->bthk", h, "wq")
+  k = proj("btd,dgk->btgk", h, "wk")
+  v = proj("btd,dgk->btgk", h, "wv")
   if "bq" in p:
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
   if not gpt2:
@@ -188,26 +208,34 @@ def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT)
   k = c(k, ("batch", "length", "kv_heads", "head_dim"))
   v = c(v, ("batch", "length", "kv_heads", "head_dim"))
   o = attention.attend(q, k, v, segment_ids_BT, impl)
-  o = jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dt))
+  o = proj("bthk,hkd->btd", o, "wo")
   if gpt2:
     o = o + p["bo"].astype(dt)
   x_BTD = c(x_BTD + o, ("batch", "length", "embed"))
 
   h = norm(x_BTD, "mlp_norm")
-  up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
+  up = proj("btd,df->btf", h, "w_up")
   if gpt2:
     act = jax.nn.gelu(up + p["b_up"].astype(dt), approximate=True)
   else:
-    act = jax.nn.silu(jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))) * up
+    act = jax.nn.silu(proj("btd,df->btf", h, "w_gate")) * up
   act = c(act, ("batch", "length", "mlp"))
-  out = jnp.einsum("btf,fd->btd", act, p["w_down"].astype(dt))
+  out = proj("btf,fd->btd", act, "w_down")
   if gpt2:
     out = out + p["b_down"].astype(dt)
   return c(x_BTD + out, ("batch", "length", "embed"))
 
 
+class Lora(NamedTuple):
+  """Low-rank adapters to apply in the forward pass (built by jaxlm.lora)."""
+  adapters: Any          # {"layers": {name: {"a": [L, in..., r], "b": [L, r, out...]}}}
+  scale: float           # alpha / rank
+  dropout: float = 0.0   # on the adapters' input, when `rng` is given
+  rng: Any = None
+
+
 def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
-                  sharder: Sharder | None = None):
+                  sharder: Sharder | None = None, lora: Lora | None = None):
   """Final-normed hidden states [B, T, D] in the compute dtype."""
   dt = _dtype(cfg.dtype)
   B, T = tokens_BT.shape
@@ -221,12 +249,18 @@ def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
     x = sharder.constrain(x, ("batch", "length", "embed"))
   inv_freq = rope_frequencies(cfg) if cfg.family == "llama" else None
 
-  def body(x, p):
-    return _layer(cfg, impl, sharder, inv_freq, x, p, segment_ids, positions), None
+  adapters = lora.adapters["layers"] if lora is not None else None
+  drop_rngs = (jax.random.split(lora.rng, cfg.num_layers)
+               if lora is not None and lora.rng is not None and lora.dropout > 0 else None)
+
+  def body(x, xs):
+    p, a, r = xs
+    return _layer(cfg, impl, sharder, inv_freq, x, p, segment_ids, positions, a,
+                  lora.scale if lora else 1.0, r, lora.dropout if lora else 0.0), None
 
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, params["layers"])
+  x, _ = jax.lax.scan(body, x, (params["layers"], adapters, drop_rngs))
   if cfg.family == "gpt2":
     return layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
   return rms_norm(x, params["final_norm"], cfg.norm_eps)
@@ -247,12 +281,13 @@ def unembed(params, h_BTD, cfg, sharder: Sharder | None = None):
 
 
 def forward(params, tokens, config, *, segment_ids=None, positions=None,
-            sharder: Sharder | None = None):
+            sharder: Sharder | None = None, lora: Lora | None = None):
   """Logits [B, T, V] (float32) for tokens [B, T].
 
   `segment_ids` (0 = padding) keep packed documents from attending to each other;
   `positions` restart per document. `sharder` (optional) constrains activations.
+  `lora` (optional) adds low-rank adapters to the layers' projections.
   """
   h = hidden_states(params, tokens, config, segment_ids=segment_ids, positions=positions,
-                    sharder=sharder)
+                    sharder=sharder, lora=lora)
   return unembed(params, h, config, sharder)

@@ -30,13 +30,13 @@ def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params, opt_cfg):
-  """True where weight decay applies: matrices always; embeddings, norms and biases
-  only when configured."""
+  """True where weight decay applies: matrices (LoRA's A and B among them) always;
+  embeddings, norms and biases only when configured."""
   def decays(path, _):
     name = path[-1].key
     if name in ("embed", "pos_embed"):
       return bool(opt_cfg.decay_embeddings)
-    if "norm" in name or name.startswith("b"):
+    if "norm" in name or (name.startswith("b") and name != "b"):  # "b" alone is LoRA's B
       return bool(opt_cfg.decay_norms_and_biases)
     return True
   return jax.tree_util.tree_map_with_path(decays, params)

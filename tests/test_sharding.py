@@ -124,7 +124,7 @@ def test_gradient_accumulation_equals_the_full_batch():
   params = model.init(cfg, jax.random.PRNGKey(0))
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
            "rng": jax.random.PRNGKey(0)}
-  outs = [jax.jit(loop.make_train_step(task, tx, lr, accum, sharder))(state, batch)
+  outs = [jax.jit(loop.make_train_step(task, tx, lr, accum, sharder))(state, None, batch)
           for accum in (1, 2, 4)]
   for new_state, m in outs[1:]:
     assert float(m["loss"]) == pytest.approx(float(outs[0][1]["loss"]), rel=1e-5)

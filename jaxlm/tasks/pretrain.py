@@ -15,7 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxlm import checkpoint, hf, loop, losses, model
+from jaxlm import checkpoint, hf, lora as lora_lib, loop, losses, model
 from jaxlm.config import ConfigError
 from jaxlm.data import lm, prepare, tokenizer as tokenizer_lib
 from jaxlm.data.sources import DocumentSource, open_documents
@@ -107,17 +107,36 @@ def set_vocab_size(config, tok: tokenizer_lib.Tokenizer):
                       f"{tok.vocab_size} pieces ({tok.path})")
 
 
-def lm_loss_fn(model_cfg, z_loss: float, sharder):
-  """Masked next-token cross-entropy on packed batches, as sums for the shared loop."""
-  def loss_fn(params, batch, rng):  # pylint: disable=unused-argument
-    logits = model.forward(params, batch["tokens"], model_cfg, segment_ids=batch["segment_ids"],
-                           positions=batch["positions"], sharder=sharder)
+def lm_loss_fn(model_cfg, z_loss: float, sharder, lora_cfg=None):
+  """Masked next-token cross-entropy on packed batches, as sums for the shared loop.
+
+  With LoRA (`lora_cfg.rank > 0`) `params` are the adapters and `frozen` the base."""
+  use_lora = lora_cfg is not None and lora_lib.enabled(lora_cfg)
+
+  def loss_fn(params, batch, rng, frozen=None):
+    weights, adapters = (frozen, lora_lib.as_model_lora(params, lora_cfg, rng)) if use_lora \
+        else (params, None)
+    logits = model.forward(weights, batch["tokens"], model_cfg, segment_ids=batch["segment_ids"],
+                           positions=batch["positions"], sharder=sharder, lora=adapters)
     loss_sum, z_sum, weight = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"],
                                                    z_loss)
     correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * batch["loss_mask"])
     return loss_sum, {"loss": loss_sum, "nll": loss_sum - z_sum,
                       "mean_token_accuracy": correct.astype(jnp.float32), "weight": weight}
   return loss_fn
+
+
+def model_parts(config, sharder) -> dict:
+  """The Task fields that say what trains: every weight, or LoRA adapters over a frozen
+  base (loaded from init_from)."""
+  m = config.model
+  if lora_lib.enabled(config.lora):
+    return dict(init_params=lambda rng: lora_lib.init(m, config.lora, rng),
+                param_axes=lora_lib.param_axes(m, config.lora),
+                loss_fn=lm_loss_fn(m, config.loss.z_loss, sharder, config.lora),
+                frozen_shapes=lambda rng: model.init(m, rng), frozen_axes=model.param_axes(m))
+  return dict(init_params=lambda rng: model.init(m, rng), param_axes=model.param_axes(m),
+              loss_fn=lm_loss_fn(m, config.loss.z_loss, sharder))
 
 
 def summarize(m: dict) -> dict:
@@ -180,9 +199,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
                                       process_index=pid, process_count=nproc)
   m = config.model
   return loop.Task(
-      init_params=lambda rng: model.init(m, rng),
-      param_axes=model.param_axes(m),
-      loss_fn=lm_loss_fn(m, config.loss.z_loss, sharder),
+      **model_parts(config, sharder),
       train_data=train_data,
       eval_data=eval_data,
       summarize=summarize,

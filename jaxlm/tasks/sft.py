@@ -65,9 +65,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
     eval_data = lambda: make(held_out.examples, False)  # noqa: E731
   m = config.model
   return loop.Task(
-      init_params=lambda rng: model.init(m, rng),
-      param_axes=model.param_axes(m),
-      loss_fn=pretrain.lm_loss_fn(m, config.loss.z_loss, sharder),
+      **pretrain.model_parts(config, sharder),
       train_data=make(train.examples, True),
       eval_data=eval_data,
       summarize=pretrain.summarize,
