@@ -301,7 +301,11 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     errors.append("data.train: empty; give one or more comma-separated globs")
   if _get(config, "data.mixture"):
     from jaxlm.data.lm import parse_mixture  # pylint: disable=import-outside-toplevel
+    from jaxlm.data.prepare import is_prepared  # pylint: disable=import-outside-toplevel
     check(lambda: parse_mixture(config.data.mixture))
+    if not is_prepared(config.data.train):
+      errors.append("data.mixture: set, but data.train is not a prepared corpus (a directory "
+                    "with prepared.json), so there are no sources to weigh")
   if config.data.tokenizer and not os.path.isfile(config.data.tokenizer):
     errors.append(f"data.tokenizer: no such file {config.data.tokenizer!r}")
   if config.init_from and not os.path.exists(config.init_from):

@@ -163,10 +163,30 @@ class _StopSignal:
 
 
 def _all_processes_sum(counts: dict[str, int]) -> dict[str, int]:
+  """Exact sums of Python ints over processes. Without x64 JAX gathers int32, so each
+  count travels as four 16-bit parts (sums of up to 32,768 processes fit in int32)."""
   if jax.process_count() == 1:
     return counts
-  summed = multihost_utils.process_allgather(np.array(list(counts.values()), np.int64)).sum(0)
-  return dict(zip(counts, summed.tolist()))
+  parts = np.array([[(v >> (16 * i)) & 0xFFFF for i in range(4)] for v in counts.values()],
+                   np.int32)
+  summed = np.asarray(multihost_utils.process_allgather(parts)).astype(np.int64).sum(0)
+  return {name: sum(int(summed[j, i]) << (16 * i) for i in range(4))
+          for j, name in enumerate(counts)}
+
+
+def _next_batch(data_iter, agree: bool):
+  """The next host batch, or None when the data has run out. With `agree` (several
+  processes whose shares may run out at different steps) every process learns whether
+  any ran out, so all stop at the same step instead of waiting on each other forever."""
+  try:
+    batch = next(data_iter)
+  except StopIteration:
+    batch = None
+  if agree:
+    have = multihost_utils.process_allgather(np.array([batch is not None], np.int32))
+    if not np.all(have):
+      return None
+  return batch
 
 
 def _host(tree):
@@ -278,14 +298,14 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
   last = {}
   pending = None
   saved_step = start
+  agree_on_end = jax.process_count() > 1 and config.data.on_exhausted == "stop"
   with _StopSignal() as stop:
     for step in range(start, total):
       if stop.should_stop(step):
         log.info(f"SIGTERM: saving checkpoint at step {step} and exiting")
         break
-      try:
-        host_batch = next(data_iter)
-      except StopIteration:  # data.on_exhausted="stop"
+      host_batch = _next_batch(data_iter, agree_on_end)
+      if host_batch is None:  # data.on_exhausted="stop"
         log.info(f"training data exhausted after step {step}: stopping")
         break
       batch = device_batch(host_batch, sharder)

@@ -189,8 +189,9 @@ def test_on_error_fail_and_decode_repair(planted, tmp_path):
   assert stats["books"]["kept"] == 2 and stats["books"]["repaired"] == 1
 
 
-def test_exact_and_near_dedup_are_deterministic_across_workers(planted, tmp_path):
+def test_exact_and_near_dedup_are_deterministic_across_workers(planted, tmp_path, monkeypatch):
   root = planted[0]
+  monkeypatch.setattr(prepare, "CHUNK", 4)  # many small tasks: both workers take turns
   results = []
   for workers in (1, 2):
     c = small_prepare_config(web=prepare.source_config(str(root / "web.jsonl.gz")))
@@ -363,3 +364,43 @@ def test_prepare_tool_bad_override_is_one_line():
   assert result.returncode == 2
   assert result.stderr.strip() == ("config error: --config.sources.modules.wieght: the config "
                                    "has no key 'wieght' (did you mean 'weight'?)")
+
+
+def test_surrogates_and_truncated_files_are_counted_not_fatal(tmp_path):
+  rng = np.random.default_rng(9)
+  good = [json.dumps({"text": prose(rng)}) for _ in range(30)]
+  lines = good[:3] + ['{"text": "lone \\ud800 surrogate"}'] + good[3:]
+  full = gzip.compress(("\n".join(lines) + "\n").encode())
+  (tmp_path / "cut.jsonl.gz").write_bytes(full[: len(full) * 2 // 3])
+  c = small_prepare_config(s=prepare.source_config(str(tmp_path / "cut.jsonl.gz")))
+  stats = prepare.prepare(c, str(tmp_path / "out"), progress=False)["s"]
+  assert stats["removed"]["decode_error"] == 1
+  assert stats["first_at"]["decode_error"] == f"{tmp_path / 'cut.jsonl.gz'}:4"
+  assert stats["removed"]["read_error"] == 1
+  assert stats["read"] == stats["kept"] + sum(stats["removed"].values())
+  assert 3 <= stats["kept"] < 30
+
+
+def test_show_prints_documents_in_written_order_and_overwrite_keeps_other_files(tmp_path):
+  src = tmp_path / "docs.jsonl"
+  rng = np.random.default_rng(4)
+  with open(src, "w") as f:
+    for i in range(6):
+      f.write(json.dumps({"text": f"Document number {i}. " + prose(rng)}) + "\n")
+  c = small_prepare_config(d=prepare.source_config(str(src)))
+  out = tmp_path / "out"
+  prepare.prepare(c, str(out), progress=False)
+  import io
+  buf = io.StringIO()
+  prepare.show(str(out), 4, out=buf)
+  numbers = [int(line.split()[2].rstrip(".")) for line in buf.getvalue().splitlines()
+             if line.startswith("Document number")]
+  assert numbers == [0, 1, 2, 3]
+  (out / "notes.txt").write_text("mine")
+  prepare.prepare(c, str(out), overwrite=True, progress=False)
+  assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_mixture_needs_a_prepared_corpus():
+  errors = validate(small_config(**{"data.mixture": "a=1"}), 8)
+  assert any("data.mixture: set, but data.train is not a prepared corpus" in e for e in errors)

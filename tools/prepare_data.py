@@ -69,7 +69,7 @@ def main(argv):
       raise app.UsageError("--output is required")
     config = config_from_flags()
     stats = prepare.prepare(config, _OUTPUT.value, overwrite=_OVERWRITE.value)
-  except (ConfigError, ValueError, FileNotFoundError) as e:
+  except (ConfigError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(prepare.summary(stats))

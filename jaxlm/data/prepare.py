@@ -44,7 +44,7 @@ MANIFEST = "prepared.json"
 STATS = "stats.json"
 # Reasons that mean the record itself is broken (as opposed to filtered or duplicated);
 # with on_error="fail" the first of these stops the run.
-RECORD_ERRORS = ("decode_error", "invalid_json", "missing_field", "wrong_type")
+RECORD_ERRORS = ("decode_error", "invalid_json", "missing_field", "wrong_type", "read_error")
 _SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".py": "text",
              ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".ndjson": "jsonl",
              ".parquet": "parquet"}
@@ -181,18 +181,26 @@ def _parquet_records(path: str, field: str):
 def read_source(src, key: str, tfds_data_dir: str = "") -> Iterator[tuple[str, str, object]]:
   """(where, kind, payload) for every record of a source, streamed in a fixed order."""
   if src.path.strip().startswith(TFDS_PREFIX):
-    docs = TfdsDocuments(src.path.strip(), src.text_field, tfds_data_dir, name=f"{key}.path")
+    docs = TfdsDocuments(src.path.strip(), src.text_field, tfds_data_dir, name=f"{key}.path",
+                         field_key=f"{key}.text_field")
     for i in range(len(docs)):
       yield f"{src.path.strip()}[{i}]", "value", docs[i]
     return
   for path in _files(src.path, f"{key}.path"):
     kind = _format(path, src.format)
-    if kind == "jsonl":
-      yield from _jsonl_records(path)
-    elif kind == "parquet":
-      yield from _parquet_records(path, src.text_field)
-    else:
-      yield from _text_records(path, src.text_split)
+    last = f"{path}:1"
+    try:
+      if kind == "jsonl":
+        records = _jsonl_records(path)
+      elif kind == "parquet":
+        records = _parquet_records(path, src.text_field)
+      else:
+        records = _text_records(path, src.text_split)
+      for record in records:
+        last = record[0]
+        yield record
+    except (OSError, EOFError) as e:  # a truncated gzip, an unreadable file: the rest is lost
+      yield f"{last} (and after)", "read_error", f"{type(e).__name__}: {e}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,6 +217,8 @@ def _init_worker(settings: dict):
 
 def _decode(kind, payload, field):
   """-> (text, None, repaired) or (None, reason, False)."""
+  if kind == "read_error":
+    return None, "read_error", False
   repair = _WORKER["on_decode_error"] == "repair"
   repaired = False
   if kind == "bytes":
@@ -240,6 +250,12 @@ def _decode(kind, payload, field):
     return _decode("bytes", payload, field)
   if not isinstance(payload, str):
     return None, "wrong_type", False
+  try:  # JSON may carry lone surrogates ("\ud800"), which are not text
+    payload.encode("utf-8")
+  except UnicodeEncodeError:
+    if not repair:
+      return None, "decode_error", False
+    payload, repaired = payload.encode("utf-8", errors="replace").decode("utf-8"), True
   return payload, None, repaired
 
 
@@ -247,6 +263,13 @@ def _process(item):
   """One record -> (where, reason or None, text, hash, signature, pii counts, repaired)."""
   where, kind, payload, field, filter_names, pii = item
   text, reason, repaired = _decode(kind, payload, field)
+  if reason == "decode_error" and kind == "bytes":  # name the bad line, not the first
+    path, _, line = where.rpartition(":")
+    try:
+      payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+      bad_line = int(line) + payload.count(b"\n", 0, e.start)
+      where = f"{path}:{bad_line}"
   if reason:
     return where, reason, None, None, None, {}, False
   text = clean.normalize(text, _WORKER["normalize"])
@@ -267,7 +290,11 @@ def _process_chunk(items):
   return [_process(item) for item in items]
 
 
-def _chunks(records, src, filter_names, size=64):
+CHUNK = 64  # records per task sent to a worker
+
+
+def _chunks(records, src, filter_names, size=None):
+  size = size or CHUNK
   chunk = []
   for where, kind, payload in records:
     chunk.append((where, kind, payload, src.text_field, filter_names, src.pii))
@@ -363,6 +390,13 @@ def check_config(c) -> None:
     raise ConfigError("shards must be >= 1 and workers >= 0")
   if not 0.0 < c.dedup.threshold <= 1.0:
     raise ConfigError(f"dedup.threshold={c.dedup.threshold}: must be in (0, 1]")
+  for key in ("dedup.ngram", "dedup.num_perm", "tokenizer.vocab_size"):
+    value = c.dedup[key.split(".")[1]] if key.startswith("dedup") else c.tokenizer.vocab_size
+    if value < 1:
+      raise ConfigError(f"{key}={value}: must be >= 1")
+  for name, s in c.sources.items():  # every path resolves before anything is read
+    if not s.path.strip().startswith(TFDS_PREFIX):
+      _files(s.path, f"sources.{name}.path")
   if c.tokenizer.path and not os.path.isfile(c.tokenizer.path):
     raise ConfigError(f"tokenizer.path: no such file {c.tokenizer.path!r}")
 
@@ -388,13 +422,18 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
   from array_record.python import array_record_module as ar  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   check_config(c)
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise ConfigError(f"--output {output}: exists and is not a directory")
   if os.path.exists(os.path.join(output, MANIFEST)):
     if not overwrite:
       raise ConfigError(f"--output {output}: already holds a prepared corpus; pass --overwrite "
                         f"or choose another directory")
-    for name in os.listdir(output):
-      path = os.path.join(output, name)
-      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    previous = read_manifest(output)
+    for name in previous["sources"]:  # only what an earlier preparation wrote
+      shutil.rmtree(os.path.join(output, name), ignore_errors=True)
+    for name in (MANIFEST, STATS, "tokenizer.model", "tokenizer.vocab"):
+      if os.path.exists(os.path.join(output, name)):
+        os.remove(os.path.join(output, name))
   os.makedirs(output, exist_ok=True)
   workers = c.workers or os.cpu_count() or 1
   settings = {"normalize": c.normalize.to_dict(), "filters": c.filters.to_dict(),
@@ -450,8 +489,8 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
           writers[split][written[split] % c.shards].write(text.encode("utf-8"))
           written[split] += 1
           if split == "train" and sampled < sample_budget and not c.tokenizer.path:
-            sample.append(text)
-            sampled += len(text)
+            sample.append(text[:int(sample_budget - sampled) + 1])
+            sampled += len(sample[-1])
         bar.update(len(results))
         bar.set_postfix(kept=st.kept, refresh=False)
       bar.close()
@@ -554,17 +593,20 @@ def show(directory: str, n: int | None = None, out=sys.stdout):
   shown = 0
   for name, source in corpus["sources"].items():
     for sp, split in source["splits"].items():
-      for shard in split["shards"]:
-        reader = ar.ArrayRecordReader(os.path.join(directory, name, shard))
-        for i in range(reader.num_records()):
+      readers = [ar.ArrayRecordReader(os.path.join(directory, name, shard))
+                 for shard in split["shards"]]
+      try:
+        for j in range(split["documents"]):  # document j was written to shard j % k
           if n is not None and shown >= n:
-            reader.close()
             return shown
-          ids = np.frombuffer(reader.read([i])[0], corpus["dtype"])
-          print(f"=== {name} {sp} {shard} #{i} ({ids.size} tokens)", file=out)
+          k = len(readers)
+          ids = np.frombuffer(readers[j % k].read([j // k])[0], corpus["dtype"])
+          print(f"=== {name} {sp} #{j} ({ids.size} tokens)", file=out)
           print(tok.decode(ids), file=out)
           shown += 1
-        reader.close()
+      finally:
+        for r in readers:
+          r.close()
   return shown
 
 

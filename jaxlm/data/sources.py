@@ -191,7 +191,7 @@ class TfdsDocuments(DocumentSource):
   """
 
   def __init__(self, spec: str, text_field: str = "text", data_dir: str = "",
-               name: str = "data"):
+               name: str = "data", field_key: str = "data.text_field"):
     dataset, split = parse_tfds_spec(spec, name)
     try:
       import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -208,7 +208,7 @@ class TfdsDocuments(DocumentSource):
     features = self.source.dataset_info.features
     if text_field not in features or not isinstance(features[text_field],
                                                     tfds.features.Text):
-      raise ConfigError(f"data.text_field={text_field!r}: not a Text feature of {dataset} "
+      raise ConfigError(f"{field_key}={text_field!r}: not a Text feature of {dataset} "
                         f"(features: {', '.join(features.keys())})")
     self.spec, self.text_field = spec, text_field
     self.skipped = SkipReport()

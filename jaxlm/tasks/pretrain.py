@@ -149,7 +149,9 @@ def summarize(m: dict) -> dict:
 def _prepared_tokenizer(config, directory: str, key: str, tok=None) -> tokenizer_lib.Tokenizer:
   """A prepared corpus's tokenizer; it must agree with `data.tokenizer` or `tok` if given."""
   path = os.path.join(directory, prepare.read_manifest(directory)["tokenizer"])
-  for other, what in ((config.data.tokenizer, "data.tokenizer"), (tok.path if tok else "", "the training tokenizer")):
+  for other, what in ((config.data.tokenizer, "data.tokenizer"),
+                      (inherited_tokenizer(config) or "", "init_from's tokenizer"),
+                      (tok.path if tok else "", "the training tokenizer")):
     if other and not filecmp.cmp(other, path, shallow=False):
       raise ConfigError(f"{key}={directory!r}: its tokenizer {path} differs from {what} "
                         f"{other}; token ids would not agree")
