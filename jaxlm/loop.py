@@ -174,6 +174,30 @@ def _all_processes_sum(counts: dict[str, int]) -> dict[str, int]:
           for j, name in enumerate(counts)}
 
 
+def _log_memory_plan(log, compiled):
+  """XLA's memory plan for one train step, per device: what it holds and what it needs."""
+  try:
+    plan = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend reports one
+    plan = None
+  if plan is None:
+    return
+  gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+  log.info(f"train step memory per device: arguments {gib(plan.argument_size_in_bytes)} "
+           f"(state, frozen weights, batch), temporaries {gib(plan.temp_size_in_bytes)}, "
+           f"outputs {gib(plan.output_size_in_bytes)} of which "
+           f"{gib(plan.alias_size_in_bytes)} reuse donated inputs")
+
+
+def _peak_device_memory() -> int | None:
+  """Peak bytes in use on the first local device (GPU, TPU); None where not reported."""
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except  # backends without the API
+    return None
+  return (stats or {}).get("peak_bytes_in_use")
+
+
 def _next_batch(data_iter, agree: bool):
   """The next host batch, or None when the data has run out. With `agree` (several
   processes whose shares may run out at different steps) every process learns whether
@@ -309,6 +333,9 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
         log.info(f"training data exhausted after step {step}: stopping")
         break
       batch = device_batch(host_batch, sharder)
+      if step == start:  # compile once, explicitly, to report the step's memory plan
+        train_step = train_step.lower(state, frozen, batch).compile()
+        _log_memory_plan(log, train_step)
       state, m = train_step(state, frozen, batch)
       done = step + 1
       if step == start:  # first step of this process: compile, measured apart
@@ -339,6 +366,10 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     final = int(jax.device_get(state["step"]))
     if final != saved_step:
       ckpt.save(final, state, data_iter.get_state())
+  peak = _peak_device_memory()
+  if peak is not None:
+    log.info(f"peak device memory: {peak / 2**30:.2f} GiB (device 0)")
+    log.write(final, {"peak_memory_gib": peak / 2**30}, console=False)
   if hasattr(data_iter, "consumed_tokens"):
     consumed = _all_processes_sum(data_iter.consumed_tokens())
     total_tokens = max(sum(consumed.values()), 1)

@@ -129,14 +129,16 @@ def lm_loss_fn(model_cfg, z_loss: float, sharder, lora_cfg=None):
 def model_parts(config, sharder) -> dict:
   """The Task fields that say what trains: every weight, or LoRA adapters over a frozen
   base (loaded from init_from)."""
-  m = config.model
-  if lora_lib.enabled(config.lora):
+  m, seq_len = config.model, config.data.seq_len
+  if lora_lib.enabled(config.lora):  # adapters' own FLOPs (rank << d) are left out
     return dict(init_params=lambda rng: lora_lib.init(m, config.lora, rng),
                 param_axes=lora_lib.param_axes(m, config.lora),
                 loss_fn=lm_loss_fn(m, config.loss.z_loss, sharder, config.lora),
-                frozen_shapes=lambda rng: model.init(m, rng), frozen_axes=model.param_axes(m))
+                frozen_shapes=lambda rng: model.init(m, rng), frozen_axes=model.param_axes(m),
+                flops_per_token=model.flops_per_token(m, seq_len, weight_grads=False))
   return dict(init_params=lambda rng: model.init(m, rng), param_axes=model.param_axes(m),
-              loss_fn=lm_loss_fn(m, config.loss.z_loss, sharder))
+              loss_fn=lm_loss_fn(m, config.loss.z_loss, sharder),
+              flops_per_token=model.flops_per_token(m, seq_len))
 
 
 def summarize(m: dict) -> dict:
@@ -199,14 +201,12 @@ def build(config, workdir: str, sharder) -> loop.Task:
     eval_data = lambda: lm.lm_dataset(eval_docs, tok.path, seq_len=d.seq_len,  # pylint: disable=g-long-lambda
                                       batch_size=local_batch, seed=0, shuffle=False,
                                       process_index=pid, process_count=nproc)
-  m = config.model
   return loop.Task(
       **model_parts(config, sharder),
       train_data=train_data,
       eval_data=eval_data,
       summarize=summarize,
       tokens_per_batch=d.batch_size * d.seq_len,
-      flops_per_token=model.flops_per_token(m, d.seq_len),
   )
 
 

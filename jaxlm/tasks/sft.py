@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-from jaxlm import loop, model
+from jaxlm import loop
 from jaxlm.config import ConfigError, expand_globs
 from jaxlm.data import sft as sft_data, tokenizer as tokenizer_lib
 from jaxlm.tasks import pretrain
@@ -63,14 +63,12 @@ def build(config, workdir: str, sharder) -> loop.Task:
     held_out = load(d.eval, "data.eval")
     report.update(held_out.report("eval"))
     eval_data = lambda: make(held_out.examples, False)  # noqa: E731
-  m = config.model
   return loop.Task(
       **pretrain.model_parts(config, sharder),
       train_data=make(train.examples, True),
       eval_data=eval_data,
       summarize=pretrain.summarize,
       tokens_per_batch=d.batch_size * d.seq_len,
-      flops_per_token=model.flops_per_token(m, d.seq_len),
       data_report=report,
   )
 
