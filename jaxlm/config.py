@@ -72,7 +72,7 @@ def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict
   m.init_std = 0.02
   m.dtype = "bfloat16"          # compute dtype
   m.param_dtype = "float32"     # storage dtype of parameters and optimizer state
-  m.remat = "minimal"           # "none" | "minimal" (save matmul outputs) | "full"
+  m.remat = "minimal"           # "none" | "minimal" (save projection outputs) | "full"
   m.attention = "auto"          # "auto" | "xla" | "cudnn" | "splash"
   for k, v in {**MODEL_PRESETS[preset], **overrides}.items():
     setattr(m, k, v)
