@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from jaxlm.config import model_config
+from jaxlm.config import ConfigError, model_config
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 _PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth",
@@ -23,8 +23,9 @@ _PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "mo
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-class HFError(ValueError):
-  """A Hugging Face directory jaxlm can't read, phrased as one line naming the file."""
+class HFError(ConfigError):
+  """A Hugging Face directory jaxlm can't read or write, phrased as one line naming the
+  file (a ConfigError, so the launcher prints it as one line)."""
 
 
 def is_hf_dir(path: str) -> bool:
@@ -99,6 +100,9 @@ def model_config_from_hf(hf: dict, where: str = "config.json"):
 
 def hf_config_from_model(m, dtype: str) -> dict:
   """The config.json transformers needs to rebuild the model."""
+  if m.family == "gpt2" and (not m.tie_embeddings or m.num_kv_heads != m.num_heads):
+    raise HFError("a gpt2 model exports to Hugging Face only with tie_embeddings=True and "
+                  "num_kv_heads == num_heads, as GPT-2 itself has")
   common = {"vocab_size": m.vocab_size, "tie_word_embeddings": bool(m.tie_embeddings),
             "dtype": dtype}
   if m.family == "gpt2":
@@ -325,10 +329,11 @@ def _write_shards(tensors: dict, path: str, max_shard_bytes: int, save_file):
 # Whole directories: HF model dir <-> jaxlm checkpoint (tools/convert_hf.py)
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "tokenizer.vocab")
+                   "special_tokens_map.json", "tokenizer.vocab", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
-def _copy_tokenizer(src: str, dst: str) -> list[str]:
+def copy_tokenizer(src: str, dst: str) -> list[str]:
   import shutil  # pylint: disable=import-outside-toplevel
   copied = []
   for name in TOKENIZER_FILES:
@@ -348,7 +353,7 @@ def import_hf(hf_dir: str, out: str) -> str:
     ckptr.save(os.path.abspath(os.path.join(out, "checkpoints", "0", "params")), params)
   with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
     json.dump({"model": m.to_dict(), "converted_from": os.path.abspath(hf_dir)}, f, indent=2)
-  _copy_tokenizer(hf_dir, out)
+  copy_tokenizer(hf_dir, out)
   return out
 
 
@@ -373,13 +378,32 @@ def export_hf(jaxlm_path: str, out: str) -> str:
     lora_cfg = ml_collections.ConfigDict(lora_cfg)
     adapters_like = jax.eval_shape(lambda r: lora.init(m, lora_cfg, r), jax.random.PRNGKey(0))
     adapters = checkpoint.load_params(os.path.dirname(params_dir), adapters_like)
-    base = checkpoint.load_params(run_config["init_from"], like)
+    base = checkpoint.load_params(lora_base(workdir, run_config["init_from"]), like)
     params = lora.merge(base, adapters, lora_cfg)
   else:
     params = checkpoint.load_params(os.path.dirname(params_dir), like)
   save_hf(m, params, out)
-  _copy_tokenizer(workdir, out)
+  copy_tokenizer(workdir, out)
+  _write_token_ids(workdir, out)
   return out
+
+
+def _write_token_ids(workdir: str, out: str):
+  """bos/eos/pad ids in the exported config.json, from the run's tokenizer, so that
+  generation in transformers stops where the model learned to."""
+  from jaxlm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  for name in ("tokenizer.json", "tokenizer.model"):
+    if os.path.isfile(os.path.join(workdir, name)):
+      tok = tokenizer_lib.load(os.path.join(workdir, name))
+      break
+  else:
+    return
+  path = os.path.join(out, "config.json")
+  with open(path, encoding="utf-8") as f:
+    config = json.load(f)
+  config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)
 
 
 def find_workdir(params_dir: str) -> str | None:
@@ -390,3 +414,20 @@ def find_workdir(params_dir: str) -> str | None:
     if os.path.isfile(os.path.join(here, "config.json")):
       return here
   return None
+
+
+def lora_base(workdir: str, init_from: str) -> str:
+  """The base a LoRA run trains on: pinned in `<workdir>/lora_base.json` at its first
+  start (a HF directory, or the concrete step folder of a jaxlm run), so a resume or an
+  export uses that same base even if the base run has moved on since."""
+  from jaxlm import checkpoint  # pylint: disable=import-outside-toplevel
+  pin = os.path.join(workdir, "lora_base.json")
+  if os.path.isfile(pin):
+    with open(pin, encoding="utf-8") as f:
+      return json.load(f)["base"]
+  base = (os.path.abspath(init_from) if is_hf_dir(init_from)
+          else os.path.dirname(checkpoint.find_params_dir(init_from)))
+  os.makedirs(workdir, exist_ok=True)
+  with open(pin, "w", encoding="utf-8") as f:
+    json.dump({"base": base, "init_from": init_from}, f, indent=2)
+  return base

@@ -261,10 +261,15 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     like = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                         abstract_frozen, frozen_sh)
     try:
-      frozen = checkpoint.load_params(config.init_from, like)
+      from jaxlm.hf import lora_base  # pylint: disable=import-outside-toplevel
+      base = lora_base(workdir, config.init_from) if jax.process_index() == 0 else None
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("lora_base")
+        base = lora_base(workdir, config.init_from)
+      frozen = checkpoint.load_params(base, like)
     except FileNotFoundError as e:
       raise ConfigError(f"init_from: {e}") from None
-    log.info(f"frozen base loaded from {config.init_from}")
+    log.info(f"frozen base loaded from {base}")
 
   if task.data_report:  # records read, used, skipped, truncated: once per run start
     log.write(start, task.data_report, console=False)

@@ -74,9 +74,10 @@ def param_axes(model_cfg, lora_cfg) -> dict:
 
 
 def init(model_cfg, lora_cfg, rng) -> dict:
-  """A ~ N(0, 1/fan_in), B = 0, in the model's parameter dtype."""
+  """A ~ N(0, 1/fan_in), B = 0, in float32 whatever the base's dtype (as PEFT keeps them):
+  small, and their updates need the precision."""
   specs = shapes_and_axes(model_cfg, lora_cfg)
-  dtype = jnp.dtype(model_cfg.param_dtype)
+  dtype = jnp.float32
   out = {}
   for i, (name, ab) in enumerate(sorted(specs["layers"].items())):
     a_shape, b_shape = ab["a"][0], ab["b"][0]

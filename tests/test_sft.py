@@ -168,3 +168,44 @@ def _write(path, records):
     for r in records:
       f.write(json.dumps(r) + "\n")
   return str(path)
+
+
+CHATML_JINJA = ("{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+                "<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
+                "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+  """A real tokenizer.json (byte-level BPE) with ChatML markers and a Jinja template."""
+  tokenizers = pytest.importorskip("tokenizers")
+  folder = tmp_path_factory.mktemp("hf_tok")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([json.dumps(c) for c in CHATS] * 20, trainer)
+  tok.save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {"eos_token": "<|im_end|>", "bos_token": None, "pad_token": "<|endoftext|>",
+       "chat_template": CHATML_JINJA}))
+  return str(folder / "tokenizer.json")
+
+
+def test_hf_jinja_template_renders_like_transformers_and_masks_responses(hf_tokenizer):
+  transformers = pytest.importorskip("transformers")
+  tok = tokenizer.load(hf_tokenizer)
+  template = sft.hf_template(hf_tokenizer)
+  turns = sft.to_turns(CHATS[0], "auto", "x")
+  ids, sup = sft.tokenize(*turns, tok, template, "completion")
+  theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=hf_tokenizer,
+                                                 chat_template=CHATML_JINJA)
+  rendered = theirs.apply_chat_template(CHATS[0]["messages"], tokenize=False)
+  assert tok.decode(ids[1:]) == rendered  # BOS first, then exactly transformers' text
+  assert tok.decode(ids[sup]) == "Blue.<|im_end|>\nGreen.<|im_end|>\n"
+  with pytest.raises(ConfigError, match="data.chat_template='hf': no chat_template in"):
+    sft.hf_template(str(tmp_dir := _tmp("t.json")))
+  del tmp_dir

@@ -1,3 +1,4 @@
+import filecmp
 import glob
 import json
 import os
@@ -103,7 +104,9 @@ def test_resume_on_another_mesh_continues_the_run(uninterrupted, tmp_path):
 
 def test_init_from_starts_from_the_checkpoint(uninterrupted, tmp_path):
   run(tmp_path, steps=2, init_from=str(uninterrupted))
-  assert not os.path.exists(os.path.join(tmp_path, "tokenizer.model"))  # the source run's is used
+  # The source run's tokenizer is used, and kept in the new workdir for what follows.
+  assert filecmp.cmp(os.path.join(tmp_path, "tokenizer.model"),
+                     os.path.join(uninterrupted, "tokenizer.model"), shallow=False)
   fresh_first = train_losses(uninterrupted)[1]
   continued_first = train_losses(tmp_path)[1]
   assert continued_first < fresh_first - 1.0

@@ -39,12 +39,15 @@ class DataError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
   """How a conversation becomes text. Each turn is header(role) + content + end; the
-  strings in `specials` must each be one token of the tokenizer."""
+  strings in `specials` must each be one token of the tokenizer. With `jinja` (a Hugging
+  Face chat template) that template renders the turns instead."""
   name: str
-  header: str            # with {role}
-  end: str
+  header: str = ""       # with {role}
+  end: str = ""
   begin: str = ""        # once, before the first turn (after BOS)
   specials: tuple[str, ...] = ()
+  jinja: str = ""
+  eos_token: str = ""    # what a jinja template calls eos_token
 
 
 TEMPLATES = {
@@ -57,6 +60,55 @@ TEMPLATES = {
                            "<|eot_id|>", specials=("<|start_header_id|>", "<|end_header_id|>",
                                                    "<|eot_id|>")),
 }
+
+
+def hf_template(tokenizer_path: str) -> ChatTemplate:
+  """The chat template in the tokenizer_config.json beside a tokenizer file."""
+  path = os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)), "tokenizer_config.json")
+  config = {}
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  template = config.get("chat_template")
+  if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+    template = {t.get("name"): t.get("template") for t in template}.get("default")
+  if not isinstance(template, str) or not template:
+    raise ConfigError(f"data.chat_template='hf': no chat_template in {path}")
+  eos = config.get("eos_token") or ""
+  return ChatTemplate("hf", jinja=template,
+                      eos_token=eos.get("content", "") if isinstance(eos, dict) else eos)
+
+
+def _render_jinja(template: ChatTemplate, turns) -> list[tuple[str, bool]] | str:
+  """The conversation as (text, supervised) parts, rendered by a Hugging Face template
+  the way transformers does (sandboxed, trim_blocks, lstrip_blocks). Turn i's text is
+  what rendering turns[:i+1] adds to rendering turns[:i]; in a supervised turn, that text
+  from its content on (content, end marker) is supervised."""
+  import jinja2  # pylint: disable=import-outside-toplevel
+  from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  env.globals["raise_exception"] = raise_exception
+  compiled = env.from_string(template.jinja)
+  messages = [{"role": role, "content": text} for role, text, _ in turns]
+  parts, previous = [], ""
+  for i, (_, content, supervised) in enumerate(turns):
+    try:  # BOS is added as an id, never as text
+      text = compiled.render(messages=messages[:i + 1], bos_token="",
+                             eos_token=template.eos_token, add_generation_prompt=False)
+    except jinja2.exceptions.TemplateError:
+      return "template_error"
+    if not text.startswith(previous):
+      return "template_not_incremental"
+    piece, previous = text[len(previous):], text
+    start = piece.find(content) if supervised else -1
+    if supervised and start < 0:
+      return "template_error"
+    parts += [(piece[:start], False), (piece[start:], True)] if supervised else [(piece, False)]
+  return parts
 
 
 def check_template(template: ChatTemplate, tok) -> None:
@@ -90,9 +142,10 @@ def _json_array(text: str, path: str):
     counted = pos
     try:
       record, pos = decoder.raw_decode(text, pos)
-    except json.JSONDecodeError as e:
-      yield line + text.count("\n", pos, e.pos), e
-      return  # the rest of the array can't be found reliably
+    except json.JSONDecodeError as e:  # where the next record starts is lost with it
+      raise DataError(f"{path}:{line + text.count(chr(10), pos, e.pos)}: invalid JSON "
+                      f"({e.msg}); a broken .json list stops here whatever data.on_error "
+                      f"says, since the records after it can't be found") from None
     yield line, record
 
 
@@ -108,7 +161,7 @@ def read_records(path: str):
       line = raw.count(b"\n", 0, e.start) + 1
       raise DataError(f"{path}:{line}: not UTF-8; a .json file must decode as a whole") from None
     for line, record in _json_array(text, path):
-      yield f"{path}:{line}", ("invalid_json" if isinstance(record, Exception) else record)
+      yield f"{path}:{line}", record
     return
   for lineno, line in enumerate(raw.split(b"\n"), 1):
     if not line.strip():
@@ -194,11 +247,16 @@ def to_turns(record, fmt: str, where: str):
 
 
 def tokenize(turns, is_chat: bool, tok, template: ChatTemplate, loss_on: str):
-  """-> (ids, supervised) int32/bool arrays of equal length, BOS first.
+  """-> (ids, supervised) int32/bool arrays of equal length, BOS first (or a reason
+  string when a Hugging Face template can't render the conversation).
 
   The whole text is encoded at once, as it will be at inference, and a token is
   supervised when it starts inside a supervised part (a response, or its end marker)."""
-  if is_chat:
+  if is_chat and template.jinja:
+    parts = _render_jinja(template, turns)
+    if isinstance(parts, str):
+      return parts
+  elif is_chat:
     parts = [(template.begin, False)]
     for role, text, supervised in turns:
       # the end-of-turn marker is supervised with its turn: how the model learns to stop
@@ -245,7 +303,14 @@ def load_examples(files: list[str], tok, template: ChatTemplate, *, fmt: str, se
         out.counts[f"skipped_{turns}"] += 1
         out.first.setdefault(turns, where)
         continue
-      ids, sup = tokenize(*turns, tok, template, loss_on)
+      tokenized = tokenize(*turns, tok, template, loss_on)
+      if isinstance(tokenized, str):  # the model's own template refused the conversation
+        if on_error == "raise":
+          raise DataError(f"{where}: {tokenized} (data.on_error=raise; 'skip' counts and goes on)")
+        out.counts[f"skipped_{tokenized}"] += 1
+        out.first.setdefault(tokenized, where)
+        continue
+      ids, sup = tokenized
       inputs, targets, mask = ids[:-1], ids[1:], sup[1:]
       if len(inputs) > seq_len:
         if truncation == "drop" or not mask[:seq_len].any():

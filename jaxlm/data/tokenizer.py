@@ -9,6 +9,8 @@ from collections.abc import Iterable
 
 import sentencepiece as spm
 
+from jaxlm.config import ConfigError
+
 # Ids fixed by the tokenizers jaxlm trains; loaded models keep their own.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Chat-role markers that later stages format conversations with.
@@ -20,14 +22,14 @@ class Tokenizer:
 
   def __init__(self, path: str):
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"tokenizer: no such file {path}")
+      raise ConfigError(f"tokenizer: no such file {path}")
     self.path = path
     self.sp = spm.SentencePieceProcessor(model_file=path)
     self.vocab_size = self.sp.get_piece_size()
     self.bos_id = self.sp.bos_id()
     self.eos_id = self.sp.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
-      raise ValueError(f"tokenizer {path}: no BOS or EOS piece (bos_id={self.bos_id}, "
+      raise ConfigError(f"tokenizer {path}: no BOS or EOS piece (bos_id={self.bos_id}, "
                        f"eos_id={self.eos_id}); documents need both")
     pad = self.sp.pad_id()
     self.pad_id = pad if pad >= 0 else 0
@@ -53,10 +55,10 @@ class HFTokenizer:
     try:
       import tokenizers  # pylint: disable=import-outside-toplevel
     except ImportError:
-      raise ValueError(f"tokenizer {path}: reading tokenizer.json needs the `tokenizers` "
+      raise ConfigError(f"tokenizer {path}: reading tokenizer.json needs the `tokenizers` "
                        f"package (pip install tokenizers)") from None
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"tokenizer: no such file {path}")
+      raise ConfigError(f"tokenizer: no such file {path}")
     self.path = path
     self.tok = tokenizers.Tokenizer.from_file(path)
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -73,8 +75,15 @@ class HFTokenizer:
       return self.tok.token_to_id(value) if value else None
 
     self.eos_id = token_id("eos_token")
+    if self.eos_id is None:  # GPT-2 on the hub keeps it in special_tokens_map.json only
+      special_map = os.path.join(os.path.dirname(path), "special_tokens_map.json")
+      if os.path.isfile(special_map):
+        with open(special_map, encoding="utf-8") as f:
+          special = {**json.load(f), **{k: v for k, v in special.items() if v}}
+        self.eos_id = token_id("eos_token")
     if self.eos_id is None:
-      raise ValueError(f"tokenizer {path}: no eos_token in {config_path}; documents need one")
+      raise ConfigError(f"tokenizer {path}: no eos_token in {config_path} or "
+                       f"special_tokens_map.json; documents need one")
     bos = token_id("bos_token")
     self.bos_id = self.eos_id if bos is None else bos
     pad = token_id("pad_token")

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,12 @@ def adopt_init_from_architecture(config) -> None:
     if workdir is None:
       return
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      theirs = json.load(f).get("model", {})
+      source = json.load(f)
+    if (source.get("lora") or {}).get("rank", 0) > 0:
+      raise ConfigError(f"init_from={config.init_from!r} is a LoRA run (adapters only); "
+                        f"merge it first: tools/convert_hf.py --jaxlm {config.init_from} "
+                        f"--to_hf DIR, then init_from=DIR")
+    theirs = source.get("model", {})
   for key, value in theirs.items():
     if key not in _TRAINING_FIELDS and key in config.model:
       setattr(config.model, key, value)
@@ -62,8 +68,12 @@ def inherited_tokenizer(config) -> str | None:
       places.append(hf.find_workdir(checkpoint.find_params_dir(config.init_from)))
     except FileNotFoundError:
       pass
+  # A Hugging Face directory's canonical tokenizer is tokenizer.json (added tokens, chat
+  # markers); a jaxlm run's is the SentencePiece model it trained.
+  names = (("tokenizer.json", "tokenizer.model") if hf.is_hf_dir(config.init_from)
+           else ("tokenizer.model", "tokenizer.json"))
   for place in filter(None, places):
-    for name in ("tokenizer.model", "tokenizer.json"):
+    for name in names:
       if os.path.isfile(os.path.join(place, name)):
         return os.path.join(place, name)
   return None
@@ -91,6 +101,22 @@ def prepare_tokenizer(config, workdir: str, docs: DocumentSource):
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices("tokenizer")
   return tokenizer_lib.Tokenizer(path)
+
+
+def keep_tokenizer(tok, workdir: str) -> None:
+  """Copy the tokenizer (and the files beside it: tokenizer_config.json, ...) into the
+  workdir, so the run is self-contained: a later init_from or an export finds it."""
+  source = os.path.dirname(os.path.abspath(tok.path))
+  if jax.process_index() != 0 or source == os.path.abspath(workdir):
+    return
+  os.makedirs(workdir, exist_ok=True)
+  if not any(os.path.exists(os.path.join(workdir, n)) for n in ("tokenizer.model",
+                                                                 "tokenizer.json")):
+    copied = hf.copy_tokenizer(source, workdir)
+    name = os.path.basename(tok.path)
+    if name not in copied:  # a file named otherwise, e.g. data.tokenizer=my_sp.model
+      shutil.copyfile(tok.path, os.path.join(
+          workdir, "tokenizer.json" if name.endswith(".json") else "tokenizer.model"))
 
 
 def set_vocab_size(config, tok: tokenizer_lib.Tokenizer):
@@ -192,6 +218,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
                                process_count=nproc, prefetch=d.prefetch,
                                repeat=d.on_exhausted == "repeat")
   set_vocab_size(config, tok)
+  keep_tokenizer(tok, workdir)
   eval_data = None
   if d.eval and prepare.is_prepared(d.eval):
     _prepared_tokenizer(config, d.eval, "data.eval", tok)

@@ -37,8 +37,12 @@ def build(config, workdir: str, sharder) -> loop.Task:
   d = config.data
   tok = _tokenizer(config)
   pretrain.set_vocab_size(config, tok)
-  template = sft_data.TEMPLATES[d.chat_template]
-  sft_data.check_template(template, tok)
+  pretrain.keep_tokenizer(tok, workdir)
+  if d.chat_template == "hf":
+    template = sft_data.hf_template(tok.path)
+  else:
+    template = sft_data.TEMPLATES[d.chat_template]
+    sft_data.check_template(template, tok)
   pid, nproc = jax.process_index(), jax.process_count()
 
   def load(spec, key):
