@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle = True
   c.data.prefetch = 2           # batches prepared ahead in a background thread
   # SFT (task "sft"): records -> chat template -> tokens with a loss mask
-  c.data.sft_format = "auto"    # "auto" (by fields) | "alpaca" | "messages" | "prompt_completion"
+  c.data.sft_format = "auto"    # "auto" (by fields) | "alpaca" | "messages" | "prompt_completion" | "text"
   c.data.chat_template = "jaxlm"  # "jaxlm" | "chatml" | "llama3" | "hf" (tokenizer_config.json's)
   c.data.loss_on = "completion"  # "completion" (assistant turns) | "all" tokens
   c.data.packing = True         # pack whole examples into rows (first fit); else pad each
@@ -167,7 +167,7 @@ _CHOICES = {
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "data.format": ("auto", "text", "jsonl"),
     "data.on_exhausted": ("repeat", "stop"),
-    "data.sft_format": ("auto", "alpaca", "messages", "prompt_completion"),
+    "data.sft_format": ("auto", "alpaca", "messages", "prompt_completion", "text"),
     "data.chat_template": ("jaxlm", "chatml", "llama3", "hf"),
     "data.loss_on": ("completion", "all"),
     "data.truncation": ("truncate", "drop"),

@@ -56,6 +56,8 @@ def test_formats_and_response_only_masks(tok):
   assert supervised_text(CHATS[3], tok)[0] == "Hello there.<|end|>\n"
   ids, mask = sft.tokenize(*turns, tok, sft.TEMPLATES["jaxlm"], "all")
   assert mask.all()
+  sup, full = supervised_text({"text": "The sky is blue."}, tok)  # TRL's language modeling
+  assert sup == full == "The sky is blue."
 
 
 def test_role_markers_are_single_tokens_or_an_error(tok):

@@ -6,6 +6,7 @@ Formats follow TRL's dataset conventions and are detected by their fields:
     alpaca              {"instruction", "input" (optional), "output"}
     messages            {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]}
     prompt_completion   {"prompt", "completion"}: strings, or lists of messages
+    text                {"text"}: plain language modeling, every token supervised
 
 in JSON (a list of records) or JSONL files, gzip accepted. Every record that can't be
 used is reported with its file and line; `on_error="raise"` stops at the first, "skip"
@@ -28,7 +29,7 @@ import numpy as np
 
 from jaxlm.config import ConfigError
 
-FORMATS = ("auto", "alpaca", "messages", "prompt_completion")
+FORMATS = ("auto", "alpaca", "messages", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
 
 
@@ -181,6 +182,8 @@ def detect_format(record: dict) -> str | None:
     return "prompt_completion"
   if "instruction" in record and "output" in record:
     return "alpaca"
+  if "text" in record:
+    return "text"
   return None
 
 
@@ -208,6 +211,12 @@ def to_turns(record, fmt: str, where: str):
   kind = detect_format(record) if fmt == "auto" else fmt
   if kind is None:
     return "missing_field"
+  if kind == "text":
+    if not isinstance(record.get("text"), str):
+      return "wrong_type" if "text" in record else "missing_field"
+    if not record["text"].strip():
+      return "empty_response"
+    return [("user", "", False), ("assistant", record["text"], True)], False
   if kind == "alpaca":
     if "instruction" not in record or "output" not in record:
       return "missing_field"

@@ -55,6 +55,10 @@ def adopt_init_from_architecture(config) -> None:
   for key, value in theirs.items():
     if key not in _TRAINING_FIELDS and key in config.model:
       setattr(config.model, key, value)
+  m = config.model  # validation saw the config's own shape: check what it now is
+  if m.family == "gpt2" and config.data.seq_len > m.max_seq_len:
+    raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds init_from's "
+                      f"max_seq_len={m.max_seq_len} (learned positions)")
 
 
 def inherited_tokenizer(config) -> str | None:
