@@ -1,5 +1,6 @@
 """Corpus preparation: filters, PII, dedup, accounting, the tool, and mixtures in training."""
 
+import filecmp
 import gzip
 import json
 import os
@@ -323,7 +324,9 @@ def test_pretraining_on_a_prepared_mixture(mix_corpus, tmp_path):
   assert final["step"] == 6
   assert final["tokens_consumed/long"] + final["tokens_consumed/short"] == 6 * 8 * 32
   assert any("eval_loss" in r for r in records)
-  assert not os.path.exists(tmp_path / "tokenizer.model")  # the corpus's tokenizer is used
+  # The corpus's tokenizer is used, and kept in the workdir.
+  assert filecmp.cmp(tmp_path / "tokenizer.model", os.path.join(mix_corpus, "tokenizer.model"),
+                     shallow=False)
 
 
 def test_on_exhausted_stop_ends_the_run_with_a_checkpoint(mix_corpus, tmp_path):
