@@ -24,3 +24,56 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0):
   nll_sum = jnp.sum((log_z_BT - target_logit_BT) * mask)
   z_sum = z_loss * jnp.sum(jnp.square(log_z_BT) * mask)
   return nll_sum + z_sum, z_sum, jnp.sum(mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Preferences (reward modeling and the DPO family). Per-pair values; tasks sum them.
+
+
+def bradley_terry(reward_chosen, reward_rejected, margin=None, center_coef: float = 0.0):
+  """-log sigmoid(r_chosen - r_rejected - margin), plus the reward-centering term
+  center_coef * (r_chosen + r_rejected)^2 (Eisenstein et al. 2023), per pair."""
+  diff = reward_chosen - reward_rejected
+  if margin is not None:
+    diff = diff - margin
+  loss = -jax.nn.log_sigmoid(diff)
+  if center_coef:
+    loss = loss + center_coef * jnp.square(reward_chosen + reward_rejected)
+  return loss
+
+
+DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
+
+
+def dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *,
+        beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0,
+        reference_free: bool = False):
+  """The DPO family on sequence log-probs, per pair -> (losses, chosen_rewards,
+  rejected_rewards), the rewards being beta * (policy - reference) log-ratios.
+
+  h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected), with
+  the reference terms taken as 0 when `reference_free`:
+    sigmoid  -(1 - e) log s(beta h) - e log s(-beta h)   (DPO; cDPO when e > 0)
+    robust   (-(1 - e) log s(beta h) + e log s(-beta h)) / (1 - 2e)   (Chowdhury et al.)
+    ipo      (h - 1 / (2 beta))^2                         (Azar et al.)
+    hinge    max(0, 1 - beta h)                           (SLiC)
+  """
+  if reference_free:
+    reference_chosen = jnp.zeros_like(policy_chosen)
+    reference_rejected = jnp.zeros_like(policy_rejected)
+  chosen_ratio = policy_chosen - reference_chosen
+  rejected_ratio = policy_rejected - reference_rejected
+  h = chosen_ratio - rejected_ratio
+  e = label_smoothing
+  if loss == "sigmoid":
+    per_pair = -(1 - e) * jax.nn.log_sigmoid(beta * h) - e * jax.nn.log_sigmoid(-beta * h)
+  elif loss == "robust":
+    per_pair = (-(1 - e) * jax.nn.log_sigmoid(beta * h)
+                + e * jax.nn.log_sigmoid(-beta * h)) / (1 - 2 * e)
+  elif loss == "ipo":
+    per_pair = jnp.square(h - 1.0 / (2.0 * beta))
+  elif loss == "hinge":
+    per_pair = jax.nn.relu(1.0 - beta * h)
+  else:
+    raise ValueError(f"dpo loss {loss!r}: one of {', '.join(DPO_LOSSES)}")
+  return per_pair, beta * chosen_ratio, beta * rejected_ratio

@@ -1,4 +1,5 @@
 import jax.numpy as jnp
+import pytest
 import numpy as np
 
 from jaxlm import losses
@@ -18,3 +19,39 @@ def test_cross_entropy_equals_float64_formula():
   np.testing.assert_allclose(float(loss_sum), np.sum(nll * mask) + expected_z, rtol=1e-5)
   np.testing.assert_allclose(float(z_sum), expected_z, rtol=1e-5)
   assert float(weight) == mask.sum()
+
+
+def _log_sigmoid(x):
+  return -np.log1p(np.exp(-x))
+
+
+def test_bradley_terry_equals_float64_formula():
+  rng = np.random.default_rng(1)
+  rc, rr, m = rng.normal(size=(3, 16)) * 2
+  got = losses.bradley_terry(jnp.asarray(rc), jnp.asarray(rr), jnp.asarray(m), center_coef=0.01)
+  want = -_log_sigmoid(rc - rr - m) + 0.01 * (rc + rr) ** 2
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", losses.DPO_LOSSES)
+@pytest.mark.parametrize("smoothing, reference_free", [(0.0, False), (0.1, False), (0.0, True)])
+def test_dpo_family_equals_float64_formulas(kind, smoothing, reference_free):
+  rng = np.random.default_rng(2)
+  pc, pr, rc, rr = rng.normal(size=(4, 32)) * 3 - 40
+  beta = 0.1
+  got, chosen_rewards, rejected_rewards = losses.dpo(
+      *map(jnp.asarray, (pc, pr, rc, rr)), beta=beta, loss=kind, label_smoothing=smoothing,
+      reference_free=reference_free)
+  if reference_free:
+    rc, rr = np.zeros_like(rc), np.zeros_like(rr)
+  h = (pc - rc) - (pr - rr)
+  e = smoothing
+  want = {
+      "sigmoid": -(1 - e) * _log_sigmoid(beta * h) - e * _log_sigmoid(-beta * h),
+      "robust": (-(1 - e) * _log_sigmoid(beta * h) + e * _log_sigmoid(-beta * h)) / (1 - 2 * e),
+      "ipo": (h - 1 / (2 * beta)) ** 2,
+      "hinge": np.maximum(0.0, 1 - beta * h),
+  }[kind]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(chosen_rewards), beta * (pc - rc), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(rejected_rewards), beta * (pr - rr), rtol=1e-5, atol=1e-6)
