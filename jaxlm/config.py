@@ -222,6 +222,7 @@ def mesh_shape(config, num_devices: int) -> dict[str, int]:
 
 def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
   """Every problem in `config`, each as one line naming the key. Empty when valid."""
+  from jaxlm.data.prepare import is_prepared  # pylint: disable=import-outside-toplevel
   errors = []
 
   def check(fn):
@@ -287,7 +288,6 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
 
   for key in ("data.train", "data.eval"):
     spec = _get(config, key)
-    from jaxlm.data.prepare import is_prepared  # pylint: disable=import-outside-toplevel
     if spec and is_prepared(spec):
       pass  # a prepared corpus (tools/prepare_data.py); its sources are checked when read
     elif spec and spec.strip().startswith("builtin:"):
@@ -301,7 +301,6 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     errors.append("data.train: empty; give one or more comma-separated globs")
   if _get(config, "data.mixture"):
     from jaxlm.data.lm import parse_mixture  # pylint: disable=import-outside-toplevel
-    from jaxlm.data.prepare import is_prepared  # pylint: disable=import-outside-toplevel
     check(lambda: parse_mixture(config.data.mixture))
     if not is_prepared(config.data.train):
       errors.append("data.mixture: set, but data.train is not a prepared corpus (a directory "

@@ -165,11 +165,9 @@ def _names(m) -> dict:
 
 def _to_jaxlm(x: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
   """One HF tensor -> jaxlm's layout of `shape` (one layer's shape for layer params)."""
-  if kind == "transpose":
-    x = x.T
-  elif kind == "out_heads":   # [heads*K, D] (out, in) -> [D, heads, K]
-    x = x.T
-  elif kind == "in_heads_t":  # [D, H*K] (out, in) -> [H, K, D]
+  # torch's (out, in) -> jaxlm's (in, out), then heads split out of the flat side:
+  # out_heads [heads*K, D] -> [D, heads, K]; in_heads_t [D, H*K] -> [H, K, D].
+  if kind in ("transpose", "out_heads", "in_heads_t"):
     x = x.T
   return np.ascontiguousarray(x.reshape(shape))
 

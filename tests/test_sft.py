@@ -37,7 +37,7 @@ def tok(tmp_path_factory):
 
 
 def supervised_text(record, tok, template="jaxlm"):
-  turns = sft.to_turns(record, "auto", "x")
+  turns = sft.to_turns(record, "auto")
   ids, sup = sft.tokenize(*turns, tok, sft.TEMPLATES[template], "completion")
   return tok.decode(ids[sup]), tok.decode(ids)
 
@@ -50,7 +50,7 @@ def test_formats_and_response_only_masks(tok):
   assert sup == "5<|end|>\n"
   assert full == "<|user|>\nAdd the numbers.\n\n2 and 3<|end|>\n<|assistant|>\n5<|end|>\n"
   assert supervised_text(CHATS[2], tok) == ("blue.", "The sky is blue.")  # BOS, EOS decode to ""
-  turns = sft.to_turns(CHATS[2], "auto", "x")
+  turns = sft.to_turns(CHATS[2], "auto")
   ids, mask = sft.tokenize(*turns, tok, sft.TEMPLATES["jaxlm"], "completion")
   assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and mask[-1]  # it learns to stop
   assert supervised_text(CHATS[3], tok)[0] == "Hello there.<|end|>\n"
@@ -201,7 +201,7 @@ def test_hf_jinja_template_renders_like_transformers_and_masks_responses(hf_toke
   transformers = pytest.importorskip("transformers")
   tok = tokenizer.load(hf_tokenizer)
   template = sft.hf_template(hf_tokenizer)
-  turns = sft.to_turns(CHATS[0], "auto", "x")
+  turns = sft.to_turns(CHATS[0], "auto")
   ids, sup = sft.tokenize(*turns, tok, template, "completion")
   theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=hf_tokenizer,
                                                  chat_template=CHATML_JINJA)

@@ -187,7 +187,7 @@ def detect_format(record: dict) -> str | None:
   return None
 
 
-def _messages(value, where: str) -> list[dict] | str:
+def _messages(value) -> list[dict] | str:
   """A list of {role, content} dicts, or the reason it isn't one."""
   if not isinstance(value, list) or not value:
     return "wrong_type"
@@ -199,7 +199,7 @@ def _messages(value, where: str) -> list[dict] | str:
   return value
 
 
-def to_turns(record, fmt: str, where: str):
+def to_turns(record, fmt: str):
   """A record -> ([(role, text, supervised)], is_chat) or a reason string.
 
   Alpaca becomes a user turn (instruction, a blank line, input) and an assistant turn.
@@ -235,7 +235,7 @@ def to_turns(record, fmt: str, where: str):
       if not completion.strip():
         return "empty_response"
       return [("user", prompt, False), ("assistant", completion, True)], False
-    prompt, completion = _messages(prompt, where), _messages(completion, where)
+    prompt, completion = _messages(prompt), _messages(completion)
     if isinstance(prompt, str) or isinstance(completion, str):
       return "wrong_type"
     turns = [(m["role"], m["content"], False) for m in prompt]
@@ -243,7 +243,7 @@ def to_turns(record, fmt: str, where: str):
   else:
     if "messages" not in record:
       return "missing_field"
-    messages = _messages(record["messages"], where)
+    messages = _messages(record["messages"])
     if isinstance(messages, str):
       return messages
     turns = [(m["role"], m["content"], m["role"] == "assistant") for m in messages]
@@ -305,7 +305,7 @@ def load_examples(files: list[str], tok, template: ChatTemplate, *, fmt: str, se
   for path in files:
     for where, record in read_records(path):
       out.counts["records"] += 1
-      turns = record if isinstance(record, str) else to_turns(record, fmt, where)
+      turns = record if isinstance(record, str) else to_turns(record, fmt)
       if isinstance(turns, str):
         if on_error == "raise":
           raise DataError(f"{where}: {turns} (data.on_error=raise; 'skip' counts and goes on)")

@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 _TRAINING_FIELDS = ("dtype", "param_dtype", "remat", "attention", "vocab_multiple", "init_std")
 
 
+def _init_from_workdir(init_from: str) -> str | None:
+  """The jaxlm workdir (holding config.json) behind a workdir, checkpoints folder or
+  step folder; None when there is no checkpoint or no config.json."""
+  try:
+    return hf.find_workdir(checkpoint.find_params_dir(init_from))
+  except FileNotFoundError:
+    return None
+
+
 def adopt_init_from_architecture(config) -> None:
   """With `init_from`, the model's shape comes from the source (a Hugging Face
   config.json, or the jaxlm run's config.json); how it trains (dtype, remat, attention)
@@ -39,12 +48,9 @@ def adopt_init_from_architecture(config) -> None:
     with open(path, encoding="utf-8") as f:
       theirs = hf.model_config_from_hf(json.load(f), path).to_dict()
   else:
-    try:
-      workdir = hf.find_workdir(checkpoint.find_params_dir(config.init_from))
-    except FileNotFoundError:
-      return  # the loop reports it
+    workdir = _init_from_workdir(config.init_from)
     if workdir is None:
-      return
+      return  # no checkpoint there: the loop reports it
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
       source = json.load(f)
     if (source.get("lora") or {}).get("rank", 0) > 0:
@@ -68,10 +74,7 @@ def inherited_tokenizer(config) -> str | None:
     return None
   places = [config.init_from]
   if not hf.is_hf_dir(config.init_from):
-    try:
-      places.append(hf.find_workdir(checkpoint.find_params_dir(config.init_from)))
-    except FileNotFoundError:
-      pass
+    places.append(_init_from_workdir(config.init_from))
   # A Hugging Face directory's canonical tokenizer is tokenizer.json (added tokens, chat
   # markers); a jaxlm run's is the SentencePiece model it trained.
   names = (("tokenizer.json", "tokenizer.model") if hf.is_hf_dir(config.init_from)
