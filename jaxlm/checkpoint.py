@@ -138,3 +138,23 @@ def describe(path: str) -> dict:
       "params": leaves,
       "num_params": int(sum(np.prod(shape) for _, shape, _ in leaves)),
   }
+
+
+def pin(workdir: str, name: str, source: str) -> str:
+  """The concrete weights `source` names (a HF directory, or the step folder of a jaxlm
+  run's latest checkpoint), written to `<workdir>/<name>` at a run's first start and read
+  back ever after: a resume or an export uses the same weights even if the source run
+  has moved on. Process 0 writes; every process reads."""
+  from jaxlm import hf  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, name)
+  if jax.process_index() == 0 and not os.path.isfile(path):
+    base = (os.path.abspath(source) if hf.is_hf_dir(source)
+            else os.path.dirname(find_params_dir(source)))
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump({"base": base, "source": source}, f, indent=2)
+    os.replace(path + ".tmp", path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"pin {name}")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)["base"]

@@ -82,7 +82,7 @@ def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every task. Configs under configs/ start here."""
   c = ml_collections.ConfigDict()
-  c.task = "pretrain"            # "pretrain" | "sft"
+  c.task = "pretrain"            # "pretrain" | "sft" | "reward" | "dpo"
   c.steps = 1000
   c.seed = 0
   c.log_every = 10
@@ -152,6 +152,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0               # the update is scaled by alpha / rank
   c.lora.dropout = 0.0              # dropout on the adapters' input
   c.lora.targets = "(wq|wk|wv|wo|w_gate|w_up|w_down)$"  # regex over layers/<name>
+
+  c.reward = ml_collections.ConfigDict()  # task "reward": Bradley-Terry on preference pairs
+  c.reward.center_coef = 0.0        # + coef * (r_chosen + r_rejected)^2 per pair (centering)
+  c.reward.normalize_on = ""        # after training, rewards get mean 0 / std 1 on this set:
+                                    # "eval" (data.eval) or preference-file globs; empty: off
+
+  c.dpo = ml_collections.ConfigDict()  # task "dpo": direct preference optimization and its relatives
+  c.dpo.loss = "sigmoid"            # "sigmoid" (DPO, cDPO) | "robust" | "ipo" | "hinge"
+  c.dpo.beta = 0.1                  # strength of the implicit KL to the reference
+  c.dpo.label_smoothing = 0.0       # sigmoid/robust: assumed share of flipped labels, < 0.5
+  c.dpo.reference = "copy"          # "copy" (frozen weights; with LoRA the base, adapters
+                                    # off) | "precomputed" (one pass first) | "none" (free)
+  c.dpo.reference_from = ""         # the reference's weights; empty: init_from
+  c.dpo.sft_weight = 0.0            # + weight * per-token NLL of chosen (RPO)
   return c
 
 
@@ -175,6 +189,8 @@ _CHOICES = {
     "data.text_split": ("file", "paragraph"),
     "optimizer.schedule": ("cosine", "linear", "constant", "wsd"),
     "progress": ("auto", "bar", "log"),
+    "dpo.loss": ("sigmoid", "robust", "ipo", "hinge"),
+    "dpo.reference": ("copy", "precomputed", "none"),
 }
 
 _POSITIVE = ("steps", "log_every", "keep_checkpoints", "checkpoint_every", "model.d_model",
@@ -183,7 +199,8 @@ _POSITIVE = ("steps", "log_every", "keep_checkpoints", "checkpoint_every", "mode
              "model.vocab_multiple")
 _NON_NEGATIVE = ("eval_every", "eval_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
                  "optimizer.grad_clip", "loss.z_loss", "model.vocab_size", "model.head_dim",
-                 "peak_tflops", "data.prefetch", "model.rope_scaling_factor")
+                 "peak_tflops", "data.prefetch", "model.rope_scaling_factor",
+                 "reward.center_coef", "dpo.sft_weight")
 
 
 def _get(config, dotted):
@@ -250,6 +267,26 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     if not config.init_from:
       errors.append(f"lora.rank={config.lora.rank} needs init_from: adapters tune a trained "
                     f"base model")
+  if _get(config, "task") == "dpo":
+    dpo = config.dpo
+    if not dpo.beta > 0:
+      errors.append(f"dpo.beta={dpo.beta}: must be > 0")
+    if not 0.0 <= dpo.label_smoothing < 0.5:
+      errors.append(f"dpo.label_smoothing={dpo.label_smoothing}: must be in [0, 0.5)")
+    if dpo.reference != "none" and not (dpo.reference_from or config.init_from):
+      errors.append(f"dpo.reference={dpo.reference!r} needs the reference's weights: set "
+                    f"init_from (the policy starts there too) or dpo.reference_from")
+    if dpo.reference_from and config.lora.rank:
+      errors.append("dpo.reference_from: with LoRA the reference is the base (init_from) "
+                    "with the adapters off; leave dpo.reference_from empty")
+    if dpo.reference_from and not os.path.exists(dpo.reference_from):
+      errors.append(f"dpo.reference_from: no such path {dpo.reference_from!r}")
+  if _get(config, "task") == "reward":
+    spec = config.reward.normalize_on
+    if spec == "eval" and not config.data.eval:
+      errors.append("reward.normalize_on='eval' but data.eval is empty")
+    elif spec and spec != "eval":
+      check(lambda: expand_globs(spec, "reward.normalize_on"))
   if not 0.0 <= config.optimizer.min_lr_ratio <= 1.0:
     errors.append(f"optimizer.min_lr_ratio={config.optimizer.min_lr_ratio}: must be in [0, 1]")
   if not 0.0 < config.optimizer.decay_fraction <= 1.0:

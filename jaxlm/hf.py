@@ -415,17 +415,7 @@ def find_workdir(params_dir: str) -> str | None:
 
 
 def lora_base(workdir: str, init_from: str) -> str:
-  """The base a LoRA run trains on: pinned in `<workdir>/lora_base.json` at its first
-  start (a HF directory, or the concrete step folder of a jaxlm run), so a resume or an
-  export uses that same base even if the base run has moved on since."""
+  """The base a LoRA run trains on, pinned in `<workdir>/lora_base.json` at its first
+  start, so a resume or an export uses that same base even if the base run has moved on."""
   from jaxlm import checkpoint  # pylint: disable=import-outside-toplevel
-  pin = os.path.join(workdir, "lora_base.json")
-  if os.path.isfile(pin):
-    with open(pin, encoding="utf-8") as f:
-      return json.load(f)["base"]
-  base = (os.path.abspath(init_from) if is_hf_dir(init_from)
-          else os.path.dirname(checkpoint.find_params_dir(init_from)))
-  os.makedirs(workdir, exist_ok=True)
-  with open(pin, "w", encoding="utf-8") as f:
-    json.dump({"base": base, "init_from": init_from}, f, indent=2)
-  return base
+  return checkpoint.pin(workdir, "lora_base.json", init_from)

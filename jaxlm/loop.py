@@ -41,9 +41,13 @@ class Task:
   tokens_per_batch: int = 0                    # global tokens per step, for throughput
   flops_per_token: float = 0.0                 # for MFU
   data_report: dict = dataclasses.field(default_factory=dict)  # counts for metrics.jsonl
-  # A frozen tree the loss reads but never trains (LoRA's base), loaded from init_from:
+  # How init_from becomes the first params: (path, params placed as wanted) -> params;
+  # None when init_from feeds only the frozen tree (LoRA's adapters start fresh).
+  load_init: Callable[[str, Any], Any] | None = checkpoint.load_params
+  # A frozen tree the loss reads but never trains (LoRA's base, DPO's reference):
   frozen_shapes: Callable[[jax.Array], Any] | None = None  # rng -> params (only traced)
   frozen_axes: Any = None
+  frozen_source: str = ""                     # the checkpoint or HF directory it loads from
 
 
 def make_sharder(config) -> sharding.Sharder:
@@ -248,9 +252,9 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     log.info(f"resumed from {ckpt.directory}/{start}")
   else:
     start = 0
-    if config.init_from and task.frozen_shapes is None:
+    if config.init_from and task.load_init is not None:
       try:
-        state["params"] = checkpoint.load_params(config.init_from, state["params"])
+        state["params"] = task.load_init(config.init_from, state["params"])
       except FileNotFoundError as e:
         raise ConfigError(f"init_from: {e}") from None
       log.info(f"initialized params from {config.init_from}")
@@ -261,15 +265,10 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     like = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                         abstract_frozen, frozen_sh)
     try:
-      from jaxlm.hf import lora_base  # pylint: disable=import-outside-toplevel
-      base = lora_base(workdir, config.init_from) if jax.process_index() == 0 else None
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("lora_base")
-        base = lora_base(workdir, config.init_from)
-      frozen = checkpoint.load_params(base, like)
+      frozen = checkpoint.load_params(task.frozen_source, like)
     except FileNotFoundError as e:
       raise ConfigError(f"init_from: {e}") from None
-    log.info(f"frozen base loaded from {base}")
+    log.info(f"frozen weights loaded from {task.frozen_source}")
 
   if task.data_report:  # records read, used, skipped, truncated: once per run start
     log.write(start, task.data_report, console=False)

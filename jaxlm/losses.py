@@ -77,3 +77,18 @@ def dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *,
   else:
     raise ValueError(f"dpo loss {loss!r}: one of {', '.join(DPO_LOSSES)}")
   return per_pair, beta * chosen_ratio, beta * rejected_ratio
+
+
+def sequence_logps(logits_BTV, targets_BT, mask_BT):
+  """Per-row sums over masked positions of log softmax(logits)[target] -> [B] (float32):
+  the log-probability a model gives each sequence's supervised tokens."""
+  logits = logits_BTV.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+  token_logps = target_logit - jax.nn.logsumexp(logits, axis=-1)
+  return jnp.sum(token_logps * mask_BT.astype(jnp.float32), axis=-1)
+
+
+def gather_pairs(values_BG, pairs_BP2):
+  """Per-sequence values [B, G] -> (chosen, rejected) values [B, P] of each pair."""
+  return (jnp.take_along_axis(values_BG, pairs_BP2[..., 0], axis=1),
+          jnp.take_along_axis(values_BG, pairs_BP2[..., 1], axis=1))

@@ -14,10 +14,16 @@ a reason string, to be raised or counted with its file and line like SFT's.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import os
 import re
+
+import grain
+import numpy as np
+
+from jaxlm.data import sft
 
 ROLES = ("system", "user", "assistant")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -125,3 +131,144 @@ def to_preference(record) -> Preference | str:
   if any(c == r for c, r, _ in pairs):
     return "identical_pair"
   return Preference(prompt_turns, pairs)
+
+
+# ---------------------------------------------------------------------------------------
+# Tokens: each response once after its prompt; pairs index the responses of their record.
+
+
+def responses_and_pairs(pref: Preference) -> tuple[list[str], list[tuple[int, int, float]]]:
+  """The distinct responses of a record, and its pairs as (chosen, rejected, margin)
+  indices into them: K ranked responses are K sequences, not K(K-1) of them."""
+  responses: list[str] = []
+  index = {}
+  pairs = []
+  for chosen, rejected, margin in pref.pairs:
+    for text in (chosen, rejected):
+      if text not in index:
+        index[text] = len(responses)
+        responses.append(text)
+    pairs.append((index[chosen], index[rejected], float(margin or 0.0)))
+  return responses, pairs
+
+
+def tokenize_group(pref: Preference, tok, template, *, max_ids: int, truncation: str):
+  """A record -> ({"ids", "supervised": one array per response, "pairs", "margins"},
+  whether a response was truncated); or the reason it was dropped.
+
+  Each sequence is BOS, the prompt rendered with the chat template, then the response
+  as the assistant's turn (its end marker included), encoded whole as at inference;
+  `supervised` marks the response. Sequences over `max_ids` lose their end (or, with
+  truncation="drop", drop the record); a record where a response would be cut away
+  entirely is dropped."""
+  responses, pairs = responses_and_pairs(pref)
+  prompt = [(role, text, False) for role, text in pref.prompt]
+  out = {"ids": [], "supervised": []}
+  truncated = False
+  for text in responses:
+    tokenized = sft.tokenize(prompt + [("assistant", text, True)], True, tok, template,
+                             "completion")
+    if isinstance(tokenized, str):
+      return tokenized
+    ids, sup = tokenized
+    if len(ids) > max_ids:
+      if truncation == "drop":
+        return "dropped_too_long"
+      if not sup[:max_ids].any():
+        return "dropped_truncated_away"
+      ids, sup, truncated = ids[:max_ids], sup[:max_ids], True
+    out["ids"].append(ids)
+    out["supervised"].append(sup)
+  out["pairs"] = np.asarray([(i, j) for i, j, _ in pairs], np.int32)
+  out["margins"] = np.asarray([m for _, _, m in pairs], np.float32)
+  return out, truncated
+
+
+def load_groups(files: list[str], tok, template, *, max_ids: int, truncation: str,
+                on_error: str):
+  """Every record of `files` -> tokenized groups, counted like SFT's examples (records,
+  used, pairs, skipped_<reason>, truncated, dropped_*), with where each reason first
+  occurred."""
+  out = sft.Examples([], collections.Counter(), {})
+  for path in files:
+    for where, record in sft.read_records(path):
+      out.counts["records"] += 1
+      pref = record if isinstance(record, str) else to_preference(record)
+      group = pref if isinstance(pref, str) else tokenize_group(
+          pref, tok, template, max_ids=max_ids, truncation=truncation)
+      if isinstance(group, str):
+        if group.startswith("dropped_"):
+          out.counts[group] += 1
+          out.first.setdefault(group, where)
+          continue
+        if on_error == "raise":
+          raise sft.DataError(f"{where}: {group} (data.on_error=raise; 'skip' counts and "
+                              f"goes on)")
+        out.counts[f"skipped_{group}"] += 1
+        out.first.setdefault(group, where)
+        continue
+      group, truncated = group
+      out.counts["truncated"] += truncated
+      out.counts["used"] += 1
+      out.counts["pairs"] += len(group["pairs"])
+      out.examples.append(group)
+  return out
+
+
+def group_size(*example_lists) -> int:
+  """The most responses any record has: the fixed number of sequences per batch row."""
+  return max((len(ex["ids"]) for examples in example_lists for ex in examples), default=2)
+
+
+def pad_group(ex: dict, group: int, seq_len: int, shifted: bool) -> dict:
+  """A record's sequences as fixed [group, seq_len] arrays (padding rows are segment 0)
+  and its pairs as [group * (group - 1) / 2] with a validity mask. `shifted`: tokens are
+  ids[:-1] with next-token targets and the response mask over them (for log-probs);
+  otherwise tokens are the ids themselves (for a reward read at the last one)."""
+  num_pairs = group * (group - 1) // 2
+  tokens = np.zeros((group, seq_len), np.int32)
+  segments = np.zeros((group, seq_len), np.int32)
+  positions = np.zeros((group, seq_len), np.int32)
+  out = {"tokens": tokens, "segment_ids": segments, "positions": positions}
+  if shifted:
+    out["targets"] = np.zeros((group, seq_len), np.int32)
+    out["loss_mask"] = np.zeros((group, seq_len), np.int32)
+  for g, (ids, sup) in enumerate(zip(ex["ids"], ex["supervised"])):
+    if shifted:
+      ids, targets, sup = ids[:-1], ids[1:], sup[1:]
+      out["targets"][g, :len(ids)] = targets
+      out["loss_mask"][g, :len(ids)] = sup
+    n = len(ids)
+    tokens[g, :n] = ids
+    segments[g, :n] = 1
+    positions[g, :n] = np.arange(n)
+  k = len(ex["pairs"])
+  pairs = np.zeros((num_pairs, 2), np.int32)
+  pairs[:k] = ex["pairs"]
+  margins = np.zeros(num_pairs, np.float32)
+  margins[:k] = ex["margins"]
+  valid = np.zeros(num_pairs, np.float32)
+  valid[:k] = 1.0
+  out.update(pairs=pairs, margins=margins, pair_mask=valid)
+  if "reference_logps" in ex:  # precomputed by the DPO task
+    ref = np.zeros(group, np.float32)
+    ref[:len(ex["reference_logps"])] = ex["reference_logps"]
+    out["reference_logps"] = ref
+  return out
+
+
+def preference_dataset(examples: list, *, group: int, seq_len: int, shifted: bool,
+                       batch_size: int, seed: int, shuffle: bool, repeat: bool = True,
+                       process_index: int = 0, process_count: int = 1, prefetch: int = 0):
+  """Batches of records: [batch, group, seq_len] sequences plus [batch, pairs] indices."""
+  ds = grain.MapDataset.source(examples)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat(None)
+  ds = ds[process_index::process_count].to_iter_dataset()
+  ds = ds.map(lambda ex: pad_group(ex, group, seq_len, shifted))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if prefetch:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+  return ds

@@ -455,7 +455,29 @@ def stdlib_docstrings(path: str) -> str:
   return path
 
 
-BUILTINS = {"stdlib_docstrings": stdlib_docstrings}
+def stdlib_docstring_pairs(path: str) -> str:
+  """Write preference pairs from the same instructions: the function's own docstring is
+  chosen, another function's (picked by a seeded shuffle) rejected."""
+  import random  # pylint: disable=import-outside-toplevel
+  source = stdlib_docstrings(path + ".sft")
+  with open(source, encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  os.remove(source)
+  others = list(range(len(records)))
+  random.Random(0).shuffle(others)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    for i, r in enumerate(records):
+      other = records[others[i]]["output"]
+      if other == r["output"]:
+        other = records[others[i - 1]]["output"]
+      f.write(json.dumps({"prompt": f"{r['instruction']}\n\n{r['input']}",
+                          "chosen": r["output"], "rejected": other}) + "\n")
+  os.replace(path + ".tmp", path)
+  return path
+
+
+BUILTINS = {"stdlib_docstrings": stdlib_docstrings,
+            "stdlib_docstring_pairs": stdlib_docstring_pairs}
 
 
 def resolve_builtin(spec: str, workdir: str, key: str) -> list[str]:

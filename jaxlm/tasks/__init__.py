@@ -10,6 +10,8 @@ import importlib
 REGISTRY = {
     "pretrain": "jaxlm.tasks.pretrain",
     "sft": "jaxlm.tasks.sft",
+    "reward": "jaxlm.tasks.reward",
+    "dpo": "jaxlm.tasks.dpo",
 }
 
 

@@ -159,19 +159,27 @@ def lm_loss_fn(model_cfg, z_loss: float, sharder, lora_cfg=None):
   return loss_fn
 
 
-def model_parts(config, sharder) -> dict:
+def model_parts(config, workdir: str, sharder) -> dict:
   """The Task fields that say what trains: every weight, or LoRA adapters over a frozen
-  base (loaded from init_from)."""
+  base (loaded from init_from, pinned in the workdir)."""
   m, seq_len = config.model, config.data.seq_len
   if lora_lib.enabled(config.lora):  # adapters' own FLOPs (rank << d) are left out
     return dict(init_params=lambda rng: lora_lib.init(m, config.lora, rng),
                 param_axes=lora_lib.param_axes(m, config.lora),
                 loss_fn=lm_loss_fn(m, config.loss.z_loss, sharder, config.lora),
-                frozen_shapes=lambda rng: model.init(m, rng), frozen_axes=model.param_axes(m),
+                load_init=None, frozen_shapes=lambda rng: model.init(m, rng),
+                frozen_axes=model.param_axes(m), frozen_source=lora_base(workdir, config),
                 flops_per_token=model.flops_per_token(m, seq_len, weight_grads=False))
   return dict(init_params=lambda rng: model.init(m, rng), param_axes=model.param_axes(m),
               loss_fn=lm_loss_fn(m, config.loss.z_loss, sharder),
               flops_per_token=model.flops_per_token(m, seq_len))
+
+
+def lora_base(workdir: str, config) -> str:
+  try:
+    return hf.lora_base(workdir, config.init_from)
+  except FileNotFoundError as e:
+    raise ConfigError(f"init_from: {e}") from None
 
 
 def summarize(m: dict) -> dict:
@@ -236,7 +244,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
                                       batch_size=local_batch, seed=0, shuffle=False,
                                       process_index=pid, process_count=nproc)
   return loop.Task(
-      **model_parts(config, sharder),
+      **model_parts(config, workdir, sharder),
       train_data=train_data,
       eval_data=eval_data,
       summarize=summarize,

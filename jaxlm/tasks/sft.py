@@ -22,11 +22,24 @@ def _tokenizer(config):
   inherited = pretrain.inherited_tokenizer(config)
   if inherited:
     return tokenizer_lib.load(inherited)
-  raise ConfigError("data.tokenizer: sft needs the tokenizer of the model it tunes; set "
-                    "data.tokenizer, or init_from a run or HF directory that has one")
+  raise ConfigError(f"data.tokenizer: {config.task} needs the tokenizer of the model it "
+                    f"tunes; set data.tokenizer, or init_from a run or HF directory that has one")
 
 
-def _files(spec: str, workdir: str, key: str) -> list[str]:
+def tokenizer_and_template(config, workdir: str):
+  """The tuned model's tokenizer (kept in the workdir, sizing the vocabulary) and the
+  chat template conversations are rendered with."""
+  tok = _tokenizer(config)
+  pretrain.set_vocab_size(config, tok)
+  pretrain.keep_tokenizer(tok, workdir)
+  if config.data.chat_template == "hf":
+    return tok, sft_data.hf_template(tok.path)
+  template = sft_data.TEMPLATES[config.data.chat_template]
+  sft_data.check_template(template, tok)
+  return tok, template
+
+
+def files(spec: str, workdir: str, key: str) -> list[str]:
   if spec.strip().startswith(sft_data.BUILTIN_PREFIX):
     return sft_data.resolve_builtin(spec.strip(), workdir, key)
   return expand_globs(spec, key)
@@ -35,18 +48,11 @@ def _files(spec: str, workdir: str, key: str) -> list[str]:
 def build(config, workdir: str, sharder) -> loop.Task:
   pretrain.adopt_init_from_architecture(config)
   d = config.data
-  tok = _tokenizer(config)
-  pretrain.set_vocab_size(config, tok)
-  pretrain.keep_tokenizer(tok, workdir)
-  if d.chat_template == "hf":
-    template = sft_data.hf_template(tok.path)
-  else:
-    template = sft_data.TEMPLATES[d.chat_template]
-    sft_data.check_template(template, tok)
+  tok, template = tokenizer_and_template(config, workdir)
   pid, nproc = jax.process_index(), jax.process_count()
 
   def load(spec, key):
-    ex = sft_data.load_examples(_files(spec, workdir, key), tok, template, fmt=d.sft_format,
+    ex = sft_data.load_examples(files(spec, workdir, key), tok, template, fmt=d.sft_format,
                                 seq_len=d.seq_len, loss_on=d.loss_on, truncation=d.truncation,
                                 on_error=d.on_error)
     if pid == 0:
@@ -68,7 +74,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
     report.update(held_out.report("eval"))
     eval_data = lambda: make(held_out.examples, False)  # noqa: E731
   return loop.Task(
-      **pretrain.model_parts(config, sharder),
+      **pretrain.model_parts(config, workdir, sharder),
       train_data=make(train.examples, True),
       eval_data=eval_data,
       summarize=pretrain.summarize,

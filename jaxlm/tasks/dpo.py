@@ -1,0 +1,198 @@
+"""Direct preference optimization and its relatives, on the policy itself.
+
+The loss compares how much more the policy than a reference prefers the chosen response
+(jaxlm.losses.dpo: sigmoid/cDPO, robust, IPO, hinge, reference-free). A record's
+responses go through one forward pass together (batch rows [B, G, T] flattened to
+[B * G, T]), and sequence log-probs are summed over each response's tokens.
+
+The reference, by `dpo.reference`:
+  copy         frozen weights (dpo.reference_from, else init_from), sharded like the
+               policy and run in the same step; with LoRA, the frozen base with the
+               adapters off, so no second copy is held
+  precomputed  one pass over the data before training with those weights, stored in
+               the workdir (resumable, reused on resume); training holds one model
+  none         reference-free
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxlm import checkpoint, lora as lora_lib, loop, losses, model
+from jaxlm.config import ConfigError
+from jaxlm.tasks import pretrain
+from jaxlm.tasks.reward import PreferenceData, flat, pair_sums
+
+
+def sequence_logps(weights, batch, model_cfg, sharder, adapters=None):
+  """Per-response sums of token log-probs [B, G], and per-response token counts."""
+  B, G = batch["tokens"].shape[:2]
+  logits = model.forward(weights, flat(batch["tokens"]), model_cfg,
+                         segment_ids=flat(batch["segment_ids"]),
+                         positions=flat(batch["positions"]), sharder=sharder, lora=adapters)
+  logps = losses.sequence_logps(logits, flat(batch["targets"]), flat(batch["loss_mask"]))
+  return logps.reshape(B, G), jnp.sum(batch["loss_mask"], axis=-1).astype(jnp.float32)
+
+
+def dpo_loss_fn(config, sharder):
+  m, dpo = config.model, config.dpo
+  use_lora = lora_lib.enabled(config.lora)
+
+  def loss_fn(params, batch, rng, frozen=None):
+    weights, adapters = ((frozen, lora_lib.as_model_lora(params, config.lora, rng)) if use_lora
+                         else (params, None))
+    policy, counts = sequence_logps(weights, batch, m, sharder, adapters)
+    if dpo.reference == "precomputed":
+      reference = batch["reference_logps"]
+    elif dpo.reference == "copy":  # the frozen tree: a copy, or LoRA's base
+      reference = jax.lax.stop_gradient(sequence_logps(frozen, batch, m, sharder)[0])
+    else:
+      reference = jnp.zeros_like(policy)
+    pc, pr = losses.gather_pairs(policy, batch["pairs"])
+    rc, rr = losses.gather_pairs(reference, batch["pairs"])
+    per_pair, chosen_rewards, rejected_rewards = losses.dpo(
+        pc, pr, rc, rr, beta=dpo.beta, loss=dpo.loss, label_smoothing=dpo.label_smoothing,
+        reference_free=dpo.reference == "none")
+    valid = batch["pair_mask"]
+    sums = {}
+    if dpo.sft_weight:  # RPO: the chosen response's mean token NLL, added per pair
+      chosen_counts = losses.gather_pairs(counts, batch["pairs"])[0]
+      nll = -pc / jnp.maximum(chosen_counts, 1.0)
+      per_pair = per_pair + dpo.sft_weight * nll
+      sums["nll/chosen"] = jnp.sum(nll * valid)
+    sums.update(pair_sums(chosen_rewards, rejected_rewards, per_pair, batch))
+    # TRL's names, so dashboards carry over.
+    sums["rewards/chosen"] = jnp.sum(chosen_rewards * valid)
+    sums["rewards/rejected"] = jnp.sum(rejected_rewards * valid)
+    sums["rewards/margins"] = sums.pop("margin")
+    sums["rewards/accuracies"] = sums.pop("accuracy")
+    sums["logps/chosen"] = jnp.sum(pc * valid)
+    sums["logps/rejected"] = jnp.sum(pr * valid)
+    return sums["loss"], sums
+  return loss_fn
+
+
+def reference_source(config, workdir: str) -> str:
+  """The reference's weights, pinned at the run's first start (reference.json)."""
+  try:
+    if lora_lib.enabled(config.lora):
+      return pretrain.lora_base(workdir, config)
+    return checkpoint.pin(workdir, "reference.json", config.dpo.reference_from or config.init_from)
+  except FileNotFoundError as e:
+    key = "dpo.reference_from" if config.dpo.reference_from else "init_from"
+    raise ConfigError(f"{key}: {e}") from None
+
+
+def _fingerprint(examples, group: int, source: str) -> str:
+  h = hashlib.sha256(f"{source}|{group}|{len(examples)}".encode())
+  for ex in examples:
+    for ids, sup in zip(ex["ids"], ex["supervised"]):
+      h.update(ids.tobytes())
+      h.update(sup.tobytes())
+  return h.hexdigest()[:16]
+
+
+def precompute_reference(config, workdir: str, sharder, data: PreferenceData, source: str,
+                         chunk_batches: int = 16) -> None:
+  """Attach `reference_logps` (one per response) to every train and eval record.
+
+  One pass of the reference over the data, batched like training. Results are written
+  in parts under <workdir>/reference_logps/, named by a fingerprint of the data and the
+  reference: an interrupted pass resumes from its last part, and a resumed run reuses
+  the finished file."""
+  m, d = config.model, config.data
+  folder = os.path.join(workdir, "reference_logps")
+  pending = []
+  for split, examples in (("train", data.train), ("eval", data.eval)):
+    if not examples:
+      continue
+    path = os.path.join(folder, f"{split}-{_fingerprint(examples, data.group, source)}.npy")
+    if os.path.isfile(path):
+      values = np.load(path, allow_pickle=False)
+      print(f"reference log-probs for {split}: {path}", flush=True)
+      for ex, row in zip(examples, values):
+        ex["reference_logps"] = row[:len(ex["ids"])]
+    else:
+      pending.append((split, examples, path))
+  if not pending:
+    return
+
+  abstract = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
+  shardings = sharder.tree(model.param_axes(m), abstract)
+  like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+  weights = checkpoint.load_params(source, like)
+  fn = jax.jit(lambda w, b: sequence_logps(w, b, m, sharder)[0])
+  from jaxlm.data import preference  # pylint: disable=import-outside-toplevel
+  pid, nproc = jax.process_index(), jax.process_count()
+  batch_size, local = d.batch_size, d.batch_size // nproc
+  started = time.perf_counter()
+  for split, examples, path in pending:
+    parts = path[:-len(".npy")] + ".parts"
+    os.makedirs(parts, exist_ok=True)
+    chunk = batch_size * chunk_batches
+    values = []
+    for c, begin in enumerate(range(0, len(examples), chunk)):
+      part = os.path.join(parts, f"{c:06d}.npy")
+      if os.path.isfile(part):
+        values.append(np.load(part, allow_pickle=False))
+        continue
+      out = []
+      for start in range(begin, min(begin + chunk, len(examples)), batch_size):
+        rows = [preference.pad_group(ex, data.group, d.seq_len, True)
+                for ex in examples[start:start + batch_size]]
+        rows += [jax.tree.map(np.zeros_like, rows[0])] * (batch_size - len(rows))
+        host = {k: np.stack([r[k] for r in rows[pid * local:(pid + 1) * local]])
+                for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+        logps = fn(weights, loop.device_batch(host, sharder))
+        out.append(np.asarray(multihost_utils.process_allgather(logps, tiled=True))
+                   [:min(batch_size, len(examples) - start)])
+      values.append(np.concatenate(out))
+      if pid == 0:
+        np.save(part + ".tmp.npy", values[-1], allow_pickle=False)
+        os.replace(part + ".tmp.npy", part)
+    values = np.concatenate(values)
+    if pid == 0:
+      np.save(path[:-4] + ".tmp.npy", values, allow_pickle=False)
+      os.replace(path[:-4] + ".tmp.npy", path)
+      for name in os.listdir(parts):
+        os.remove(os.path.join(parts, name))
+      os.rmdir(parts)
+    for ex, row in zip(examples, values):
+      ex["reference_logps"] = row[:len(ex["ids"])]
+    print(f"reference log-probs for {split}: {len(examples)} records in "
+          f"{time.perf_counter() - started:.1f}s -> {path}", flush=True)
+  if nproc > 1:
+    multihost_utils.sync_global_devices("reference_logps")
+
+
+def build(config, workdir: str, sharder) -> loop.Task:
+  pretrain.adopt_init_from_architecture(config)
+  data = PreferenceData(config, workdir, shifted=True)
+  m, dpo, seq_len = config.model, config.dpo, config.data.seq_len
+  parts = pretrain.model_parts(config, workdir, sharder)
+  parts["loss_fn"] = dpo_loss_fn(config, sharder)
+  if dpo.reference != "none":
+    source = reference_source(config, workdir)
+    if dpo.reference == "precomputed":
+      precompute_reference(config, workdir, sharder, data, source)
+    elif not lora_lib.enabled(config.lora):  # a frozen copy beside the policy
+      parts.update(frozen_shapes=lambda rng: model.init(m, rng),
+                   frozen_axes=model.param_axes(m), frozen_source=source)
+    if dpo.reference == "copy":  # the reference's forward pass, every step
+      parts["flops_per_token"] += model.flops_per_token(m, seq_len) / 3
+  return loop.Task(**parts, summarize=lambda s: s, **data.task_data())
+
+
+def run(config, workdir: str):
+  sharder = loop.make_sharder(config)
+  task = build(config, workdir, sharder)
+  loop.write_config(config, workdir)
+  return loop.train(config, workdir, task, sharder)
