@@ -55,3 +55,20 @@ def test_dpo_family_equals_float64_formulas(kind, smoothing, reference_free):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(chosen_rewards), beta * (pc - rc), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(rejected_rewards), beta * (pr - rr), rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_logps_and_pair_gather_equal_float64_formulas():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(4, 6, 9)) * 2
+  targets = rng.integers(0, 9, size=(4, 6))
+  mask = rng.integers(0, 2, size=(4, 6))
+  got = losses.sequence_logps(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
+                              jnp.asarray(mask))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = (np.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask).sum(-1)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  values = rng.normal(size=(2, 3)).astype(np.float32)
+  pairs = np.array([[[0, 1], [0, 2], [1, 2]], [[1, 0], [0, 0], [0, 0]]])
+  chosen, rejected = losses.gather_pairs(jnp.asarray(values), jnp.asarray(pairs))
+  np.testing.assert_array_equal(np.asarray(chosen), [values[0, [0, 0, 1]], values[1, [1, 0, 0]]])
+  np.testing.assert_array_equal(np.asarray(rejected), [values[0, [1, 2, 2]], values[1, [0, 0, 0]]])

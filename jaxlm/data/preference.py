@@ -56,7 +56,7 @@ def _messages(value) -> list[tuple[str, str]] | None:
   return out
 
 
-def _response(value) -> str | None:
+def as_response(value) -> str | None:
   """A response: a string, or a one-assistant-message list."""
   if isinstance(value, str):
     return value
@@ -103,11 +103,11 @@ def to_preference(record) -> Preference | str:
     responses = record["responses"]
     if not isinstance(responses, list) or len(responses) < 2:
       return "wrong_type"
-    responses = [_response(r) for r in responses]
+    responses = [as_response(r) for r in responses]
     pairs = [(a, b, margin) for a, b in itertools.combinations(responses, 2)]
   elif "chosen" in record and "rejected" in record:
     if "prompt" in record:
-      chosen, rejected = _response(record["chosen"]), _response(record["rejected"])
+      chosen, rejected = as_response(record["chosen"]), as_response(record["rejected"])
       pairs = [(chosen, rejected, margin)]
     else:
       split = _implicit(record["chosen"], record["rejected"])

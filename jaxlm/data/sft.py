@@ -457,21 +457,33 @@ def stdlib_docstrings(path: str) -> str:
 
 def stdlib_docstring_pairs(path: str) -> str:
   """Write preference pairs from the same instructions: the function's own docstring is
-  chosen, another function's (picked by a seeded shuffle) rejected."""
+  chosen; rejected, in turn, is another function's docstring (picked by a seeded
+  shuffle), the docstring with its words shuffled, or the docstring cut off after a
+  third of its words. The last two a small model learns to spot; the first is hard."""
   import random  # pylint: disable=import-outside-toplevel
   source = stdlib_docstrings(path + ".sft")
   with open(source, encoding="utf-8") as f:
     records = [json.loads(line) for line in f]
   os.remove(source)
+  rng = random.Random(0)
   others = list(range(len(records)))
-  random.Random(0).shuffle(others)
+  rng.shuffle(others)
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     for i, r in enumerate(records):
-      other = records[others[i]]["output"]
-      if other == r["output"]:
-        other = records[others[i - 1]]["output"]
+      words = r["output"].split()
+      if i % 3 == 1 and len(set(words)) > 2:
+        shuffled = list(words)
+        while shuffled == words:
+          rng.shuffle(shuffled)
+        rejected = " ".join(shuffled)
+      elif i % 3 == 2 and len(words) >= 6:
+        rejected = " ".join(words[:len(words) // 3])
+      else:
+        rejected = records[others[i]]["output"]
+        if rejected == r["output"]:
+          rejected = records[others[i - 1]]["output"]
       f.write(json.dumps({"prompt": f"{r['instruction']}\n\n{r['input']}",
-                          "chosen": r["output"], "rejected": other}) + "\n")
+                          "chosen": r["output"], "rejected": rejected}) + "\n")
   os.replace(path + ".tmp", path)
   return path
 
