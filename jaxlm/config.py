@@ -118,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer_vocab_size = 4096
   c.data.tokenizer_sample_chars = 4_000_000
   c.data.seq_len = 256
-  c.data.batch_size = 16        # global, in sequences
+  c.data.batch_size = 16        # global, in sequences (reward, dpo: records)
   c.data.shuffle = True
   c.data.prefetch = 2           # batches prepared ahead in a background thread
   # SFT (task "sft"): records -> chat template -> tokens with a loss mask
