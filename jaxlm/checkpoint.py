@@ -144,9 +144,21 @@ def pin(workdir: str, name: str, source: str) -> str:
   """The concrete weights `source` names (a HF directory, or the step folder of a jaxlm
   run's latest checkpoint), written to `<workdir>/<name>` at a run's first start and read
   back ever after: a resume or an export uses the same weights even if the source run
-  has moved on. Process 0 writes; every process reads."""
+  has moved on. Process 0 writes; every process reads. A pin whose source differs from
+  `source` is replaced while the workdir has no checkpoint, and is an error after."""
   from jaxlm import hf  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, name)
+  if jax.process_index() == 0 and os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      pinned = json.load(f)
+    was = pinned.get("source", pinned.get("init_from"))
+    if was != source:
+      has_steps = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+          d.isdigit() for d in os.listdir(os.path.join(workdir, "checkpoints")))
+      if has_steps:
+        raise ConfigError(f"{path}: this run's checkpoints belong to weights from {was!r}, "
+                          f"but the config now says {source!r}; use a new workdir")
+      os.remove(path)  # no step was trained on the old pin: take the new source
   if jax.process_index() == 0 and not os.path.isfile(path):
     base = (os.path.abspath(source) if hf.is_hf_dir(source)
             else os.path.dirname(find_params_dir(source)))

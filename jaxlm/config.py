@@ -273,9 +273,10 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       errors.append(f"dpo.beta={dpo.beta}: must be > 0")
     if not 0.0 <= dpo.label_smoothing < 0.5:
       errors.append(f"dpo.label_smoothing={dpo.label_smoothing}: must be in [0, 0.5)")
-    if dpo.reference != "none" and not (dpo.reference_from or config.init_from):
-      errors.append(f"dpo.reference={dpo.reference!r} needs the reference's weights: set "
-                    f"init_from (the policy starts there too) or dpo.reference_from")
+    if not config.init_from:
+      errors.append("init_from: task='dpo' needs the model it aligns (a jaxlm run or a "
+                    "Hugging Face directory); the policy starts there and, by default, "
+                    "the reference is a copy of it")
     if dpo.reference_from and config.lora.rank:
       errors.append("dpo.reference_from: with LoRA the reference is the base (init_from) "
                     "with the adapters off; leave dpo.reference_from empty")
@@ -285,7 +286,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     spec = config.reward.normalize_on
     if spec == "eval" and not config.data.eval:
       errors.append("reward.normalize_on='eval' but data.eval is empty")
-    elif spec and spec != "eval":
+    elif spec and spec != "eval" and not spec.strip().startswith("builtin:"):
       check(lambda: expand_globs(spec, "reward.normalize_on"))
   if not 0.0 <= config.optimizer.min_lr_ratio <= 1.0:
     errors.append(f"optimizer.min_lr_ratio={config.optimizer.min_lr_ratio}: must be in [0, 1]")

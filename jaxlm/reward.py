@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlm import checkpoint, model, sharding
 from jaxlm.config import ConfigError
@@ -145,6 +146,11 @@ def load(path: str, *, mesh: dict | None = None) -> RewardModel:
   if os.path.isfile(norm_path):
     with open(norm_path, encoding="utf-8") as f:
       normalization = json.load(f)
+    step = int(os.path.basename(os.path.dirname(checkpoint.find_params_dir(path))))
+    if normalization.get("step") != step:  # computed for other weights: not applied
+      log.warning("%s is for step %s, not the loaded step %d: rewards are not normalized",
+                  norm_path, normalization.get("step"), step)
+      normalization = None
   return RewardModel(params, cfg, tok, template, run["data"].get("seq_len", 1024), sharder,
                      normalization)
 
@@ -187,7 +193,6 @@ def score_tokens(rm: RewardModel, sequences: list[np.ndarray], *, batch_size: in
   order = np.argsort([len(s) for s in sequences], kind="stable")
   out = np.zeros(len(sequences), np.float32)
   cut = 0
-  row_sharding = rm.sharder.sharding(("batch", None))
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
     length = _bucket(max(len(sequences[i]) for i in chunk), rm.max_len)
@@ -198,9 +203,9 @@ def score_tokens(rm: RewardModel, sequences: list[np.ndarray], *, batch_size: in
       cut += len(sequences[i]) > length
       tokens[row, :len(seq)] = seq
       segments[row, :len(seq)] = 1
-    r = rm._fn(rm.params, jax.device_put(tokens, row_sharding),
-               jax.device_put(segments, row_sharding))
-    out[chunk] = np.asarray(jax.device_get(r))[:len(chunk)]
+    batch = sharding.global_batch({"tokens": tokens, "segments": segments}, rm.sharder)
+    r = rm._fn(rm.params, batch["tokens"], batch["segments"])
+    out[chunk] = np.asarray(multihost_utils.process_allgather(r, tiled=True))[:len(chunk)]
   if cut:
     log.warning("%d of %d sequences were longer than %d tokens and scored on their first %d",
                 cut, len(sequences), rm.max_len, rm.max_len)

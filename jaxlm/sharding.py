@@ -188,3 +188,14 @@ class Sharder:
   @property
   def data_parallel_size(self) -> int:
     return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+
+def global_batch(batch: dict, sharder) -> dict:
+  """A batch every process holds whole -> global arrays sharded over (data, fsdp), each
+  device taking its rows of it (for passes outside training: reference log-probs,
+  scoring)."""
+  def put(x):
+    x = np.asarray(x)
+    spec = sharder.sharding(("batch",) + (None,) * (x.ndim - 1))
+    return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
+  return {k: put(v) for k, v in batch.items()}

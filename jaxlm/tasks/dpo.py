@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 
 import jax
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, lora as lora_lib, loop, losses, model
+from jaxlm import checkpoint, lora as lora_lib, loop, losses, model, sharding
 from jaxlm.config import ConfigError
 from jaxlm.tasks import pretrain
 from jaxlm.tasks.reward import PreferenceData, flat, pair_sums
@@ -103,22 +104,29 @@ def precompute_reference(config, workdir: str, sharder, data: PreferenceData, so
                          chunk_batches: int = 16) -> None:
   """Attach `reference_logps` (one per response) to every train and eval record.
 
-  One pass of the reference over the data, batched like training. Results are written
-  in parts under <workdir>/reference_logps/, named by a fingerprint of the data and the
-  reference: an interrupted pass resumes from its last part, and a resumed run reuses
-  the finished file."""
+  One pass of the reference over the data, in batches of a training microbatch. Results
+  are written in parts under <workdir>/reference_logps/, each named by the records it
+  covers, in a folder named by a fingerprint of the data and the reference: an
+  interrupted pass resumes from its finished parts (whatever batch size wrote them), and
+  a resumed run reuses the finished file."""
   m, d = config.model, config.data
   folder = os.path.join(workdir, "reference_logps")
   pending = []
+
+  def attach(examples, values, path):
+    if len(values) != len(examples):
+      raise ConfigError(f"dpo.reference=precomputed: {path} holds {len(values)} records, the "
+                        f"data {len(examples)}; delete it to compute it again")
+    for ex, row in zip(examples, values):
+      ex["reference_logps"] = row[:len(ex["ids"])]
+
   for split, examples in (("train", data.train), ("eval", data.eval)):
     if not examples:
       continue
     path = os.path.join(folder, f"{split}-{_fingerprint(examples, data.group, source)}.npy")
     if os.path.isfile(path):
-      values = np.load(path, allow_pickle=False)
+      attach(examples, np.load(path, allow_pickle=False), path)
       print(f"reference log-probs for {split}: {path}", flush=True)
-      for ex, row in zip(examples, values):
-        ex["reference_logps"] = row[:len(ex["ids"])]
     else:
       pending.append((split, examples, path))
   if not pending:
@@ -131,45 +139,42 @@ def precompute_reference(config, workdir: str, sharder, data: PreferenceData, so
   weights = checkpoint.load_params(source, like)
   fn = jax.jit(lambda w, b: sequence_logps(w, b, m, sharder)[0])
   from jaxlm.data import preference  # pylint: disable=import-outside-toplevel
-  pid, nproc = jax.process_index(), jax.process_count()
-  batch_size, local = d.batch_size, d.batch_size // nproc
+  rows_per_pass = d.batch_size // config.optimizer.grad_accum_steps  # a training microbatch
   started = time.perf_counter()
   for split, examples, path in pending:
     parts = path[:-len(".npy")] + ".parts"
     os.makedirs(parts, exist_ok=True)
-    chunk = batch_size * chunk_batches
+    chunk = rows_per_pass * chunk_batches
     values = []
-    for c, begin in enumerate(range(0, len(examples), chunk)):
-      part = os.path.join(parts, f"{c:06d}.npy")
+    for begin in range(0, len(examples), chunk):
+      end = min(begin + chunk, len(examples))
+      part = os.path.join(parts, f"{begin:09d}-{end:09d}.npy")
       if os.path.isfile(part):
         values.append(np.load(part, allow_pickle=False))
         continue
       out = []
-      for start in range(begin, min(begin + chunk, len(examples)), batch_size):
+      for start in range(begin, end, rows_per_pass):
         rows = [preference.pad_group(ex, data.group, d.seq_len, True)
-                for ex in examples[start:start + batch_size]]
-        rows += [jax.tree.map(np.zeros_like, rows[0])] * (batch_size - len(rows))
-        host = {k: np.stack([r[k] for r in rows[pid * local:(pid + 1) * local]])
+                for ex in examples[start:min(start + rows_per_pass, end)]]
+        n = len(rows)
+        rows += [jax.tree.map(np.zeros_like, rows[0])] * (rows_per_pass - n)
+        host = {k: np.stack([r[k] for r in rows])
                 for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
-        logps = fn(weights, loop.device_batch(host, sharder))
-        out.append(np.asarray(multihost_utils.process_allgather(logps, tiled=True))
-                   [:min(batch_size, len(examples) - start)])
+        logps = fn(weights, sharding.global_batch(host, sharder))
+        out.append(np.asarray(multihost_utils.process_allgather(logps, tiled=True))[:n])
       values.append(np.concatenate(out))
-      if pid == 0:
+      if jax.process_index() == 0:
         np.save(part + ".tmp.npy", values[-1], allow_pickle=False)
         os.replace(part + ".tmp.npy", part)
     values = np.concatenate(values)
-    if pid == 0:
+    attach(examples, values, path)
+    if jax.process_index() == 0:
       np.save(path[:-4] + ".tmp.npy", values, allow_pickle=False)
       os.replace(path[:-4] + ".tmp.npy", path)
-      for name in os.listdir(parts):
-        os.remove(os.path.join(parts, name))
-      os.rmdir(parts)
-    for ex, row in zip(examples, values):
-      ex["reference_logps"] = row[:len(ex["ids"])]
+      shutil.rmtree(parts)
     print(f"reference log-probs for {split}: {len(examples)} records in "
           f"{time.perf_counter() - started:.1f}s -> {path}", flush=True)
-  if nproc > 1:
+  if jax.process_count() > 1:
     multihost_utils.sync_global_devices("reference_logps")
 
 
