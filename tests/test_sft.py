@@ -211,3 +211,16 @@ def test_hf_jinja_template_renders_like_transformers_and_masks_responses(hf_toke
   with pytest.raises(ConfigError, match="data.chat_template='hf': no chat_template in"):
     sft.hf_template(str(tmp_dir := _tmp("t.json")))
   del tmp_dir
+
+
+def test_a_run_keeps_only_the_tokenizer_it_uses(tmp_path):
+  """HF models ship tokenizer.model and tokenizer.json; later stages read the workdir's,
+  so it holds just the one the run encoded with, with the files that go with it."""
+  src = tmp_path / "hf"
+  src.mkdir()
+  for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+    (src / name).write_text(name)
+  for used, gone in (("tokenizer.json", "tokenizer.model"), ("tokenizer.model", "tokenizer.json")):
+    workdir = tmp_path / f"run_{used}"
+    pretrain.keep_tokenizer(type("Tok", (), {"path": str(src / used)})(), str(workdir))
+    assert sorted(os.listdir(workdir)) == sorted([used, "tokenizer_config.json"]), gone

@@ -112,7 +112,9 @@ def prepare_tokenizer(config, workdir: str, docs: DocumentSource):
 
 def keep_tokenizer(tok, workdir: str) -> None:
   """Copy the tokenizer (and the files beside it: tokenizer_config.json, ...) into the
-  workdir, so the run is self-contained: a later init_from or an export finds it."""
+  workdir, so the run is self-contained: a later init_from or an export finds it. Of a
+  tokenizer.model / tokenizer.json pair (HF models ship both) only the one in use is
+  kept."""
   source = os.path.dirname(os.path.abspath(tok.path))
   if jax.process_index() != 0 or source == os.path.abspath(workdir):
     return
@@ -121,9 +123,12 @@ def keep_tokenizer(tok, workdir: str) -> None:
                                                                  "tokenizer.json")):
     copied = hf.copy_tokenizer(source, workdir)
     name = os.path.basename(tok.path)
+    kept = "tokenizer.json" if name.endswith(".json") else "tokenizer.model"
     if name not in copied:  # a file named otherwise, e.g. data.tokenizer=my_sp.model
-      shutil.copyfile(tok.path, os.path.join(
-          workdir, "tokenizer.json" if name.endswith(".json") else "tokenizer.model"))
+      shutil.copyfile(tok.path, os.path.join(workdir, kept))
+    other = "tokenizer.model" if kept == "tokenizer.json" else "tokenizer.json"
+    if other in copied:  # only the one in use: later stages must read the same ids
+      os.remove(os.path.join(workdir, other))
 
 
 def set_vocab_size(config, tok: tokenizer_lib.Tokenizer):
