@@ -51,6 +51,21 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None):
   return out_BTGRK.reshape(B, T, H, K)
 
 
+def cached_attention(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, q_slots_T):
+  """Decoding attention over a KV cache: query t (at cache slot q_slots_T[t]) sees the
+  valid slots at or before its own. The same arithmetic as `xla_attention`."""
+  B, T, H, K = q_BTHK.shape
+  G, S = k_BSGK.shape[2], k_BSGK.shape[1]
+  q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+  logits_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK,
+                            preferred_element_type=jnp.float32) / np.sqrt(K)
+  mask_BTS = (jnp.arange(S)[None, None, :] <= q_slots_T[None, :, None]) & key_valid_BS[:, None, :]
+  logits_BGRTS = jnp.where(mask_BTS[:, None, None], logits_BGRTS, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits_BGRTS, axis=-1).astype(v_BSGK.dtype)
+  out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BSGK)
+  return out_BTGRK.reshape(B, T, H, K)
+
+
 def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None):
   if segment_ids_BT is None:
     return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, is_causal=True,

@@ -188,8 +188,12 @@ def _project(eq, x, p, name, dt, adapters, lora_scale, drop_rng, lora_dropout):
 
 
 def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
-           adapters=None, lora_scale=1.0, drop_rng=None, lora_dropout=0.0):
-  """One transformer block (pre-norm). `adapters`: this layer's LoRA A/B pairs, or None."""
+           adapters=None, lora_scale=1.0, drop_rng=None, lora_dropout=0.0, cache=None):
+  """One transformer block (pre-norm). `adapters`: this layer's LoRA A/B pairs, or None.
+
+  With `cache` = (k [B, S, G, K], v, key_valid [B, S], index) (decoding), the block's
+  keys and values are written at slots index..index+T-1 and attention reads the whole
+  cache; it then returns (x, (k, v))."""
   dt = _dtype(cfg.dtype)
   gpt2 = cfg.family == "gpt2"
   c = sharder.constrain if sharder is not None else (lambda x, _: x)
@@ -213,7 +217,17 @@ def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
   q = c(q, ("batch", "length", "heads", "head_dim"))
   k = c(k, ("batch", "length", "kv_heads", "head_dim"))
   v = c(v, ("batch", "length", "kv_heads", "head_dim"))
-  o = attention.attend(q, k, v, segment_ids_BT, impl)
+  if cache is None:
+    o = attention.attend(q, k, v, segment_ids_BT, impl)
+  else:
+    k_cache, v_cache, key_valid, index = cache
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
+    k_cache = c(k_cache, ("batch", "length", "kv_heads", "head_dim"))
+    v_cache = c(v_cache, ("batch", "length", "kv_heads", "head_dim"))
+    o = attention.cached_attention(q, k_cache, v_cache, key_valid,
+                                   index + jnp.arange(x_BTD.shape[1]))
+    cache = (k_cache, v_cache)
   o = proj("bthk,hkd->btd", o, "wo")
   if gpt2:
     o = o + p["bo"].astype(dt)
@@ -229,7 +243,8 @@ def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
   out = proj("btf,fd->btd", act, "w_down")
   if gpt2:
     out = out + p["b_down"].astype(dt)
-  return c(x_BTD + out, ("batch", "length", "embed"))
+  out = c(x_BTD + out, ("batch", "length", "embed"))
+  return out if cache is None else (out, cache)
 
 
 class Lora(NamedTuple):
@@ -240,19 +255,29 @@ class Lora(NamedTuple):
   rng: Any = None
 
 
+def _embed(params, tokens_BT, positions_BT, cfg, sharder):
+  x = jnp.take(params["embed"], tokens_BT, axis=0).astype(_dtype(cfg.dtype))
+  if cfg.family == "gpt2":
+    x = x + jnp.take(params["pos_embed"], positions_BT, axis=0).astype(x.dtype)
+  if sharder is not None:
+    x = sharder.constrain(x, ("batch", "length", "embed"))
+  return x
+
+
+def _final_norm(params, x, cfg):
+  if cfg.family == "gpt2":
+    return layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
+  return rms_norm(x, params["final_norm"], cfg.norm_eps)
+
+
 def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
                   sharder: Sharder | None = None, lora: Lora | None = None):
   """Final-normed hidden states [B, T, D] in the compute dtype."""
-  dt = _dtype(cfg.dtype)
   B, T = tokens_BT.shape
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   impl = attention.resolve_impl(cfg.attention, cfg.dtype)
-  x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
-  if cfg.family == "gpt2":
-    x = x + jnp.take(params["pos_embed"], positions, axis=0).astype(dt)
-  if sharder is not None:
-    x = sharder.constrain(x, ("batch", "length", "embed"))
+  x = _embed(params, tokens_BT, positions, cfg, sharder)
   inv_freq = rope_frequencies(cfg) if cfg.family == "llama" else None
 
   adapters = lora.adapters["layers"] if lora is not None else None
@@ -267,9 +292,51 @@ def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
   x, _ = jax.lax.scan(body, x, (params["layers"], adapters, drop_rngs))
-  if cfg.family == "gpt2":
-    return layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
-  return rms_norm(x, params["final_norm"], cfg.norm_eps)
+  return _final_norm(params, x, cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding with a KV cache (jaxlm.generate)
+
+
+class Cache(NamedTuple):
+  """Keys and values of every layer for `slots` positions, and which slots hold a token."""
+  k: jax.Array          # [L, B, S, G, K]
+  v: jax.Array          # [L, B, S, G, K]
+  valid: jax.Array      # [B, S] bool
+
+
+def init_cache(cfg, batch: int, slots: int) -> Cache:
+  shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, head_dim(cfg))
+  dt = _dtype(cfg.dtype)
+  return Cache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, slots), bool))
+
+
+def cache_axes() -> Cache:
+  axes = ("layers", "batch", "length", "kv_heads", "head_dim")
+  return Cache(axes, axes, ("batch", "length"))
+
+
+def forward_cached(params, tokens_BT, cfg, cache: Cache, index, *, positions, valid_BT,
+                   sharder: Sharder | None = None, lora: Lora | None = None):
+  """Logits [B, T, V] for tokens written at cache slots index..index+T-1, attending to
+  every valid slot up to their own; returns (logits, updated cache). `valid_BT` marks
+  which of the new tokens are real (left padding of a prompt is not)."""
+  valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_BT, index, 1)
+  impl = "xla"
+  inv_freq = rope_frequencies(cfg) if cfg.family == "llama" else None
+  x = _embed(params, tokens_BT, positions, cfg, sharder)
+  adapters = lora.adapters["layers"] if lora is not None else None
+
+  def body(x, xs):
+    p, a, k, v = xs
+    x, (k, v) = _layer(cfg, impl, sharder, inv_freq, x, p, None, positions, a,
+                       lora.scale if lora else 1.0, cache=(k, v, valid, index))
+    return x, (k, v)
+
+  x, (k, v) = jax.lax.scan(body, x, (params["layers"], adapters, cache.k, cache.v))
+  logits = unembed(params, _final_norm(params, x, cfg), cfg, sharder)
+  return logits, Cache(k, v, valid)
 
 
 def unembed(params, h_BTD, cfg, sharder: Sharder | None = None):

@@ -1,0 +1,163 @@
+"""The sampling engine: jitted prefill, then a decode loop over a preallocated KV cache.
+
+Prompts of different lengths are left-padded to a shared bucket length P, so every row
+writes its next token at the same cache slot (P, P+1, ...) while its positions start
+from 0 at its own first token. One compiled program serves a (batch, P, max_new_tokens,
+sampling) bucket: `Engine` keeps them, and callers pad batches and lengths to buckets.
+
+Per-token log-probs are those of the distribution sampled from before top-k/top-p
+truncation, log softmax(logits / temperature) (temperature 1 for greedy), which is what
+a training forward pass recomputes on the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import model, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  max_new_tokens: int = 128
+  temperature: float = 1.0      # 0: greedy
+  top_k: int = 0                # 0: off
+  top_p: float = 1.0            # 1: off
+  stop: tuple[tuple[int, ...], ...] = ()  # token-id sequences that end a row (with EOS)
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: np.ndarray            # [N, max_new_tokens] int32, 0 after a row's end
+  logprobs: np.ndarray          # [N, max_new_tokens] float32, 0 after a row's end
+  lengths: np.ndarray           # [N] tokens generated, the EOS or stop sequence included
+  finished: np.ndarray          # [N] bool: ended by EOS or a stop sequence
+
+
+def filter_logits(logits_BV, top_k: int, top_p: float):
+  """Logits with everything outside the top-k and the top-p nucleus set to -inf."""
+  if top_k > 0:
+    kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
+  if top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_BV, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    cutoff = jnp.min(jnp.where(before < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV < cutoff, -jnp.inf, logits_BV)
+  return logits_BV
+
+
+def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, eos_id: int,
+              sharder, lora):
+  B, P = prompt_BP.shape
+  N = sampling.max_new_tokens
+  slots = P + N
+  c = sharder.constrain if sharder is not None else (lambda x, _: x)
+  cache = model.init_cache(cfg, B, slots)
+  cache = model.Cache(*[c(x, a) for x, a in zip(cache, model.cache_axes())])
+  pad_B = P - prompt_len_B
+  slot_P = jnp.arange(P)
+  valid_BP = slot_P[None, :] >= pad_B[:, None]
+  positions_BP = jnp.maximum(slot_P[None, :] - pad_B[:, None], 0)
+  logits, cache = model.forward_cached(params, prompt_BP, cfg, cache, 0, positions=positions_BP,
+                                       valid_BT=valid_BP, sharder=sharder, lora=lora)
+  temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+  stops = [jnp.asarray(s, jnp.int32) for s in sampling.stop]
+
+  def pick(logits_BV, key):
+    scaled = logits_BV.astype(jnp.float32) / temperature
+    logp_BV = jax.nn.log_softmax(scaled, axis=-1)
+    if sampling.temperature <= 0:
+      token = jnp.argmax(scaled, axis=-1)
+    else:
+      token = jax.random.categorical(key, filter_logits(scaled, sampling.top_k, sampling.top_p))
+    return token.astype(jnp.int32), jnp.take_along_axis(logp_BV, token[:, None], -1)[:, 0]
+
+  def ended(out_BN, step, token_B):
+    hit = token_B == eos_id
+    for s in stops:  # the last len(s) tokens equal s
+      L = s.shape[0]
+      window = jax.lax.dynamic_slice_in_dim(jnp.pad(out_BN, ((0, 0), (L, 0))), step + 1, L, 1)
+      hit |= jnp.all(window == s[None], axis=-1) & (step + 1 >= L)
+    return hit
+
+  def body(state):
+    step, logits_BV, cache, rng, out, logps, done, length = state
+    rng, key = jax.random.split(rng)
+    token, logp = pick(logits_BV, key)
+    token = jnp.where(done, 0, token)
+    logp = jnp.where(done, 0.0, logp)
+    length = length + (~done).astype(jnp.int32)
+    out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, 1)
+    logps = jax.lax.dynamic_update_slice_in_dim(logps, logp[:, None], step, 1)
+    done = done | ended(out, step, token)
+    logits, cache = model.forward_cached(
+        params, token[:, None], cfg, cache, P + step, positions=(prompt_len_B + step)[:, None],
+        valid_BT=jnp.ones((B, 1), bool), sharder=sharder, lora=lora)
+    return step + 1, logits[:, 0], cache, rng, out, logps, done, length
+
+  def cond(state):
+    step, done = state[0], state[6]
+    return (step < N) & ~jnp.all(done)
+
+  init = (jnp.int32(0), logits[:, -1], cache, rng, jnp.zeros((B, N), jnp.int32),
+          jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+  _, _, _, _, out, logps, done, length = jax.lax.while_loop(cond, body, init)
+  return out, logps, length, done
+
+
+def bucket(n: int, smallest: int = 16) -> int:
+  return max(smallest, 1 << (max(n, 1) - 1).bit_length())
+
+
+class Engine:
+  """Batched generation for one model: compiled once per (rows, prompt bucket, sampling),
+  on the devices of `sharder` (rows over data x fsdp, weights as the caller placed them)."""
+
+  def __init__(self, cfg, *, eos_id: int, sharder=None, max_prompt_len: int = 0):
+    self.cfg, self.eos_id, self.sharder = cfg, eos_id, sharder
+    self.max_prompt_len = max_prompt_len
+    self._compiled = {}
+
+  def _fn(self, sampling: Sampling, with_lora: bool):
+    key = (sampling, with_lora)
+    if key not in self._compiled:
+      fn = functools.partial(_generate, cfg=self.cfg, sampling=sampling, eos_id=self.eos_id,
+                             sharder=self.sharder)
+      self._compiled[key] = jax.jit(lambda p, t, n, r, lora: fn(p, t, n, r, lora=lora))
+    return self._compiled[key]
+
+  def generate(self, params, prompts: list, rng, sampling: Sampling, *, rows: int = 0,
+               lora=None) -> Generation:
+    """Completions of id-sequence prompts (BOS first). `rows` pads the batch to a fixed
+    row count (a multiple of the data-parallel size) so calls share one program."""
+    n = len(prompts)
+    dp = self.sharder.data_parallel_size if self.sharder is not None else 1
+    rows = max(rows, n)
+    rows = -(-rows // dp) * dp
+    longest = max(len(p) for p in prompts)
+    P = bucket(longest)
+    if self.max_prompt_len:
+      P = min(P, max(self.max_prompt_len, longest))
+    tokens = np.zeros((rows, P), np.int32)
+    lengths = np.ones(rows, np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, P - len(p):] = p
+      lengths[i] = len(p)
+    tokens[n:, -1] = prompts[0][-1]  # padding rows: a one-token prompt, discarded
+    if self.sharder is not None:
+      batch = sharding.global_batch({"t": tokens, "n": lengths}, self.sharder)
+      tokens_in, lengths_in = batch["t"], batch["n"]
+    else:
+      tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
+    out, logps, lens, done = self._fn(sampling, lora is not None)(params, tokens_in, lengths_in,
+                                                                  rng, lora)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    fetch = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n]  # noqa: E731
+    return Generation(fetch(out), fetch(logps), fetch(lens), fetch(done))
