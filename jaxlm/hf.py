@@ -355,10 +355,10 @@ def import_hf(hf_dir: str, out: str) -> str:
   return out
 
 
-def export_hf(jaxlm_path: str, out: str) -> str:
-  """A jaxlm workdir, checkpoints folder or step folder -> a HF model directory
-  (its latest step unless a step folder is given), with the tokenizer files. A LoRA
-  run's adapters are merged into its base (its init_from)."""
+def load_jaxlm(jaxlm_path: str):
+  """A jaxlm workdir, checkpoints folder or step folder -> (model config, params, its
+  workdir, the run's config as a dict), the latest step unless a step folder is given.
+  A LoRA run's adapters come merged into its base."""
   import jax  # pylint: disable=import-outside-toplevel
   from jaxlm import checkpoint, model  # pylint: disable=import-outside-toplevel
   params_dir = checkpoint.find_params_dir(jaxlm_path)
@@ -367,6 +367,9 @@ def export_hf(jaxlm_path: str, out: str) -> str:
     raise HFError(f"{jaxlm_path}: no config.json in it or above it; can't tell the model shape")
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     run_config = json.load(f)
+  if run_config.get("task") == "reward":
+    raise HFError(f"{jaxlm_path}: a reward model (a scalar head, no output projection); "
+                  f"load it with jaxlm.reward.load")
   m = model_config("tiny", **run_config["model"])
   like = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
   lora_cfg = run_config.get("lora") or {}
@@ -380,6 +383,14 @@ def export_hf(jaxlm_path: str, out: str) -> str:
     params = lora.merge(base, adapters, lora_cfg)
   else:
     params = checkpoint.load_params(os.path.dirname(params_dir), like)
+  return m, params, workdir, run_config
+
+
+def export_hf(jaxlm_path: str, out: str) -> str:
+  """A jaxlm workdir, checkpoints folder or step folder -> a HF model directory
+  (its latest step unless a step folder is given), with the tokenizer files. A LoRA
+  run's adapters are merged into its base (its init_from)."""
+  m, params, workdir, _ = load_jaxlm(jaxlm_path)
   save_hf(m, params, out)
   copy_tokenizer(workdir, out)
   _write_token_ids(workdir, out)

@@ -47,7 +47,14 @@ class Task:
   # A frozen tree the loss reads but never trains (LoRA's base, DPO's reference):
   frozen_shapes: Callable[[jax.Array], Any] | None = None  # rng -> params (only traced)
   frozen_axes: Any = None
-  frozen_source: str = ""                     # the checkpoint or HF directory it loads from
+  frozen_source: Any = ""                     # the checkpoint or HF directory it loads from
+                                              # (a dict of them for a dict of frozen trees)
+  # RL: each step first makes its batch from the current params (generation, rewards),
+  # rollout(params, frozen, host_batch, step) -> (device batch, host metrics), then runs
+  # `epochs` passes of `minibatches` optimizer updates over it in one jitted step.
+  rollout: Callable[[Any, Any, dict, int], tuple[dict, dict]] | None = None
+  epochs: int = 1
+  minibatches: int = 1
 
 
 def make_sharder(config) -> sharding.Sharder:
@@ -73,16 +80,17 @@ def state_shardings(sharder, param_axes, abstract_state):
 
 
 def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
-  """(state, frozen, batch) -> (state, metrics); batch leading axis is the global batch."""
+  """(state, frozen, batch) -> (state, metrics); batch leading axis is the global batch.
+  With task.epochs x task.minibatches > 1, that many optimizer updates, each on a
+  minibatch of a fresh permutation per epoch; metrics are their mean."""
+  updates_per_step = task.epochs * task.minibatches
 
-  def step_fn(state, frozen, batch):
+  def update(params, opt_state, count, frozen, batch, step_rng):
     def grads_and_sums(params, batch, rng):
       (_, sums), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng,
                                                                         frozen)
       return grads, sums
 
-    params = state["params"]
-    rng, step_rng = jax.random.split(state["rng"])
     if accum_steps == 1:
       grads, sums = grads_and_sums(params, batch, step_rng)
     else:
@@ -105,12 +113,38 @@ def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
       (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                 "step": state["step"] + 1, "rng": rng}
+    updates, opt_state = tx.update(grads, opt_state, params)
     out = {k: v / weight for k, v in sums.items() if k != "weight"}
-    out.update(weight=sums["weight"], grad_norm=optax.tree.norm(grads),
-               lr=lr_schedule(state["step"]))
+    out.update(weight=sums["weight"], grad_norm=optax.tree.norm(grads), lr=lr_schedule(count))
+    return optax.apply_updates(params, updates), opt_state, out
+
+  def step_fn(state, frozen, batch):
+    rng, step_rng = jax.random.split(state["rng"])
+    first = state["step"] * updates_per_step
+    if updates_per_step == 1:
+      params, opt_state, out = update(state["params"], state["opt_state"], first, frozen, batch,
+                                      step_rng)
+    else:
+      rows = jax.tree.leaves(batch)[0].shape[0]
+      size = rows // task.minibatches
+      order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(step_rng, e), rows)
+                               for e in range(task.epochs)]).reshape(updates_per_step, size)
+
+      def body(carry, xs):
+        params, opt_state = carry
+        i, idx = xs
+        mb = jax.tree.map(lambda x: sharder.constrain(x[idx], ("batch",) + (None,) * (x.ndim - 1)),
+                          batch)
+        params, opt_state, out = update(params, opt_state, first + i, frozen, mb,
+                                        jax.random.fold_in(step_rng, 1000 + i))
+        return (params, opt_state), out
+
+      (params, opt_state), outs = jax.lax.scan(
+          body, (state["params"], state["opt_state"]), (jnp.arange(updates_per_step), order))
+      out = jax.tree.map(lambda x: jnp.mean(x, axis=0), outs)
+      out["weight"] = jnp.sum(outs["weight"])
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": rng}
     return new_state, out
 
   return step_fn
@@ -224,7 +258,13 @@ def _host(tree):
 def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
   """Run (or resume) training; returns the last logged metrics."""
   total = config.steps
-  tx, lr_schedule = optimizer.make(config.optimizer, total)
+  updates_per_step = task.epochs * task.minibatches
+  opt_cfg = config.optimizer
+  if updates_per_step > 1:  # the schedule counts optimizer updates
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
+    opt_cfg.warmup_steps *= updates_per_step
+  tx, lr_schedule = optimizer.make(opt_cfg, total * updates_per_step)
 
   def init_state(rng):
     params_rng, train_rng = jax.random.split(rng)
@@ -265,7 +305,10 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     like = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                         abstract_frozen, frozen_sh)
     try:
-      frozen = checkpoint.load_params(task.frozen_source, like)
+      if isinstance(task.frozen_source, dict):  # several frozen models, one source each
+        frozen = {k: checkpoint.load_params(task.frozen_source[k], like[k]) for k in like}
+      else:
+        frozen = checkpoint.load_params(task.frozen_source, like)
     except FileNotFoundError as e:
       raise ConfigError(f"init_from: {e}") from None
     log.info(f"frozen weights loaded from {task.frozen_source}")
@@ -336,11 +379,20 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
       if host_batch is None:  # data.on_exhausted="stop"
         log.info(f"training data exhausted after step {step}: stopping")
         break
-      batch = device_batch(host_batch, sharder)
+      rollout_metrics = {}
+      if task.rollout is not None:  # generate, score: the batch this step trains on
+        batch, rollout_metrics = task.rollout(state["params"], frozen, host_batch, step)
+        update_started = time.perf_counter()
+      else:
+        batch = device_batch(host_batch, sharder)
       if step == start:  # compile once, explicitly, to report the step's memory plan
         train_step = train_step.lower(state, frozen, batch).compile()
         _log_memory_plan(log, train_step)
       state, m = train_step(state, frozen, batch)
+      if task.rollout is not None:  # the next rollout needs these params anyway
+        jax.block_until_ready(m)
+        rollout_metrics["time/update_s"] = time.perf_counter() - update_started
+        m = {**m, **rollout_metrics}
       done = step + 1
       if step == start:  # first step of this process: compile, measured apart
         jax.block_until_ready(m)

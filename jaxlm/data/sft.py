@@ -288,6 +288,26 @@ def tokenize(turns, is_chat: bool, tok, template: ChatTemplate, loss_on: str):
   return ids, sup
 
 
+def generation_prompt(turns, tok, template: ChatTemplate) -> np.ndarray:
+  """BOS and a conversation [(role, text)] rendered up to the assistant's next turn
+  (its header; a Jinja template's add_generation_prompt), as ids to generate from."""
+  if template.jinja:
+    from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string(template.jinja).render(
+        messages=[{"role": r, "content": t} for r, t in turns], bos_token="",
+        eos_token=template.eos_token, add_generation_prompt=True)
+  else:
+    text = template.begin + "".join(template.header.format(role=r) + t + template.end
+                                    for r, t in turns) + template.header.format(role="assistant")
+  return np.asarray([tok.bos_id] + tok.encode(text), np.int32)
+
+
+def end_of_turn(template: ChatTemplate) -> str:
+  """The marker that closes an assistant turn: generation stops at it."""
+  return template.end.strip() or template.eos_token
+
+
 @dataclasses.dataclass
 class Examples:
   examples: list                     # dicts of inputs/targets/loss_mask arrays

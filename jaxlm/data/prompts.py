@@ -1,0 +1,68 @@
+"""Prompt records for RL: a prompt to generate from, and the fields reward functions see.
+
+A record is JSON: `prompt` (a string, or a list of {"role", "content"} messages),
+`question` (GSM8K's name for it), or Alpaca's `instruction` (+ `input`). Every other
+field (`answer`, `output`, ...) is passed to reward functions by name. Bad records
+follow `data.on_error`, with their file and line, like SFT's.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from jaxlm.data import sft
+
+
+@dataclasses.dataclass
+class Prompt:
+  turns: list[tuple[str, str]]   # the conversation to answer
+  text: str                      # its last user message (what reward functions see)
+  fields: dict                   # every other field of the record
+
+
+def to_prompt(record) -> Prompt | str:
+  if not isinstance(record, dict):
+    return "wrong_type"
+  if "prompt" in record:
+    value, used = record["prompt"], ("prompt",)
+  elif "question" in record:
+    value, used = record["question"], ("question",)
+  elif "instruction" in record:
+    extra = record.get("input") or ""
+    if not isinstance(record["instruction"], str) or not isinstance(extra, str):
+      return "wrong_type"
+    value = record["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
+    used = ("instruction", "input")
+  else:
+    return "missing_field"
+  if isinstance(value, str):
+    turns = [("user", value)]
+  elif isinstance(value, list) and value and all(
+      isinstance(m, dict) and m.get("role") in sft.ROLES and isinstance(m.get("content"), str)
+      for m in value):
+    turns = [(m["role"], m["content"]) for m in value]
+  else:
+    return "wrong_type"
+  if not turns[-1][1].strip():
+    return "empty_prompt"
+  fields = {k: v for k, v in record.items() if k not in used}
+  return Prompt(turns, turns[-1][1], fields)
+
+
+def load_prompts(files: list[str], *, on_error: str) -> sft.Examples:
+  """Every record of `files` -> Prompts, counted (records, used, skipped_<reason>)."""
+  out = sft.Examples([], collections.Counter(), {})
+  for path in files:
+    for where, record in sft.read_records(path):
+      out.counts["records"] += 1
+      prompt = record if isinstance(record, str) else to_prompt(record)
+      if isinstance(prompt, str):
+        if on_error == "raise":
+          raise sft.DataError(f"{where}: {prompt} (data.on_error=raise; 'skip' counts and goes on)")
+        out.counts[f"skipped_{prompt}"] += 1
+        out.first.setdefault(prompt, where)
+        continue
+      out.counts["used"] += 1
+      out.examples.append(prompt)
+  return out

@@ -1,0 +1,85 @@
+"""The sampling engine: log-probs equal the training forward's, stops, filtering, the CLI."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import small_config, small_model
+from jaxlm import generate, loop, model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [np.array([2, 5, 6, 7]), np.array([2, 9]), np.array([2, 11, 12, 13, 14, 15, 16])]
+
+
+def training_logprobs(params, cfg, prompt, completion, temperature):
+  seq = np.concatenate([prompt, completion])
+  logits = model.forward(params, jnp.asarray(seq[:-1])[None], cfg)[0] / temperature
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
+  return np.take_along_axis(logp, seq[1:, None], -1)[:, 0][len(prompt) - 1:]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("sampling", [
+    generate.Sampling(max_new_tokens=12, temperature=1.0),
+    generate.Sampling(max_new_tokens=12, temperature=0.7, top_k=10, top_p=0.9),
+    generate.Sampling(max_new_tokens=12, temperature=0.0)])
+def test_engine_logprobs_equal_the_training_forward(family, sampling):
+  cfg = small_model(dtype="float32", vocab_size=64, family=family, max_seq_len=64)
+  params = model.init(cfg, jax.random.PRNGKey(0))
+  sharder = loop.make_sharder(small_config())
+  engine = generate.Engine(cfg, eos_id=3, sharder=sharder)
+  out = engine.generate(params, PROMPTS, jax.random.PRNGKey(1), sampling)
+  temperature = sampling.temperature or 1.0
+  for i, prompt in enumerate(PROMPTS):
+    n = out.lengths[i]
+    assert (out.tokens[i, n:] == 0).all() and (out.logprobs[i, n:] == 0).all()
+    assert out.finished[i] == (out.tokens[i, n - 1] == 3)
+    want = training_logprobs(params, cfg, prompt, out.tokens[i, :n], temperature)
+    np.testing.assert_allclose(out.logprobs[i, :n], want, atol=2e-5)
+  if sampling.temperature == 0:  # greedy: each token is the training forward's argmax
+    for i, prompt in enumerate(PROMPTS):
+      seq = np.concatenate([prompt, out.tokens[i, :out.lengths[i]]])
+      logits = model.forward(params, jnp.asarray(seq[:-1])[None], cfg)[0]
+      np.testing.assert_array_equal(np.argmax(logits, -1)[len(prompt) - 1:], seq[len(prompt):])
+
+
+def test_stop_sequences_end_each_row_and_rows_share_one_program():
+  cfg = small_model(dtype="float32", vocab_size=64)
+  params = model.init(cfg, jax.random.PRNGKey(0))
+  engine = generate.Engine(cfg, eos_id=3)
+  free = engine.generate(params, PROMPTS, jax.random.PRNGKey(1),
+                         generate.Sampling(max_new_tokens=10, temperature=0.0))
+  stop = tuple(int(t) for t in free.tokens[0, 2:4])  # greedy is deterministic: it recurs
+  out = engine.generate(params, PROMPTS, jax.random.PRNGKey(1),
+                        generate.Sampling(max_new_tokens=10, temperature=0.0, stop=(stop,)))
+  assert out.finished[0] and out.lengths[0] == 4
+  assert tuple(out.tokens[0, 2:4]) == stop and (out.tokens[0, 4:] == 0).all()
+  # Another batch of the same bucket reuses the compiled program.
+  engine.generate(params, PROMPTS[::-1], jax.random.PRNGKey(2),
+                  generate.Sampling(max_new_tokens=10, temperature=0.0, stop=(stop,)))
+  assert len(engine._compiled) == 2  # pylint: disable=protected-access
+
+
+def test_top_k_and_top_p_keep_only_the_head():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  assert np.isfinite(generate.filter_logits(logits, 2, 1.0)).tolist() == [[1, 1, 0, 0]]
+  assert np.isfinite(generate.filter_logits(logits, 0, 0.7)).tolist() == [[1, 1, 0, 0]]
+  assert np.isfinite(generate.filter_logits(logits, 0, 0.85)).tolist() == [[1, 1, 1, 0]]
+
+
+def test_sample_cli_continues_text_from_a_run(tmp_path):
+  from jaxlm import tasks
+  tasks.run(small_config(**{"steps": 2, "eval_every": 0, "checkpoint_every": 2}),
+            str(tmp_path / "run"))
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxlm.sample", "--model", str(tmp_path / "run"), "--prompt",
+       "import os", "--prompt", "def f(", "--max_new_tokens", "8", "--temperature", "0"],
+      capture_output=True, text=True, check=True, cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  lines = result.stdout.split("---\n")
+  assert lines[0].startswith("import os") and lines[1].startswith("def f("), result.stdout

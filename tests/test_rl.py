@@ -1,0 +1,88 @@
+"""Policy-gradient pieces against NumPy references: GAE, KL estimators, advantages,
+clipped losses and loss aggregation; reward sources."""
+
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from jaxlm import rewards, rl
+from jaxlm.config import ConfigError
+
+
+def test_gae_equals_a_numpy_loop():
+  rng = np.random.default_rng(0)
+  r, v = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
+  mask = np.zeros((3, 7))
+  mask[0, 2:7], mask[1, 0:3], mask[2, 3:5] = 1, 1, 1
+  gamma, lam = 0.97, 0.9
+  adv, ret = rl.gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(mask), gamma, lam)
+  want = np.zeros_like(r)
+  for b in range(3):
+    idx = np.flatnonzero(mask[b])
+    last = 0.0
+    for j in reversed(range(len(idx))):
+      t = idx[j]
+      next_v = v[b, idx[j + 1]] if j + 1 < len(idx) else 0.0
+      delta = r[b, t] + gamma * next_v - v[b, t]
+      last = delta + gamma * lam * last
+      want[b, t] = last
+  np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(ret), (want + v) * mask, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_estimators_equal_their_formulas():
+  rng = np.random.default_rng(1)
+  logp, ref = rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
+  np.testing.assert_allclose(np.asarray(rl.kl_k1(jnp.asarray(logp), jnp.asarray(ref))), logp - ref,
+                             rtol=1e-6)
+  k3 = np.exp(ref - logp) - (ref - logp) - 1
+  np.testing.assert_allclose(np.asarray(rl.kl_k3(jnp.asarray(logp), jnp.asarray(ref))), k3,
+                             rtol=1e-5)
+  assert (k3 >= 0).all()
+
+
+def test_group_advantages_and_clipped_losses():
+  r = np.array([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+  a = np.asarray(rl.group_advantages(jnp.asarray(r), "group"))
+  np.testing.assert_allclose(a[0], (r[0] - 0.5) / (0.5 + 1e-4), rtol=1e-5)
+  assert np.allclose(a[1], 0)
+  np.testing.assert_allclose(np.asarray(rl.group_advantages(jnp.asarray(r), "none")),
+                             r - r.mean(1, keepdims=True))
+  logp, old = np.log(np.array([[0.5, 0.9]])), np.log(np.array([[0.25, 0.9]]))
+  adv = np.array([[1.0, -1.0]])
+  loss, clipfrac, _ = rl.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(old),
+                                             jnp.asarray(adv), 0.2, 0.28)
+  # ratio 2 with A=1 is clipped at 1.28; ratio 1 is not.
+  np.testing.assert_allclose(np.asarray(loss), [[-1.28, 1.0]], rtol=1e-5)
+  assert np.asarray(clipfrac).tolist() == [[1.0, 0.0]]
+  v, old_v, ret = jnp.array([2.0]), jnp.array([1.0]), jnp.array([0.0])
+  vl, _ = rl.clipped_value_loss(v, old_v, ret, 0.2)
+  np.testing.assert_allclose(np.asarray(vl), [0.5 * max(4.0, 1.2 ** 2)])
+
+
+def test_loss_aggregations():
+  x = jnp.array([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+  mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]])
+  total, weight = rl.aggregate(x, mask, "sequence", 4)
+  assert float(total / weight) == pytest.approx((2.0 + 4.0) / 2)
+  total, weight = rl.aggregate(x, mask, "token", 4)
+  assert float(total / weight) == pytest.approx(10.0 / 4)
+  total, weight = rl.aggregate(x, mask, "constant", 4)
+  assert float(total / weight) == pytest.approx(10.0 / 8)
+
+
+def test_reward_sources():
+  assert rewards.final_answer("so 3 + 4 = 7.\n#### 1,234") == 1234
+  assert rewards.final_answer("it is 12, then 15.5 apples") == 15.5
+  assert rewards.math_answer(["q"] * 3, ["#### 72", "The answer is 72.", "about 70"],
+                             answer=["...\n#### 72"] * 3) == [1.0, 1.0, 0.0]
+  assert rewards.format_reward(["q", "q"], ["x\n#### 5", "5"]) == [1.0, 0.0]
+  assert rewards.overlap(["q"], ["the cat sat"], output=["a cat sat down"])[0] == pytest.approx(
+      2 * 2 / 7)
+  combined = rewards.Rewards("math_answer=2,format")
+  total, means = combined(["q", "q"], ["#### 72", "72"], {"answer": ["#### 72", "#### 72"]})
+  assert total.tolist() == [3.0, 2.0] and means == {"math_answer": 1.0, "format": 0.5}
+  with pytest.raises(ConfigError, match="neither a built-in"):
+    rewards.Rewards("nothing")
+  with pytest.raises(ConfigError, match="can't load"):
+    rewards.Rewards("no_such_module:f")
