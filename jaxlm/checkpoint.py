@@ -22,10 +22,12 @@ ITEMS = ("params", "opt_state", "train", "data")
 
 
 def _abstract(tree):
-  """Arrays -> ShapeDtypeStructs that keep their shardings (restore targets)."""
+  """Arrays -> ShapeDtypeStructs that keep their shardings (restore targets); a leaf
+  without one lands on the first device, whatever devices the checkpoint was saved from."""
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=getattr(x, "sharding", None) or default), tree)
 
 
 def gather_process_states(state: dict) -> list:

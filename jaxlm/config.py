@@ -82,7 +82,7 @@ def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every task. Configs under configs/ start here."""
   c = ml_collections.ConfigDict()
-  c.task = "pretrain"            # "pretrain" | "sft" | "reward" | "dpo"
+  c.task = "pretrain"            # "pretrain" | "sft" | "reward" | "dpo" | "grpo" | "ppo"
   c.steps = 1000
   c.seed = 0
   c.log_every = 10
@@ -158,6 +158,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward.normalize_on = ""        # after training, rewards get mean 0 / std 1 on this set:
                                     # "eval" (data.eval) or preference-file globs; empty: off
 
+  c.rl = ml_collections.ConfigDict()  # tasks "grpo" and "ppo"; data.batch_size = prompts a step
+  c.rl.num_generations = 4          # completions per prompt (GRPO's group size G)
+  c.rl.max_new_tokens = 64
+  c.rl.temperature = 1.0            # sampling; the trainer's log-probs use it too
+  c.rl.top_k = 0
+  c.rl.top_p = 1.0
+  c.rl.epochs = 1                   # passes over each rollout batch
+  c.rl.minibatches = 1              # optimizer updates per pass
+  c.rl.clip_low = 0.2               # ratio clipped to [1 - clip_low, 1 + clip_high]
+  c.rl.clip_high = 0.2
+  c.rl.kl_coef = 0.04               # KL to the reference; GRPO: 0 drops the reference
+  c.rl.kl_estimator = "k3"          # PPO: "k1" (in the reward) | "k3" (a loss term); GRPO: k3
+  c.rl.kl_target = 0.0              # PPO: > 0 adapts kl_coef toward this KL per token
+  c.rl.advantage_scale = "group"    # GRPO: divide by the "group" | "batch" std, or "none"
+  c.rl.loss_agg = "sequence"        # "sequence" mean | "token" mean (DAPO) | "constant" (Dr. GRPO)
+  c.rl.missing_eos_penalty = 0.0    # subtracted from the score of completions without EOS
+  c.rl.gamma = 1.0                  # PPO: GAE discount
+  c.rl.lam = 0.95                   # PPO: GAE lambda
+  c.rl.vf_coef = 0.1                # PPO: weight of the value loss
+  c.rl.value_clip = 0.2             # PPO: value updates clipped around the rollout's values
+  c.rl.whiten_rewards = False       # PPO: whiten the per-token rewards of each batch
+  c.rl.critic_from = ""             # PPO: value head's start (a reward run or an LM); empty: init_from
+  c.reward.fn = ""                  # RL: "name[=weight],..." built-ins or package.module:function
+  c.reward.model = ""               # RL: a jaxlm reward run scoring completions
+  c.reward.model_weight = 1.0
+
   c.dpo = ml_collections.ConfigDict()  # task "dpo": direct preference optimization and its relatives
   c.dpo.loss = "sigmoid"            # "sigmoid" (DPO, cDPO) | "robust" | "ipo" | "hinge"
   c.dpo.beta = 0.1                  # strength of the implicit KL to the reference
@@ -191,6 +217,9 @@ _CHOICES = {
     "progress": ("auto", "bar", "log"),
     "dpo.loss": ("sigmoid", "robust", "ipo", "hinge"),
     "dpo.reference": ("copy", "precomputed", "none"),
+    "rl.kl_estimator": ("k1", "k3"),
+    "rl.advantage_scale": ("group", "batch", "none"),
+    "rl.loss_agg": ("sequence", "token", "constant"),
 }
 
 _POSITIVE = ("steps", "log_every", "keep_checkpoints", "checkpoint_every", "model.d_model",
@@ -200,7 +229,9 @@ _POSITIVE = ("steps", "log_every", "keep_checkpoints", "checkpoint_every", "mode
 _NON_NEGATIVE = ("eval_every", "eval_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
                  "optimizer.grad_clip", "loss.z_loss", "model.vocab_size", "model.head_dim",
                  "peak_tflops", "data.prefetch", "model.rope_scaling_factor",
-                 "reward.center_coef", "dpo.sft_weight")
+                 "reward.center_coef", "dpo.sft_weight", "rl.kl_coef", "rl.kl_target",
+                 "rl.temperature", "rl.top_k", "rl.missing_eos_penalty", "rl.vf_coef",
+                 "rl.value_clip", "rl.clip_low", "rl.clip_high")
 
 
 def _get(config, dotted):
@@ -282,6 +313,25 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
                     "with the adapters off; leave dpo.reference_from empty")
     if dpo.reference_from and not os.path.exists(dpo.reference_from):
       errors.append(f"dpo.reference_from: no such path {dpo.reference_from!r}")
+  if _get(config, "task") in ("grpo", "ppo"):
+    rl_cfg = config.rl
+    if not config.init_from:
+      errors.append(f"init_from: task={config.task!r} needs the policy to start from")
+    for key in ("num_generations", "max_new_tokens", "epochs", "minibatches"):
+      if not rl_cfg[key] > 0:
+        errors.append(f"rl.{key}={rl_cfg[key]}: must be > 0")
+    if not config.reward.fn and not config.reward.model:
+      errors.append("reward.fn / reward.model: set a reward source (e.g. reward.fn=math_answer)")
+    if config.reward.model and not os.path.exists(config.reward.model):
+      errors.append(f"reward.model: no such path {config.reward.model!r}")
+    if config.task == "grpo" and rl_cfg.num_generations < 2:
+      errors.append(f"rl.num_generations={rl_cfg.num_generations}: GRPO needs groups of >= 2")
+    rows = config.data.batch_size * rl_cfg.num_generations
+    if rows % rl_cfg.minibatches:
+      errors.append(f"rl.minibatches={rl_cfg.minibatches} does not divide the "
+                    f"{rows} completions of a step (data.batch_size * rl.num_generations)")
+    if not 0 < rl_cfg.top_p <= 1:
+      errors.append(f"rl.top_p={rl_cfg.top_p}: must be in (0, 1]")
   if _get(config, "task") == "reward":
     spec = config.reward.normalize_on
     if spec == "eval" and not config.data.eval:

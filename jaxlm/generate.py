@@ -54,7 +54,7 @@ def filter_logits(logits_BV, top_k: int, top_p: float):
 
 
 def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, eos_id: int,
-              sharder, lora):
+              vocab_size: int, sharder, lora):
   B, P = prompt_BP.shape
   N = sampling.max_new_tokens
   slots = P + N
@@ -72,7 +72,9 @@ def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, 
 
   def pick(logits_BV, key):
     scaled = logits_BV.astype(jnp.float32) / temperature
-    logp_BV = jax.nn.log_softmax(scaled, axis=-1)
+    logp_BV = jax.nn.log_softmax(scaled, axis=-1)  # over every id, as training computes it
+    if vocab_size and vocab_size < scaled.shape[-1]:  # never the vocabulary's padding ids
+      scaled = jnp.where(jnp.arange(scaled.shape[-1]) < vocab_size, scaled, -jnp.inf)
     if sampling.temperature <= 0:
       token = jnp.argmax(scaled, axis=-1)
     else:
@@ -120,8 +122,11 @@ class Engine:
   """Batched generation for one model: compiled once per (rows, prompt bucket, sampling),
   on the devices of `sharder` (rows over data x fsdp, weights as the caller placed them)."""
 
-  def __init__(self, cfg, *, eos_id: int, sharder=None, max_prompt_len: int = 0):
-    self.cfg, self.eos_id, self.sharder = cfg, eos_id, sharder
+  def __init__(self, cfg, *, eos_id: int, vocab_size: int = 0, sharder=None,
+               max_prompt_len: int = 0):
+    """`vocab_size`: the tokenizer's; ids past it (the model's padding to
+    model.vocab_multiple) are never sampled."""
+    self.cfg, self.eos_id, self.sharder, self.vocab_size = cfg, eos_id, sharder, vocab_size
     self.max_prompt_len = max_prompt_len
     self._compiled = {}
 
@@ -129,7 +134,7 @@ class Engine:
     key = (sampling, with_lora)
     if key not in self._compiled:
       fn = functools.partial(_generate, cfg=self.cfg, sampling=sampling, eos_id=self.eos_id,
-                             sharder=self.sharder)
+                             vocab_size=self.vocab_size, sharder=self.sharder)
       self._compiled[key] = jax.jit(lambda p, t, n, r, lora: fn(p, t, n, r, lora=lora))
     return self._compiled[key]
 

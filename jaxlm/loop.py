@@ -403,6 +403,9 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
         pending = None
       if done % config.log_every == 0 or done == total:
         pending = (done, m)
+        if task.rollout is not None:  # the step has finished (the rollout waited for it)
+          last = log_step(*pending)
+          pending = None
       if config.eval_every and (done % config.eval_every == 0 or done == total):
         if pending is not None:
           last = log_step(*pending)

@@ -88,7 +88,7 @@ def main(argv):
     stop = (tuple(i for i in tok.encode(end) if tok.decode([i]).strip()),) if end else ()
   sampling = generate.Sampling(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                top_k=_TOP_K.value, top_p=_TOP_P.value, stop=stop)
-  engine = generate.Engine(policy.model_config, eos_id=tok.eos_id)
+  engine = generate.Engine(policy.model_config, eos_id=tok.eos_id, vocab_size=tok.vocab_size)
   rng = jax.random.PRNGKey(_SEED.value)
   system = [("system", _SYSTEM.value)] if _SYSTEM.value else []
 

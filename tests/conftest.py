@@ -1,11 +1,13 @@
 """Test set-up: 8 fake CPU devices for every sharding claim, and small shared configs."""
 
+import json
 import os
 import sysconfig
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxlm.config import base_config, model_config  # noqa: E402
@@ -57,3 +59,46 @@ def shared_data():
   if not os.path.isdir(SHARED_DATA):
     pytest.skip("../shared/data is absent")
   return SHARED_DATA
+
+
+# ---------------------------------------------------------------------------------------
+# A learnable preference rule and a small SFT model that is neutral about it (for the
+# reward, DPO and RL tests).
+
+WORDS = "apple river stone cloud green quick seven table music light paper honey north ocean".split()
+
+
+def rule_records(n, seed):
+  """The rule: a reply that starts "sure," is preferred to one that starts "no,"."""
+  rng = np.random.default_rng(seed)
+  return [{"prompt": f"Reply to: {' '.join(rng.choice(WORDS, 3))}",
+           "chosen": f"sure, {' '.join(rng.choice(WORDS, 4))}.",
+           "rejected": f"no, {' '.join(rng.choice(WORDS, 4))}."} for _ in range(n)]
+
+
+def write_jsonl(path, records):
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+  """Rule data, a tokenizer, and an SFT model that saw both kinds of reply equally."""
+  from jaxlm import tasks  # pylint: disable=import-outside-toplevel
+  from jaxlm.data import tokenizer  # pylint: disable=import-outside-toplevel
+  d = tmp_path_factory.mktemp("prefs")
+  train = write_jsonl(d / "train.jsonl", rule_records(400, 0))
+  held_out = write_jsonl(d / "eval.jsonl", rule_records(64, 1))
+  text = [" ".join(r.values()) for r in rule_records(300, 2)]
+  tok = str(d / "tok.model")
+  tokenizer.train(text, tok, 320)
+  both = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+           "completion": [{"role": "assistant", "content": r["chosen" if i % 2 else "rejected"]}]}
+          for i, r in enumerate(rule_records(400, 3))]
+  sft_data = write_jsonl(d / "sft.jsonl", both)
+  tasks.run(small_config(**{"task": "sft", "data.train": sft_data, "data.eval": "",
+                            "data.tokenizer": tok, "data.seq_len": 64, "steps": 40,
+                            "eval_every": 0, "checkpoint_every": 40}), str(d / "sft"))
+  return {"dir": d, "train": train, "eval": held_out, "tok": tok, "sft": str(d / "sft")}

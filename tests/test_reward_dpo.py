@@ -13,48 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_config
+from conftest import rule_records, small_config, write_jsonl
 from jaxlm import checkpoint, losses, model, reward, tasks
 from jaxlm.config import validate
 from jaxlm.data import preference, sft, tokenizer
 from jaxlm.tasks import dpo as dpo_task, reward as reward_task
 
-WORDS = "apple river stone cloud green quick seven table music light paper honey north ocean".split()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rule_records(n, seed):
-  """The rule: a reply that starts "sure," is preferred to one that starts "no,"."""
-  rng = np.random.default_rng(seed)
-  return [{"prompt": f"Reply to: {' '.join(rng.choice(WORDS, 3))}",
-           "chosen": f"sure, {' '.join(rng.choice(WORDS, 4))}.",
-           "rejected": f"no, {' '.join(rng.choice(WORDS, 4))}."} for _ in range(n)]
-
-
-def write_jsonl(path, records):
-  with open(path, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  return str(path)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  """Rule data, a tokenizer, and an SFT model that saw both kinds of reply equally."""
-  d = tmp_path_factory.mktemp("prefs")
-  train = write_jsonl(d / "train.jsonl", rule_records(400, 0))
-  held_out = write_jsonl(d / "eval.jsonl", rule_records(64, 1))
-  text = [" ".join(r.values()) for r in rule_records(300, 2)]
-  tok = str(d / "tok.model")
-  tokenizer.train(text, tok, 320)
-  both = [{"prompt": [{"role": "user", "content": r["prompt"]}],
-           "completion": [{"role": "assistant", "content": r["chosen" if i % 2 else "rejected"]}]}
-          for i, r in enumerate(rule_records(400, 3))]
-  sft_data = write_jsonl(d / "sft.jsonl", both)
-  tasks.run(small_config(**{"task": "sft", "data.train": sft_data, "data.eval": "",
-                            "data.tokenizer": tok, "data.seq_len": 64, "steps": 40,
-                            "eval_every": 0, "checkpoint_every": 40}), str(d / "sft"))
-  return {"dir": d, "train": train, "eval": held_out, "tok": tok, "sft": str(d / "sft")}
 
 
 def metrics(workdir):

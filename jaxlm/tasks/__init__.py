@@ -12,6 +12,8 @@ REGISTRY = {
     "sft": "jaxlm.tasks.sft",
     "reward": "jaxlm.tasks.reward",
     "dpo": "jaxlm.tasks.dpo",
+    "grpo": "jaxlm.tasks.rl",
+    "ppo": "jaxlm.tasks.rl",
 }
 
 

@@ -1,0 +1,332 @@
+"""Reinforcement learning from rewards: GRPO and PPO on the shared loop.
+
+Every step is one rollout batch: `data.batch_size` prompts, each sampled
+`rl.num_generations` times by jaxlm.generate with the current weights (on the same
+devices; nothing is copied out), scored by the reward sources (jaxlm.rewards), turned
+into advantages, then `rl.epochs` x `rl.minibatches` clipped policy-gradient updates in
+one jitted step. Token log-probs of the rollout come from the engine, which computes
+them as the training forward does (the tests check they agree).
+
+GRPO: advantage = the completion's reward against its group's (mean, and std by
+`rl.advantage_scale`); KL to the reference by the k3 estimator, `rl.kl_coef` (0: no
+reference). PPO: a critic (a value head, from `rl.critic_from`: a reward run or an LM)
+and GAE(gamma, lambda) over per-token rewards, the score at the last token and the KL
+to the reference in the reward (k1) or in the loss (k3); clipped value loss.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxlm import checkpoint, generate, lora as lora_lib, loop, model, reward, rewards, rl
+from jaxlm import sharding
+from jaxlm.config import ConfigError
+from jaxlm.data import prompts as prompts_lib, sft as sft_data
+from jaxlm.tasks import pretrain, sft
+
+
+def token_logps(logits, targets, temperature: float):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], logp
+
+
+class Rollouts:
+  """Prompts, the engine and the reward sources of a run, and the batches they make."""
+
+  def __init__(self, config, workdir: str, sharder):
+    d, r = config.data, config.rl
+    self.config, self.sharder = config, sharder
+    self.tok, self.template = sft.tokenizer_and_template(config, workdir)
+    loaded = prompts_lib.load_prompts(sft.files(d.train, workdir, "data.train"),
+                                      on_error=d.on_error)
+    if jax.process_index() == 0:
+      print(sft_data.summary("data.train", loaded), flush=True)
+    if not loaded.examples:
+      raise ConfigError(f"data.train: no usable prompt ({sft_data.summary('data.train', loaded)})")
+    self.prompts, self.report = loaded.examples, loaded.report("train")
+    self.ids = [sft_data.generation_prompt(p.turns, self.tok, self.template) for p in self.prompts]
+    longest = max(len(i) for i in self.ids)
+    self.prompt_len = generate.bucket(longest)
+    self.seq_len = self.prompt_len + r.max_new_tokens
+    end = sft_data.end_of_turn(self.template)
+    stop = tuple(i for i in self.tok.encode(end) if self.tok.decode([i]).strip()) if end else ()
+    self.stop = stop
+    self.sampling = generate.Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                      top_k=r.top_k, top_p=r.top_p,
+                                      stop=(stop,) if stop else ())
+    self.engine = generate.Engine(config.model, eos_id=self.tok.eos_id,
+                                  vocab_size=self.tok.vocab_size, sharder=sharder)
+    self.rewards = rewards.Rewards(config.reward.fn, config.reward.model,
+                                   config.reward.model_weight)
+
+  def dataset(self):
+    """Batches of prompt indices, shuffled and repeated, per process (checkpointable)."""
+    import grain  # pylint: disable=import-outside-toplevel
+    d = self.config.data
+    ds = grain.MapDataset.range(len(self.prompts))
+    if d.shuffle:
+      ds = ds.shuffle(seed=self.config.seed)
+    ds = ds.repeat(None)[jax.process_index()::jax.process_count()].to_iter_dataset()
+    return ds.map(lambda i: {"index": np.int32(i)}).batch(d.batch_size // jax.process_count(),
+                                                          drop_remainder=True)
+
+  def completion_text(self, tokens, length) -> str:
+    ids = [int(t) for t in tokens[:length]]
+    if ids and ids[-1] == self.tok.eos_id:
+      ids = ids[:-1]
+    if self.stop and tuple(ids[-len(self.stop):]) == self.stop:
+      ids = ids[:-len(self.stop)]
+    return self.tok.decode(ids)
+
+  def sample(self, weights, adapters, host_batch, step):
+    """Generate and score one batch -> (rows of numpy arrays, scores, metrics)."""
+    r = self.config.rl
+    index = np.asarray(multihost_utils.process_allgather(host_batch["index"], tiled=True))
+    index = np.repeat(index.reshape(-1), r.num_generations)  # groups are adjacent rows
+    started = time.perf_counter()
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
+    out = self.engine.generate(weights, [self.ids[i] for i in index], rng, self.sampling,
+                               lora=adapters)
+    rollout_s = time.perf_counter() - started
+    texts = [self.completion_text(t, n) for t, n in zip(out.tokens, out.lengths)]
+    prompts = [self.prompts[i] for i in index]
+    fields = {}
+    for key in sorted({k for p in prompts for k in p.fields}):
+      fields[key] = [p.fields.get(key) for p in prompts]
+    scores, means = self.rewards([p.text for p in prompts], texts, fields,
+                                 [[{"role": a, "content": b} for a, b in p.turns] for p in prompts])
+    raw = scores.copy()
+    if r.missing_eos_penalty:
+      scores = scores - r.missing_eos_penalty * (~out.finished)
+    # Rows: left-padded prompt, completion, padding; inputs and next-token targets.
+    R, P, N = len(index), self.prompt_len, r.max_new_tokens
+    seq = np.zeros((R, P + N), np.int32)
+    valid = np.zeros((R, P + N), np.int32)
+    positions = np.zeros((R, P + N), np.int32)
+    for i, (pid, n) in enumerate(zip(index, out.lengths)):
+      p = self.ids[pid]
+      seq[i, P - len(p):P] = p
+      seq[i, P:P + n] = out.tokens[i, :n]
+      valid[i, P - len(p):P + n] = 1
+      positions[i, P - len(p):P + n] = np.arange(len(p) + n)
+    mask = np.zeros((R, P + N - 1), np.int32)
+    old = np.zeros((R, P + N - 1), np.float32)
+    for i, n in enumerate(out.lengths):
+      mask[i, P - 1:P - 1 + n] = 1
+      old[i, P - 1:P - 1 + n] = out.logprobs[i, :n]
+    rows = {"tokens": seq[:, :-1], "targets": seq[:, 1:], "segment_ids": valid[:, :-1],
+            "positions": positions[:, :-1], "loss_mask": mask, "old_logps": old}
+    metrics = {"reward": float(raw.mean()), "reward_std": float(raw.std()),
+               "objective/scores": float(scores.mean()),
+               "completion_length": float(out.lengths.mean()),
+               "val/num_eos_tokens": float(out.finished.sum()),
+               "time/rollout_s": rollout_s,
+               "rollout/tokens_per_s": float(out.lengths.sum()) / max(rollout_s, 1e-9)}
+    metrics.update({f"reward/{k}": v for k, v in means.items()})
+    return rows, scores, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# GRPO
+
+
+def grpo_loss_fn(config, sharder, use_lora: bool, max_new_tokens: int):
+  m, r = config.model, config.rl
+
+  def loss_fn(params, batch, rng, frozen=None):
+    policy = frozen["policy"] if use_lora else params
+    adapters = lora_lib.as_model_lora(params, config.lora, rng) if use_lora else None
+    logits = model.forward(policy, batch["tokens"], m, segment_ids=batch["segment_ids"],
+                           positions=batch["positions"], sharder=sharder, lora=adapters)
+    logp, logp_all = token_logps(logits, batch["targets"], r.temperature)
+    mask = batch["loss_mask"]
+    adv = batch["advantages"][:, None]
+    per_token, clipfrac, approx_kl = rl.clipped_policy_loss(logp, batch["old_logps"], adv,
+                                                            r.clip_low, r.clip_high)
+    sums = {}
+    agg = lambda x: rl.aggregate(x, mask, r.loss_agg, max_new_tokens)[0]  # noqa: E731
+    if r.kl_coef > 0:
+      ref_logits = model.forward(frozen["reference"], batch["tokens"], m,
+                                 segment_ids=batch["segment_ids"], positions=batch["positions"],
+                                 sharder=sharder)
+      ref = jax.lax.stop_gradient(token_logps(ref_logits, batch["targets"], r.temperature)[0])
+      kl = rl.kl_k3(logp, ref)
+      per_token = per_token + r.kl_coef * kl
+      sums["objective/kl"] = agg(kl)
+    total, weight = rl.aggregate(per_token, mask, r.loss_agg, max_new_tokens)
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    sums.update({"loss": total, "weight": weight, "policy/clipfrac_avg": agg(clipfrac),
+                 "policy/approxkl_avg": agg(approx_kl), "objective/entropy": agg(entropy)})
+    return total, sums
+  return loss_fn
+
+
+# ---------------------------------------------------------------------------------------
+# PPO
+
+
+def values_of(critic, batch, cfg, sharder):
+  """The critic's value at every position [B, T] (float32)."""
+  h = model.hidden_states(critic["backbone"], batch["tokens"], cfg,
+                          segment_ids=batch["segment_ids"], positions=batch["positions"],
+                          sharder=sharder)
+  return h.astype(jnp.float32) @ critic["head"]["w"] + critic["head"]["b"]
+
+
+def ppo_loss_fn(config, sharder, use_lora: bool):
+  m, r = config.model, config.rl
+
+  def loss_fn(params, batch, rng, frozen=None):
+    policy = frozen["policy"] if use_lora else params["policy"]
+    adapters = lora_lib.as_model_lora(params["policy"], config.lora, rng) if use_lora else None
+    logits = model.forward(policy, batch["tokens"], m, segment_ids=batch["segment_ids"],
+                           positions=batch["positions"], sharder=sharder, lora=adapters)
+    logp, logp_all = token_logps(logits, batch["targets"], r.temperature)
+    mask = batch["loss_mask"]
+    pg, clipfrac, approx_kl = rl.clipped_policy_loss(logp, batch["old_logps"],
+                                                     batch["advantages"], r.clip_low, r.clip_high)
+    values = values_of(params["critic"], batch, m, sharder)
+    vf, vf_clipfrac = rl.clipped_value_loss(values, batch["old_values"], batch["returns"],
+                                            r.value_clip)
+    per_token = pg + r.vf_coef * vf
+    sums = {}
+    if r.kl_estimator == "k3" and r.kl_coef > 0:  # KL as a loss term
+      ref = jax.lax.stop_gradient(token_logps(
+          model.forward(frozen["reference"], batch["tokens"], m, segment_ids=batch["segment_ids"],
+                        positions=batch["positions"], sharder=sharder),
+          batch["targets"], r.temperature)[0])
+      kl = rl.kl_k3(logp, ref)
+      per_token = per_token + batch["kl_coef"][:, None] * kl
+    total, weight = rl.aggregate(per_token, mask, "token", 0)
+    agg = lambda x: rl.aggregate(x, mask, "token", 0)[0]  # noqa: E731
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    sums.update({"loss": total, "weight": weight, "loss/policy_avg": agg(pg),
+                 "loss/value_avg": agg(vf), "policy/clipfrac_avg": agg(clipfrac),
+                 "val/clipfrac_avg": agg(vf_clipfrac), "policy/approxkl_avg": agg(approx_kl),
+                 "objective/entropy": agg(entropy)})
+    return total, sums
+  return loss_fn
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _model_like(m, sharder):
+  abstract = jax.eval_shape(lambda k: model.init(m, k), jax.random.PRNGKey(0))
+  return abstract, model.param_axes(m)
+
+
+def build(config, workdir: str, sharder) -> loop.Task:
+  pretrain.adopt_init_from_architecture(config)
+  ppo = config.task == "ppo"
+  m, r = config.model, config.rl
+  use_lora = lora_lib.enabled(config.lora)
+  data = Rollouts(config, workdir, sharder)
+  source = (pretrain.lora_base(workdir, config) if use_lora
+            else checkpoint.pin(workdir, "reference.json", config.init_from))
+  # Frozen trees: LoRA's base (the policy's weights and, adapters off, the reference), or
+  # a reference copy; GRPO with kl_coef 0 and no LoRA holds none.
+  frozen_shapes, frozen_axes, frozen_source = {}, {}, {}
+  needs_reference = r.kl_coef > 0
+  if use_lora:
+    frozen_shapes["policy"], frozen_axes["policy"] = lambda k: model.init(m, k), model.param_axes(m)
+    frozen_source["policy"] = source
+  if needs_reference:
+    frozen_shapes["reference"] = lambda k: model.init(m, k)
+    frozen_axes["reference"] = model.param_axes(m)
+    frozen_source["reference"] = source
+  frozen = dict(frozen_shapes=(lambda k: {n: f(k) for n, f in frozen_shapes.items()})
+                if frozen_shapes else None,
+                frozen_axes=frozen_axes or None, frozen_source=frozen_source)
+
+  if use_lora:
+    policy_init = lambda k: lora_lib.init(m, config.lora, k)  # noqa: E731
+    policy_axes = lora_lib.param_axes(m, config.lora)
+  else:
+    policy_init, policy_axes = (lambda k: model.init(m, k)), model.param_axes(m)
+
+  if ppo:
+    critic_from = r.critic_from or config.init_from
+    init_params = lambda k: {"policy": policy_init(k), "critic": reward.init(m, k)}  # noqa: E731
+    param_axes = {"policy": policy_axes, "critic": reward.param_axes(m)}
+    critic_loader = reward.load_init(m, sharder)
+
+    def load_init(path, params):
+      policy = params["policy"] if use_lora else checkpoint.load_params(path, params["policy"])
+      return {"policy": policy, "critic": critic_loader(critic_from, params["critic"])}
+    loss_fn = ppo_loss_fn(config, sharder, use_lora)
+  else:
+    init_params, param_axes = policy_init, policy_axes
+    load_init = None if use_lora else checkpoint.load_params
+    loss_fn = grpo_loss_fn(config, sharder, use_lora, r.max_new_tokens)
+
+  state = {"kl_coef": r.kl_coef}
+  jit_values = jax.jit(lambda c, b: values_of(c, b, m, sharder))
+  jit_ref = jax.jit(lambda w, b: token_logps(model.forward(
+      w, b["tokens"], m, segment_ids=b["segment_ids"], positions=b["positions"],
+      sharder=sharder), b["targets"], r.temperature)[0])
+
+  def rollout(params, frozen_tree, host_batch, step):
+    policy_params = params["policy"] if ppo else params
+    if use_lora:
+      weights, adapters = frozen_tree["policy"], lora_lib.as_model_lora(policy_params, config.lora)
+    else:
+      weights, adapters = policy_params, None
+    rows, scores, metrics = data.sample(weights, adapters, host_batch, step)
+    R = len(scores)
+    if not ppo:
+      adv = rl.group_advantages(jnp.asarray(scores.reshape(-1, r.num_generations)),
+                                r.advantage_scale)
+      rows["advantages"] = np.asarray(adv, np.float32).reshape(R)
+      metrics["objective/rlhf_reward"] = metrics["objective/scores"]
+      return sharding.global_batch(rows, sharder), metrics
+    batch = sharding.global_batch(rows, sharder)
+    values = np.asarray(multihost_utils.process_allgather(jit_values(params["critic"], batch),
+                                                          tiled=True))
+    mask = rows["loss_mask"].astype(np.float32)
+    kl = np.zeros_like(mask)
+    if r.kl_coef > 0:
+      ref = np.asarray(multihost_utils.process_allgather(jit_ref(frozen_tree["reference"], batch),
+                                                         tiled=True))
+      kl = (rows["old_logps"] - ref) * mask  # k1 per token
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+    per_token = np.zeros_like(mask)
+    per_token[np.arange(R), last] = scores  # the score sits on the final token
+    if r.kl_estimator == "k1":
+      per_token -= state["kl_coef"] * kl
+    if r.whiten_rewards:
+      per_token = np.asarray(rl.whiten(jnp.asarray(per_token), jnp.asarray(mask), False))
+    adv, ret = rl.gae(jnp.asarray(per_token), jnp.asarray(values * mask), jnp.asarray(mask),
+                      r.gamma, r.lam)
+    adv = rl.whiten(adv, jnp.asarray(mask))
+    rows.update(advantages=np.asarray(adv, np.float32), returns=np.asarray(ret, np.float32),
+                old_values=(values * mask).astype(np.float32),
+                kl_coef=np.full(R, state["kl_coef"], np.float32))
+    mean_kl = float((kl.sum(1)).mean())
+    metrics.update({"objective/kl": mean_kl, "objective/kl_coef": state["kl_coef"],
+                    "objective/rlhf_reward": float(scores.mean() - state["kl_coef"] * mean_kl)})
+    if r.kl_target > 0:  # adaptive KL (Ziegler et al.): steer the per-token KL to the target
+      n_tokens = max(float(mask.sum(1).mean()), 1.0)
+      error = np.clip(mean_kl / n_tokens / r.kl_target - 1.0, -0.2, 0.2)
+      state["kl_coef"] *= 1.0 + error * 0.1
+    return sharding.global_batch(rows, sharder), metrics
+
+  rows = config.data.batch_size * r.num_generations
+  flops = model.flops_per_token(m, data.seq_len, weight_grads=not use_lora)
+  return loop.Task(
+      init_params=init_params, param_axes=param_axes, loss_fn=loss_fn, load_init=load_init,
+      **frozen, train_data=data.dataset(), data_report=data.report, rollout=rollout,
+      epochs=r.epochs, minibatches=r.minibatches,
+      tokens_per_batch=rows * (data.seq_len - 1) * r.epochs, flops_per_token=flops)
+
+
+def run(config, workdir: str):
+  sharder = loop.make_sharder(config)
+  task = build(config, workdir, sharder)
+  loop.write_config(config, workdir)
+  return loop.train(config, workdir, task, sharder)
