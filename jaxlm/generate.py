@@ -122,12 +122,10 @@ class Engine:
   """Batched generation for one model: compiled once per (rows, prompt bucket, sampling),
   on the devices of `sharder` (rows over data x fsdp, weights as the caller placed them)."""
 
-  def __init__(self, cfg, *, eos_id: int, vocab_size: int = 0, sharder=None,
-               max_prompt_len: int = 0):
+  def __init__(self, cfg, *, eos_id: int, vocab_size: int = 0, sharder=None):
     """`vocab_size`: the tokenizer's; ids past it (the model's padding to
     model.vocab_multiple) are never sampled."""
     self.cfg, self.eos_id, self.sharder, self.vocab_size = cfg, eos_id, sharder, vocab_size
-    self.max_prompt_len = max_prompt_len
     self._compiled = {}
 
   def _fn(self, sampling: Sampling, with_lora: bool):
@@ -139,17 +137,18 @@ class Engine:
     return self._compiled[key]
 
   def generate(self, params, prompts: list, rng, sampling: Sampling, *, rows: int = 0,
-               lora=None) -> Generation:
+               prompt_len: int = 0, lora=None) -> Generation:
     """Completions of id-sequence prompts (BOS first). `rows` pads the batch to a fixed
-    row count (a multiple of the data-parallel size) so calls share one program."""
+    row count (a multiple of the data-parallel size) and `prompt_len` the prompts to a
+    fixed length (default: the bucket of the longest), so calls share one program."""
     n = len(prompts)
     dp = self.sharder.data_parallel_size if self.sharder is not None else 1
     rows = max(rows, n)
     rows = -(-rows // dp) * dp
     longest = max(len(p) for p in prompts)
-    P = bucket(longest)
-    if self.max_prompt_len:
-      P = min(P, max(self.max_prompt_len, longest))
+    P = prompt_len or bucket(longest)
+    if P < longest:
+      raise ValueError(f"prompt_len={P} is shorter than a prompt of {longest} tokens")
     tokens = np.zeros((rows, P), np.int32)
     lengths = np.ones(rows, np.int32)
     for i, p in enumerate(prompts):

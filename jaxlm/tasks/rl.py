@@ -91,7 +91,7 @@ class Rollouts:
     started = time.perf_counter()
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
     out = self.engine.generate(weights, [self.ids[i] for i in index], rng, self.sampling,
-                               lora=adapters)
+                               prompt_len=self.prompt_len, lora=adapters)
     rollout_s = time.perf_counter() - started
     texts = [self.completion_text(t, n) for t, n in zip(out.tokens, out.lengths)]
     prompts = [self.prompts[i] for i in index]
@@ -103,19 +103,20 @@ class Rollouts:
     raw = scores.copy()
     if r.missing_eos_penalty:
       scores = scores - r.missing_eos_penalty * (~out.finished)
-    # Rows: left-padded prompt, completion, padding; inputs and next-token targets.
+    # Rows: left-padded prompt, completion, padding; inputs and next-token targets, P + N
+    # of them (one padding column more, so rows keep the bucket's round length).
     R, P, N = len(index), self.prompt_len, r.max_new_tokens
-    seq = np.zeros((R, P + N), np.int32)
-    valid = np.zeros((R, P + N), np.int32)
-    positions = np.zeros((R, P + N), np.int32)
+    seq = np.zeros((R, P + N + 1), np.int32)
+    valid = np.zeros((R, P + N + 1), np.int32)
+    positions = np.zeros((R, P + N + 1), np.int32)
     for i, (pid, n) in enumerate(zip(index, out.lengths)):
       p = self.ids[pid]
       seq[i, P - len(p):P] = p
       seq[i, P:P + n] = out.tokens[i, :n]
       valid[i, P - len(p):P + n] = 1
       positions[i, P - len(p):P + n] = np.arange(len(p) + n)
-    mask = np.zeros((R, P + N - 1), np.int32)
-    old = np.zeros((R, P + N - 1), np.float32)
+    mask = np.zeros((R, P + N), np.int32)
+    old = np.zeros((R, P + N), np.float32)
     for i, n in enumerate(out.lengths):
       mask[i, P - 1:P - 1 + n] = 1
       old[i, P - 1:P - 1 + n] = out.logprobs[i, :n]
@@ -322,7 +323,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
       init_params=init_params, param_axes=param_axes, loss_fn=loss_fn, load_init=load_init,
       **frozen, train_data=data.dataset(), data_report=data.report, rollout=rollout,
       epochs=r.epochs, minibatches=r.minibatches,
-      tokens_per_batch=rows * (data.seq_len - 1) * r.epochs, flops_per_token=flops)
+      tokens_per_batch=rows * data.seq_len * r.epochs, flops_per_token=flops)
 
 
 def run(config, workdir: str):
