@@ -134,3 +134,18 @@ def test_rl_raises_a_verifiable_reward(world, tmp_path, task, extra):
     assert name in records[-1], name
   if task == "ppo":
     assert "loss/value_avg" in records[-1] and "loss/policy_avg" in records[-1]
+
+
+def test_lora_rl_holds_one_frozen_base(world, tmp_path):
+  """With LoRA the base serves as the policy's weights and, adapters off, as the
+  reference: one frozen copy, not two; without LoRA and KL no reference at all."""
+  from jaxlm import loop
+  from jaxlm.tasks import rl as rl_task
+  for task, extra, keys in (("grpo", {"lora.rank": 4}, {"policy"}),
+                            ("ppo", {"lora.rank": 4, "rl.num_generations": 1}, {"policy"}),
+                            ("grpo", {"rl.kl_coef": 0.0}, set()),
+                            ("grpo", {}, {"reference"})):
+    config = rl_config(world, task=task, **extra)
+    built = rl_task.build(config, str(tmp_path / f"{task}{len(extra)}{len(keys)}"),
+                          loop.make_sharder(config))
+    assert set(built.frozen_source) == keys, (task, extra)

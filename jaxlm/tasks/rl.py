@@ -138,6 +138,7 @@ class Rollouts:
 
 def grpo_loss_fn(config, sharder, use_lora: bool, max_new_tokens: int):
   m, r = config.model, config.rl
+  ref_key = "policy" if use_lora else "reference"  # LoRA: the base, adapters off
 
   def loss_fn(params, batch, rng, frozen=None):
     policy = frozen["policy"] if use_lora else params
@@ -152,7 +153,7 @@ def grpo_loss_fn(config, sharder, use_lora: bool, max_new_tokens: int):
     sums = {}
     agg = lambda x: rl.aggregate(x, mask, r.loss_agg, max_new_tokens)[0]  # noqa: E731
     if r.kl_coef > 0:
-      ref_logits = model.forward(frozen["reference"], batch["tokens"], m,
+      ref_logits = model.forward(frozen[ref_key], batch["tokens"], m,
                                  segment_ids=batch["segment_ids"], positions=batch["positions"],
                                  sharder=sharder)
       ref = jax.lax.stop_gradient(token_logps(ref_logits, batch["targets"], r.temperature)[0])
@@ -181,6 +182,7 @@ def values_of(critic, batch, cfg, sharder):
 
 def ppo_loss_fn(config, sharder, use_lora: bool):
   m, r = config.model, config.rl
+  ref_key = "policy" if use_lora else "reference"  # LoRA: the base, adapters off
 
   def loss_fn(params, batch, rng, frozen=None):
     policy = frozen["policy"] if use_lora else params["policy"]
@@ -198,7 +200,7 @@ def ppo_loss_fn(config, sharder, use_lora: bool):
     sums = {}
     if r.kl_estimator == "k3" and r.kl_coef > 0:  # KL as a loss term
       ref = jax.lax.stop_gradient(token_logps(
-          model.forward(frozen["reference"], batch["tokens"], m, segment_ids=batch["segment_ids"],
+          model.forward(frozen[ref_key], batch["tokens"], m, segment_ids=batch["segment_ids"],
                         positions=batch["positions"], sharder=sharder),
           batch["targets"], r.temperature)[0])
       kl = rl.kl_k3(logp, ref)
@@ -230,14 +232,13 @@ def build(config, workdir: str, sharder) -> loop.Task:
   data = Rollouts(config, workdir, sharder)
   source = (pretrain.lora_base(workdir, config) if use_lora
             else checkpoint.pin(workdir, "reference.json", config.init_from))
-  # Frozen trees: LoRA's base (the policy's weights and, adapters off, the reference), or
-  # a reference copy; GRPO with kl_coef 0 and no LoRA holds none.
+  # Frozen trees: LoRA's base (the policy's weights and, adapters off, the reference: one
+  # copy), or a reference copy; GRPO with kl_coef 0 and no LoRA holds none.
   frozen_shapes, frozen_axes, frozen_source = {}, {}, {}
-  needs_reference = r.kl_coef > 0
   if use_lora:
     frozen_shapes["policy"], frozen_axes["policy"] = lambda k: model.init(m, k), model.param_axes(m)
     frozen_source["policy"] = source
-  if needs_reference:
+  elif r.kl_coef > 0:
     frozen_shapes["reference"] = lambda k: model.init(m, k)
     frozen_axes["reference"] = model.param_axes(m)
     frozen_source["reference"] = source
@@ -267,6 +268,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
     loss_fn = grpo_loss_fn(config, sharder, use_lora, r.max_new_tokens)
 
   state = {"kl_coef": r.kl_coef}
+  ref_key = "policy" if use_lora else "reference"
   jit_values = jax.jit(lambda c, b: values_of(c, b, m, sharder))
   jit_ref = jax.jit(lambda w, b: token_logps(model.forward(
       w, b["tokens"], m, segment_ids=b["segment_ids"], positions=b["positions"],
@@ -292,7 +294,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
     mask = rows["loss_mask"].astype(np.float32)
     kl = np.zeros_like(mask)
     if r.kl_coef > 0:
-      ref = np.asarray(multihost_utils.process_allgather(jit_ref(frozen_tree["reference"], batch),
+      ref = np.asarray(multihost_utils.process_allgather(jit_ref(frozen_tree[ref_key], batch),
                                                          tiled=True))
       kl = (rows["old_logps"] - ref) * mask  # k1 per token
     last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
