@@ -332,6 +332,13 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
                     f"{rows} completions of a step (data.batch_size * rl.num_generations)")
     if not 0 < rl_cfg.top_p <= 1:
       errors.append(f"rl.top_p={rl_cfg.top_p}: must be in (0, 1]")
+    if not rl_cfg.temperature > 0:
+      errors.append(f"rl.temperature={rl_cfg.temperature}: must be > 0 (the policy's "
+                    f"log-probs are taken at it)")
+    accum = max(config.optimizer.grad_accum_steps, 1)
+    if rows % rl_cfg.minibatches == 0 and (rows // rl_cfg.minibatches) % accum:
+      errors.append(f"optimizer.grad_accum_steps={accum} does not divide the "
+                    f"{rows // rl_cfg.minibatches} completions of a minibatch")
   if _get(config, "task") == "reward":
     spec = config.reward.normalize_on
     if spec == "eval" and not config.data.eval:

@@ -66,7 +66,8 @@ def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, 
   valid_BP = slot_P[None, :] >= pad_B[:, None]
   positions_BP = jnp.maximum(slot_P[None, :] - pad_B[:, None], 0)
   logits, cache = model.forward_cached(params, prompt_BP, cfg, cache, 0, positions=positions_BP,
-                                       valid_BT=valid_BP, sharder=sharder, lora=lora)
+                                       valid_BT=valid_BP, sharder=sharder, lora=lora,
+                                       last_only=True)
   temperature = sampling.temperature if sampling.temperature > 0 else 1.0
   stops = [jnp.asarray(s, jnp.int32) for s in sampling.stop]
 
@@ -114,6 +115,13 @@ def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, 
   return out, logps, length, done
 
 
+def check_length(cfg, prompt_len: int, max_new_tokens: int):
+  """Learned positions (gpt2) end at max_seq_len: past it there is no embedding."""
+  if cfg.family == "gpt2" and prompt_len + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(f"prompt bucket {prompt_len} + max_new_tokens {max_new_tokens} exceeds "
+                     f"the model's max_seq_len={cfg.max_seq_len} (learned positions)")
+
+
 def bucket(n: int, smallest: int = 16) -> int:
   return max(smallest, 1 << (max(n, 1) - 1).bit_length())
 
@@ -149,6 +157,7 @@ class Engine:
     P = prompt_len or bucket(longest)
     if P < longest:
       raise ValueError(f"prompt_len={P} is shorter than a prompt of {longest} tokens")
+    check_length(self.cfg, P, sampling.max_new_tokens)
     tokens = np.zeros((rows, P), np.int32)
     lengths = np.ones(rows, np.int32)
     for i, p in enumerate(prompts):

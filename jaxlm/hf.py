@@ -373,16 +373,25 @@ def load_jaxlm(jaxlm_path: str):
   m = model_config("tiny", **run_config["model"])
   like = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
   lora_cfg = run_config.get("lora") or {}
+
+  def restore(policy_like):  # a PPO run keeps {"policy", "critic"}: the policy is the model
+    if run_config.get("task") != "ppo":
+      return checkpoint.load_params(os.path.dirname(params_dir), policy_like)
+    from jaxlm import reward  # pylint: disable=import-outside-toplevel
+    critic_like = jax.eval_shape(lambda r: reward.init(m, r), jax.random.PRNGKey(0))
+    return checkpoint.load_params(os.path.dirname(params_dir),
+                                  {"policy": policy_like, "critic": critic_like})["policy"]
+
   if lora_cfg.get("rank", 0) > 0:  # adapters only: merge them into the run's base
     import ml_collections  # pylint: disable=import-outside-toplevel
     from jaxlm import lora  # pylint: disable=import-outside-toplevel
     lora_cfg = ml_collections.ConfigDict(lora_cfg)
     adapters_like = jax.eval_shape(lambda r: lora.init(m, lora_cfg, r), jax.random.PRNGKey(0))
-    adapters = checkpoint.load_params(os.path.dirname(params_dir), adapters_like)
+    adapters = restore(adapters_like)
     base = checkpoint.load_params(lora_base(workdir, run_config["init_from"]), like)
     params = lora.merge(base, adapters, lora_cfg)
   else:
-    params = checkpoint.load_params(os.path.dirname(params_dir), like)
+    params = restore(like)
   return m, params, workdir, run_config
 
 

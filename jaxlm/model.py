@@ -318,10 +318,12 @@ def cache_axes() -> Cache:
 
 
 def forward_cached(params, tokens_BT, cfg, cache: Cache, index, *, positions, valid_BT,
-                   sharder: Sharder | None = None, lora: Lora | None = None):
+                   sharder: Sharder | None = None, lora: Lora | None = None,
+                   last_only: bool = False):
   """Logits [B, T, V] for tokens written at cache slots index..index+T-1, attending to
   every valid slot up to their own; returns (logits, updated cache). `valid_BT` marks
-  which of the new tokens are real (left padding of a prompt is not)."""
+  which of the new tokens are real (left padding of a prompt is not). `last_only`:
+  logits of the last position only, [B, 1, V] (a prefill needs no more)."""
   valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_BT, index, 1)
   impl = "xla"
   inv_freq = rope_frequencies(cfg) if cfg.family == "llama" else None
@@ -335,6 +337,8 @@ def forward_cached(params, tokens_BT, cfg, cache: Cache, index, *, positions, va
     return x, (k, v)
 
   x, (k, v) = jax.lax.scan(body, x, (params["layers"], adapters, cache.k, cache.v))
+  if last_only:
+    x = x[:, -1:]
   logits = unembed(params, _final_norm(params, x, cfg), cfg, sharder)
   return logits, Cache(k, v, valid)
 

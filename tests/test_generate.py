@@ -59,10 +59,22 @@ def test_stop_sequences_end_each_row_and_rows_share_one_program():
                         generate.Sampling(max_new_tokens=10, temperature=0.0, stop=(stop,)))
   assert out.finished[0] and out.lengths[0] == 4
   assert tuple(out.tokens[0, 2:4]) == stop and (out.tokens[0, 4:] == 0).all()
-  # Another batch of the same bucket reuses the compiled program.
-  engine.generate(params, PROMPTS[::-1], jax.random.PRNGKey(2),
-                  generate.Sampling(max_new_tokens=10, temperature=0.0, stop=(stop,)))
-  assert len(engine._compiled) == 2  # pylint: disable=protected-access
+  # Another batch of the same bucket reuses the compiled program; a longer prompt bucket
+  # is a second one.
+  sampling = generate.Sampling(max_new_tokens=10, temperature=0.0, stop=(stop,))
+  engine.generate(params, PROMPTS[::-1], jax.random.PRNGKey(2), sampling)
+  fn = engine._compiled[(sampling, False)]  # pylint: disable=protected-access
+  assert fn._cache_size() == 1  # pylint: disable=protected-access
+  engine.generate(params, [np.arange(2, 30)], jax.random.PRNGKey(2), sampling)
+  assert fn._cache_size() == 2  # pylint: disable=protected-access
+
+
+def test_gpt2_positions_past_max_seq_len_are_an_error():
+  cfg = small_model(dtype="float32", vocab_size=64, family="gpt2", max_seq_len=24)
+  params = model.init(cfg, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="max_seq_len=24"):
+    generate.Engine(cfg, eos_id=3).generate(params, PROMPTS, jax.random.PRNGKey(0),
+                                            generate.Sampling(max_new_tokens=12))
 
 
 def test_top_k_and_top_p_keep_only_the_head():
@@ -83,3 +95,4 @@ def test_sample_cli_continues_text_from_a_run(tmp_path):
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   lines = result.stdout.split("---\n")
   assert lines[0].startswith("import os") and lines[1].startswith("def f("), result.stdout
+  assert len(lines[0].strip()) > len("import os") and len(lines[1].strip()) > len("def f(")

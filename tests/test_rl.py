@@ -134,6 +134,33 @@ def test_rl_raises_a_verifiable_reward(world, tmp_path, task, extra):
     assert name in records[-1], name
   if task == "ppo":
     assert "loss/value_avg" in records[-1] and "loss/policy_avg" in records[-1]
+  from jaxlm import hf  # the run's policy loads for sampling and export, PPO's too
+  _, params, _, _ = hf.load_jaxlm(workdir)
+  assert "embed" in params and "critic" not in params
+
+
+def test_rollout_rows_reproduce_the_engine_logprobs(world, tmp_path):
+  """The rows the trainer sees (left-padded prompt, completion, the P-1 offset) give back
+  the engine's log-probs under a training forward pass."""
+  import jax
+  from jaxlm import checkpoint, loop, model
+  from jaxlm.tasks import pretrain, rl as rl_task
+  config = rl_config(world, task="grpo", **{"model.dtype": "float32"})
+  pretrain.adopt_init_from_architecture(config)
+  sharder = loop.make_sharder(config)
+  rollouts = rl_task.Rollouts(config, str(tmp_path), sharder)
+  abstract = jax.eval_shape(lambda k: model.init(config.model, k), jax.random.PRNGKey(0))
+  like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                      sharder.tree(model.param_axes(config.model), abstract))
+  params = checkpoint.load_params(world["sft"], like)
+  rows, scores, _ = rollouts.sample(params, None, {"index": np.arange(8, dtype=np.int32)}, 0)
+  assert len(scores) == 32 and rows["loss_mask"].sum() > 0
+  logits = model.forward(params, jnp.asarray(rows["tokens"]), config.model,
+                         segment_ids=jnp.asarray(rows["segment_ids"]),
+                         positions=jnp.asarray(rows["positions"]))
+  logp, _ = rl_task.token_logps(logits, jnp.asarray(rows["targets"]), config.rl.temperature)
+  mask = rows["loss_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(logp)[mask], rows["old_logps"][mask], atol=5e-5)
 
 
 def test_lora_rl_holds_one_frozen_base(world, tmp_path):

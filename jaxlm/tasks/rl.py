@@ -53,6 +53,11 @@ class Rollouts:
     longest = max(len(i) for i in self.ids)
     self.prompt_len = generate.bucket(longest)
     self.seq_len = self.prompt_len + r.max_new_tokens
+    try:
+      generate.check_length(config.model, self.prompt_len, r.max_new_tokens)
+    except ValueError as e:
+      raise ConfigError(f"rl.max_new_tokens: {e} (data.train's longest prompt is {longest} "
+                        f"tokens)") from None
     end = sft_data.end_of_turn(self.template)
     stop = tuple(i for i in self.tok.encode(end) if self.tok.decode([i]).strip()) if end else ()
     self.stop = stop
