@@ -9,11 +9,11 @@ the same one RL rollouts use.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import sys
 
 from absl import app, flags, logging
+
+from jaxlm.policy import load
 
 _MODEL = flags.DEFINE_string("model", None, "A jaxlm run or a Hugging Face model directory.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch). "
@@ -28,42 +28,6 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this much mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.mark_flag_as_required("model")
-
-
-@dataclasses.dataclass
-class Policy:
-  """A language model ready to generate: config, params, tokenizer and chat template."""
-  model_config: object
-  params: dict
-  tokenizer: object
-  template: object
-  path: str
-
-
-def load(path: str, chat_template: str = "") -> Policy:
-  """A jaxlm run or a Hugging Face directory -> Policy (params on the default device)."""
-  import json  # pylint: disable=import-outside-toplevel
-  from jaxlm import hf  # pylint: disable=import-outside-toplevel
-  from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
-  from jaxlm.data import sft, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  if hf.is_hf_dir(path):
-    cfg, params = hf.load_hf(path)
-    folder, names, default = path, ("tokenizer.json", "tokenizer.model"), "hf"
-    config_path = os.path.join(path, "tokenizer_config.json")
-    if not (os.path.isfile(config_path) and "chat_template" in json.load(open(config_path))):
-      default = "jaxlm"
-  else:
-    cfg, params, folder, run = hf.load_jaxlm(path)
-    names = ("tokenizer.model", "tokenizer.json")
-    default = run.get("data", {}).get("chat_template", "jaxlm")
-  tok_path = next((os.path.join(folder, n) for n in names
-                   if os.path.isfile(os.path.join(folder, n))), None)
-  if tok_path is None:
-    raise ConfigError(f"{path}: no tokenizer.model or tokenizer.json in {folder}")
-  tok = tokenizer_lib.load(tok_path)
-  name = chat_template or default
-  template = sft.hf_template(tok_path) if name == "hf" else sft.TEMPLATES[name]
-  return Policy(cfg, params, tok, template, path)
 
 
 def main(argv):

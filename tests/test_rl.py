@@ -176,3 +176,51 @@ def test_lora_rl_holds_one_frozen_base(world, tmp_path):
     built = rl_task.build(config, str(tmp_path / f"{task}{len(extra)}{len(keys)}"),
                           loop.make_sharder(config))
     assert set(built.frozen_source) == keys, (task, extra)
+
+
+# ---------------------------------------------------------------------------------------
+# Data from the model itself
+
+
+def _selfdata(*args):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.path.join(root, "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  return subprocess.run([sys.executable, "-m", "jaxlm.selfdata", *args], capture_output=True,
+                        text=True, check=True, cwd=root, env=env).stdout
+
+
+def test_best_of_n_pairs_and_constitution_write_trainable_records(world, tmp_path):
+  import json
+  from jaxlm.data import preference, sft
+  common = ["--model", world["sft"], "--prompts", world["train"], "--limit", "6",
+            "--max_new_tokens", "8", "--batch_size", "8", "--temperature", "1.0"]
+  best = tmp_path / "best.jsonl"
+  out = _selfdata("--mode", "best_of_n", "--n", "4", "--reward_fn", "test_rl:starts_with_sure",
+                  "--out", str(best), *common)
+  records = [json.loads(line) for line in open(best)]
+  assert "written 6" in out and len(records) == 6, out
+  picked = [r["reward"] for r in records]
+  assert all(sft.to_turns(r, "auto") != "wrong_type" for r in records)
+  pairs = tmp_path / "pairs.jsonl"
+  out = _selfdata("--mode", "pairs", "--n", "4", "--reward_fn", "test_rl:starts_with_sure",
+                  "--out", str(pairs), *common)
+  written = [json.loads(line) for line in open(pairs)]
+  assert all(r["score_chosen"] > r["score_rejected"] for r in written)
+  assert all(not isinstance(preference.to_preference(r), str) for r in written)
+  assert len(written) + sum(int(x.split()[-1]) for x in out.split(", ")
+                            if x.startswith("skipped_")) == 6, out
+  assert max(picked) >= 1.0 or not written  # best-of-4 finds the rule when pairs exist
+  judged = tmp_path / "judged.jsonl"
+  _selfdata("--mode", "pairs", "--n", "2", "--judge", world["sft"], "--out", str(judged), *common)
+  assert all(0.5 <= json.loads(line)["judge_probability"] <= 1 for line in open(judged))
+  (tmp_path / "principles.txt").write_text("Be polite.\n\nBe brief.\n")
+  revised, revised_pairs = tmp_path / "revised.jsonl", tmp_path / "revised_pairs.jsonl"
+  out = _selfdata("--mode", "constitution", "--principles", str(tmp_path / "principles.txt"),
+                  "--out", str(revised), "--pairs_out", str(revised_pairs), *common)
+  rows = [json.loads(line) for line in open(revised)]
+  assert rows and all(r["principle"] in ("Be polite.", "Be brief.") for r in rows), out
+  assert all({"original", "critique"} <= set(r) for r in rows)
