@@ -224,3 +224,19 @@ def test_best_of_n_pairs_and_constitution_write_trainable_records(world, tmp_pat
   rows = [json.loads(line) for line in open(revised)]
   assert rows and all(r["principle"] in ("Be polite.", "Be brief.") for r in rows), out
   assert all({"original", "critique"} <= set(r) for r in rows)
+
+
+def test_ppo_resumes_exactly_with_its_adaptive_kl(world, tmp_path):
+  """The adaptive KL coefficient is checkpointed with the data position: a run stopped
+  and resumed matches one that ran straight through."""
+  from jaxlm import tasks
+  common = {"task": "ppo", "rl.num_generations": 1, "data.batch_size": 8, "rl.kl_target": 0.01,
+            "optimizer.schedule": "constant", "checkpoint_every": 2}
+  tasks.run(rl_config(world, **common, steps=4), str(tmp_path / "straight"))
+  tasks.run(rl_config(world, **common, steps=2), str(tmp_path / "resumed"))
+  tasks.run(rl_config(world, **common, steps=4), str(tmp_path / "resumed"))
+  straight, resumed = rewards_of(str(tmp_path / "straight")), rewards_of(str(tmp_path / "resumed"))
+  coef = lambda rs: [r["objective/kl_coef"] for r in rs if r["step"] > 2]  # noqa: E731
+  assert coef(straight) == coef(resumed) and coef(straight)[-1] != 0.04
+  assert [r["reward"] for r in straight if r["step"] > 2] == [
+      r["reward"] for r in resumed if r["step"] > 2]

@@ -30,6 +30,33 @@ from jaxlm.data import prompts as prompts_lib, sft as sft_data
 from jaxlm.tasks import pretrain, sft
 
 
+class _WithState:
+  """The prompt stream, whose checkpointed state also carries the rollout's own state
+  (PPO's adaptive KL coefficient), so a resumed run continues exactly."""
+
+  def __init__(self, dataset, state: dict):
+    self.dataset, self.state = dataset, state
+
+  def __iter__(self):
+    return _StatefulIterator(iter(self.dataset), self.state)
+
+
+class _StatefulIterator:
+
+  def __init__(self, inner, state: dict):
+    self.inner, self.state = inner, state
+
+  def __next__(self):
+    return next(self.inner)
+
+  def get_state(self):
+    return {"data": self.inner.get_state(), "rollout": dict(self.state)}
+
+  def set_state(self, state):
+    self.inner.set_state(state["data"])
+    self.state.update(state["rollout"])
+
+
 def token_logps(logits, targets, temperature: float):
   logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
   return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], logp
@@ -328,7 +355,8 @@ def build(config, workdir: str, sharder) -> loop.Task:
   flops = model.flops_per_token(m, data.seq_len, weight_grads=not use_lora)
   return loop.Task(
       init_params=init_params, param_axes=param_axes, loss_fn=loss_fn, load_init=load_init,
-      **frozen, train_data=data.dataset(), data_report=data.report, rollout=rollout,
+      **frozen, train_data=_WithState(data.dataset(), state), data_report=data.report,
+      rollout=rollout,
       epochs=r.epochs, minibatches=r.minibatches,
       tokens_per_batch=rows * data.seq_len * r.epochs, flops_per_token=flops)
 
