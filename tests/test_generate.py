@@ -96,3 +96,20 @@ def test_sample_cli_continues_text_from_a_run(tmp_path):
   lines = result.stdout.split("---\n")
   assert lines[0].startswith("import os") and lines[1].startswith("def f("), result.stdout
   assert len(lines[0].strip()) > len("import os") and len(lines[1].strip()) > len("def f(")
+
+
+def test_a_hugging_face_directory_samples_like_its_run(tmp_path):
+  """policy.load reads an exported HF directory; greedy completions equal the run's."""
+  from jaxlm import hf, policy as policy_lib, tasks
+  tasks.run(small_config(**{"steps": 2, "eval_every": 0, "checkpoint_every": 2,
+                            "model.dtype": "float32"}), str(tmp_path / "run"))
+  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
+  outs = []
+  for path in (tmp_path / "run", tmp_path / "hf"):
+    policy = policy_lib.load(str(path))
+    engine = generate.Engine(policy.model_config, eos_id=policy.tokenizer.eos_id,
+                             vocab_size=policy.tokenizer.vocab_size)
+    ids = np.asarray([policy.tokenizer.bos_id] + policy.tokenizer.encode("import os"), np.int32)
+    outs.append(engine.generate(policy.params, [ids], jax.random.PRNGKey(0),
+                                generate.Sampling(max_new_tokens=6, temperature=0.0)).tokens)
+  np.testing.assert_array_equal(outs[0], outs[1])

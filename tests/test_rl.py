@@ -240,3 +240,15 @@ def test_ppo_resumes_exactly_with_its_adaptive_kl(world, tmp_path):
   assert coef(straight) == coef(resumed) and coef(straight)[-1] != 0.04
   assert [r["reward"] for r in straight if r["step"] > 2] == [
       r["reward"] for r in resumed if r["step"] > 2]
+
+
+def test_gsm8k_prompts_parse_and_their_answers_score(shared_data):
+  import os
+  from jaxlm.data import prompts
+  loaded = prompts.load_prompts([os.path.join(shared_data, "gsm8k_test.jsonl")], on_error="raise")
+  assert loaded.counts["records"] == loaded.counts["used"] == 1319
+  first = loaded.examples[:50]
+  answers = [p.fields["answer"] for p in first]
+  # The reference solutions themselves earn the math reward and the format reward.
+  assert rewards.math_answer([p.text for p in first], answers, answer=answers) == [1.0] * 50
+  assert rewards.format_reward([p.text for p in first], answers) == [1.0] * 50
