@@ -103,6 +103,11 @@ def find_params_dir(path: str) -> str:
   raise FileNotFoundError(f"no jaxlm checkpoint under {path}")
 
 
+def step_of(path: str) -> int:
+  """The step of the checkpoint `path` names (its latest, for a workdir)."""
+  return int(os.path.basename(os.path.dirname(find_params_dir(path))))
+
+
 def load_params(path: str, like_params) -> dict:
   """Parameters from a jaxlm checkpoint or a Hugging Face model directory, placed like
   `like_params` (shape, dtype and sharding)."""

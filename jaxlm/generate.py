@@ -122,6 +122,22 @@ def check_length(cfg, prompt_len: int, max_new_tokens: int):
                      f"the model's max_seq_len={cfg.max_seq_len} (learned positions)")
 
 
+def stop_ids(tok, marker: str) -> tuple[int, ...]:
+  """The ids `marker` (an end-of-turn string) encodes to, leading space pieces dropped:
+  the stop sequence that ends a chat reply."""
+  return tuple(i for i in tok.encode(marker) if tok.decode([i]).strip()) if marker else ()
+
+
+def completion_ids(tokens, length: int, eos_id: int, stop: tuple[int, ...]) -> list[int]:
+  """A row's generated ids without the EOS or stop sequence that ended it."""
+  ids = [int(t) for t in tokens[:length]]
+  if ids and ids[-1] == eos_id:
+    ids = ids[:-1]
+  if stop and tuple(ids[-len(stop):]) == stop:
+    ids = ids[:-len(stop)]
+  return ids
+
+
 def bucket(n: int, smallest: int = 16) -> int:
   return max(smallest, 1 << (max(n, 1) - 1).bit_length())
 

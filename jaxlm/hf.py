@@ -331,6 +331,16 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
+def tokenizer_file(folder: str) -> str | None:
+  """The tokenizer in a folder: for a Hugging Face directory its canonical
+  tokenizer.json (added tokens, chat markers) first, for a jaxlm run the SentencePiece
+  model it trained first; None when there is neither."""
+  names = (("tokenizer.json", "tokenizer.model") if is_hf_dir(folder)
+           else ("tokenizer.model", "tokenizer.json"))
+  return next((os.path.join(folder, n) for n in names
+               if os.path.isfile(os.path.join(folder, n))), None)
+
+
 def copy_tokenizer(src: str, dst: str) -> list[str]:
   import shutil  # pylint: disable=import-outside-toplevel
   copied = []

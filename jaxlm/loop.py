@@ -133,8 +133,8 @@ def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
       def body(carry, xs):
         params, opt_state = carry
         i, idx = xs
-        mb = jax.tree.map(lambda x: sharder.constrain(x[idx], ("batch",) + (None,) * (x.ndim - 1)),
-                          batch)
+        mb = jax.tree.map(
+            lambda x: sharder.constrain(x[idx], ("batch",) + (None,) * (x.ndim - 1)), batch)
         params, opt_state, out = update(params, opt_state, first + i, frozen, mb,
                                         jax.random.fold_in(step_rng, 1000 + i))
         return (params, opt_state), out
@@ -301,9 +301,8 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
   frozen, frozen_sh = None, None
   if task.frozen_shapes is not None:  # loaded on every start: checkpoints hold only `params`
     abstract_frozen = jax.eval_shape(task.frozen_shapes, rng)
-    frozen_sh = sharder.tree(task.frozen_axes, abstract_frozen)
-    like = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                        abstract_frozen, frozen_sh)
+    like = sharder.placed(task.frozen_axes, abstract_frozen)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, like)
     try:
       if isinstance(task.frozen_source, dict):  # several frozen models, one source each
         frozen = {k: checkpoint.load_params(task.frozen_source[k], like[k]) for k in like}

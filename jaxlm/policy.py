@@ -26,19 +26,16 @@ def load(path: str, chat_template: str = "") -> Policy:
   from jaxlm.data import sft, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   if hf.is_hf_dir(path):
     cfg, params = hf.load_hf(path)
-    folder, names, default = path, ("tokenizer.json", "tokenizer.model"), "hf"
+    folder, default = path, "hf"
     config_path = os.path.join(path, "tokenizer_config.json")
     if not (os.path.isfile(config_path) and "chat_template" in json.load(open(config_path))):
       default = "jaxlm"
   else:
     cfg, params, folder, run = hf.load_jaxlm(path)
-    names = ("tokenizer.model", "tokenizer.json")
     default = run.get("data", {}).get("chat_template", "jaxlm")
-  tok_path = next((os.path.join(folder, n) for n in names
-                   if os.path.isfile(os.path.join(folder, n))), None)
+  tok_path = hf.tokenizer_file(folder)
   if tok_path is None:
     raise ConfigError(f"{path}: no tokenizer.model or tokenizer.json in {folder}")
   tok = tokenizer_lib.load(tok_path)
-  name = chat_template or default
-  template = sft.hf_template(tok_path) if name == "hf" else sft.TEMPLATES[name]
+  template = sft.chat_template(chat_template or default, tok, check=False)
   return Policy(cfg, params, tok, template, path)

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, model, sharding
+from jaxlm import checkpoint, generate, model, sharding
 from jaxlm.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,7 @@ def load_init(cfg, sharder):
     if is_reward_checkpoint(path):
       return checkpoint.load_params(path, params)
     full = jax.eval_shape(lambda r: model.init(cfg, r), jax.random.PRNGKey(0))
-    shardings = sharder.tree(model.param_axes(cfg), full)
-    like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        full, shardings)
-    lm = checkpoint.load_params(path, like)
+    lm = checkpoint.load_params(path, sharder.placed(model.param_axes(cfg), full))
     lm.pop("lm_head", None)  # the head replaces the output projection
     return {"backbone": lm, "head": params["head"]}
   return load
@@ -125,28 +122,23 @@ def load(path: str, *, mesh: dict | None = None) -> RewardModel:
     raise ConfigError(f"reward model {path}: {workdir} is a {run.get('task')!r} run, not a "
                       f"reward model")
   cfg = ml_collections.ConfigDict(run["model"])
-  tok_path = next((os.path.join(workdir, n) for n in ("tokenizer.model", "tokenizer.json")
-                   if os.path.isfile(os.path.join(workdir, n))), None)
+  tok_path = hf.tokenizer_file(workdir)
   if tok_path is None:
     raise ConfigError(f"reward model {path}: no tokenizer in {workdir}")
   tok = tokenizer_lib.load(tok_path)
-  name = run["data"].get("chat_template", "jaxlm")
-  template = sft.hf_template(tok_path) if name == "hf" else sft.TEMPLATES[name]
+  template = sft.chat_template(run["data"].get("chat_template", "jaxlm"), tok)
   c = base_config()
   c.mesh.update(mesh or {"data": 1, "fsdp": -1, "tensor": 1})
   sharder = sharding.Sharder(sharding.make_mesh(mesh_shape(c, jax.device_count())),
                              c.sharding.rules)
   abstract = jax.eval_shape(lambda r: init(cfg, r), jax.random.PRNGKey(0))
-  shardings = sharder.tree(param_axes(cfg), abstract)
-  like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, shardings)
-  params = checkpoint.load_params(path, like)
+  params = checkpoint.load_params(path, sharder.placed(param_axes(cfg), abstract))
   normalization = None
   norm_path = os.path.join(workdir, NORMALIZATION_FILE)
   if os.path.isfile(norm_path):
     with open(norm_path, encoding="utf-8") as f:
       normalization = json.load(f)
-    step = int(os.path.basename(os.path.dirname(checkpoint.find_params_dir(path))))
+    step = checkpoint.step_of(path)
     if normalization.get("step") != step:  # computed for other weights: not applied
       log.warning("%s is for step %s, not the loaded step %d: rewards are not normalized",
                   norm_path, normalization.get("step"), step)
@@ -176,11 +168,6 @@ def encode(rm: RewardModel, prompt, response: str) -> np.ndarray:
   return tokenized[0]
 
 
-def _bucket(n: int, cap: int) -> int:
-  """Sequence lengths compile in powers of two (from 16), so a few shapes serve all."""
-  return min(max(16, 1 << (n - 1).bit_length()), cap)
-
-
 def score_tokens(rm: RewardModel, sequences: list[np.ndarray], *, batch_size: int = 32,
                  normalize: bool = True) -> np.ndarray:
   """Rewards for id sequences (BOS first). Batched by similar length, padded to a power
@@ -195,7 +182,8 @@ def score_tokens(rm: RewardModel, sequences: list[np.ndarray], *, batch_size: in
   cut = 0
   for start in range(0, len(order), batch_size):
     chunk = order[start:start + batch_size]
-    length = _bucket(max(len(sequences[i]) for i in chunk), rm.max_len)
+    # Lengths compile in powers of two (from 16), so a few shapes serve all.
+    length = min(generate.bucket(max(len(sequences[i]) for i in chunk)), rm.max_len)
     tokens = np.zeros((batch_size, length), np.int32)
     segments = np.zeros((batch_size, length), np.int32)
     for row, i in enumerate(chunk):

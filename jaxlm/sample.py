@@ -46,21 +46,16 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   tok, template = policy.tokenizer, policy.template
-  stop = ()
-  if _CHAT.value:
-    end = sft.end_of_turn(template)
-    stop = (tuple(i for i in tok.encode(end) if tok.decode([i]).strip()),) if end else ()
+  stop = generate.stop_ids(tok, sft.end_of_turn(template)) if _CHAT.value else ()
   sampling = generate.Sampling(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-                               top_k=_TOP_K.value, top_p=_TOP_P.value, stop=stop)
+                               top_k=_TOP_K.value, top_p=_TOP_P.value,
+                               stop=(stop,) if stop else ())
   engine = generate.Engine(policy.model_config, eos_id=tok.eos_id, vocab_size=tok.vocab_size)
   rng = jax.random.PRNGKey(_SEED.value)
   system = [("system", _SYSTEM.value)] if _SYSTEM.value else []
 
   def reply_text(tokens, length):
-    ids = [int(t) for t in tokens[:length] if int(t) != tok.eos_id]
-    if stop and tuple(ids[-len(stop[0]):]) == stop[0]:
-      ids = ids[:-len(stop[0])]
-    return tok.decode(ids)
+    return tok.decode(generate.completion_ids(tokens, length, tok.eos_id, stop))
 
   def run(prompts_ids):
     nonlocal rng

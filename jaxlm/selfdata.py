@@ -25,6 +25,9 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from jaxlm import generate
+from jaxlm.data import sft
+
 _MODE = flags.DEFINE_enum("mode", None, ["best_of_n", "pairs", "constitution"], "What to make.")
 _MODEL = flags.DEFINE_string("model", None, "The model that samples (a jaxlm run or HF dir).")
 _PROMPTS = flags.DEFINE_string("prompts", None, "Prompt records (JSON/JSONL, gzip accepted).")
@@ -59,12 +62,9 @@ class Sampler:
 
   def __init__(self, policy, *, max_new_tokens: int, temperature: float, top_p: float,
                seed: int, batch_size: int):
-    from jaxlm import generate  # pylint: disable=import-outside-toplevel
-    from jaxlm.data import sft  # pylint: disable=import-outside-toplevel
     self.policy, self.batch_size = policy, batch_size
     tok = policy.tokenizer
-    end = sft.end_of_turn(policy.template)
-    self.stop = tuple(i for i in tok.encode(end) if tok.decode([i]).strip()) if end else ()
+    self.stop = generate.stop_ids(tok, sft.end_of_turn(policy.template))
     self.sampling = generate.Sampling(max_new_tokens=max_new_tokens, temperature=temperature,
                                       top_p=top_p, stop=(self.stop,) if self.stop else ())
     self.engine = generate.Engine(policy.model_config, eos_id=tok.eos_id,
@@ -72,7 +72,6 @@ class Sampler:
     self.rng = jax.random.PRNGKey(seed)
 
   def prompt_ids(self, turns):
-    from jaxlm.data import sft  # pylint: disable=import-outside-toplevel
     return sft.generation_prompt(turns, self.policy.tokenizer, self.policy.template)
 
   def __call__(self, conversations: list) -> list[str]:
@@ -84,12 +83,7 @@ class Sampler:
       gen = self.engine.generate(self.policy.params, chunk, key, self.sampling,
                                  rows=self.batch_size)
       for tokens, n in zip(gen.tokens, gen.lengths):
-        ids = [int(t) for t in tokens[:n]]
-        if ids and ids[-1] == tok.eos_id:
-          ids = ids[:-1]
-        if self.stop and tuple(ids[-len(self.stop):]) == self.stop:
-          ids = ids[:-len(self.stop)]
-        out.append(tok.decode(ids).strip())
+        out.append(tok.decode(generate.completion_ids(tokens, n, tok.eos_id, self.stop)).strip())
     return out
 
 
@@ -99,7 +93,6 @@ def judge_prefers_first(judge, prompt: str, a: str, b: str) -> float:
   position bias)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jaxlm import model  # pylint: disable=import-outside-toplevel
-  from jaxlm.data import sft  # pylint: disable=import-outside-toplevel
   tok = judge.tokenizer
   ids_a, ids_b = tok.encode("A"), tok.encode("B")
   token_a, token_b = ids_a[-1], ids_b[-1]
@@ -124,7 +117,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from jaxlm import policy as policy_lib, rewards  # pylint: disable=import-outside-toplevel
   from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
-  from jaxlm.data import prompts as prompts_lib, sft  # pylint: disable=import-outside-toplevel
+  from jaxlm.data import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
   for name, flag in (("mode", _MODE), ("model", _MODEL), ("prompts", _PROMPTS), ("out", _OUT)):
     if not flag.value:
       raise app.UsageError(f"--{name} is required")

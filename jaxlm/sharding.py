@@ -185,6 +185,12 @@ class Sharder:
   def tree(self, axes_tree, shapes_tree=None):
     return logical_to_sharding(axes_tree, self.mesh, self.rules, shapes_tree)
 
+  def placed(self, axes_tree, abstract_tree):
+    """Shape/dtype structs of `abstract_tree`, each with its sharding by the rules: a
+    restore target (checkpoint.load_params) that lands already sharded."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract_tree, self.tree(axes_tree, abstract_tree))
+
   @property
   def data_parallel_size(self) -> int:
     return self.mesh.shape["data"] * self.mesh.shape["fsdp"]

@@ -150,9 +150,8 @@ def test_rollout_rows_reproduce_the_engine_logprobs(world, tmp_path):
   sharder = loop.make_sharder(config)
   rollouts = rl_task.Rollouts(config, str(tmp_path), sharder)
   abstract = jax.eval_shape(lambda k: model.init(config.model, k), jax.random.PRNGKey(0))
-  like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-                      sharder.tree(model.param_axes(config.model), abstract))
-  params = checkpoint.load_params(world["sft"], like)
+  params = checkpoint.load_params(world["sft"],
+                                  sharder.placed(model.param_axes(config.model), abstract))
   rows, scores, _ = rollouts.sample(params, None, {"index": np.arange(8, dtype=np.int32)}, 0)
   assert len(scores) == 32 and rows["loss_mask"].sum() > 0
   logits = model.forward(params, jnp.asarray(rows["tokens"]), config.model,

@@ -261,12 +261,9 @@ def preference_dataset(examples: list, *, group: int, seq_len: int, shifted: boo
                        batch_size: int, seed: int, shuffle: bool, repeat: bool = True,
                        process_index: int = 0, process_count: int = 1, prefetch: int = 0):
   """Batches of records: [batch, group, seq_len] sequences plus [batch, pairs] indices."""
-  ds = grain.MapDataset.source(examples)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if repeat:
-    ds = ds.repeat(None)
-  ds = ds[process_index::process_count].to_iter_dataset()
+  ds = sft.record_stream(grain.MapDataset.source(examples), seed=seed, shuffle=shuffle,
+                         repeat=repeat, process_index=process_index,
+                         process_count=process_count)
   ds = ds.map(lambda ex: pad_group(ex, group, seq_len, shifted))
   ds = ds.batch(batch_size, drop_remainder=True)
   if prefetch:

@@ -80,6 +80,18 @@ def hf_template(tokenizer_path: str) -> ChatTemplate:
                       eos_token=eos.get("content", "") if isinstance(eos, dict) else eos)
 
 
+def chat_template(name: str, tok, check: bool = True) -> ChatTemplate:
+  """`name` (data.chat_template) for `tok`: the model's own Jinja template for "hf",
+  else a built-in one whose role markers must (with `check`) be single tokens of `tok`.
+  (A sampler that may never render a chat leaves the check to its use.)"""
+  if name == "hf":
+    return hf_template(tok.path)
+  template = TEMPLATES[name]
+  if check:
+    check_template(template, tok)
+  return template
+
+
 def _render_jinja(template: ChatTemplate, turns) -> list[tuple[str, bool]] | str:
   """The conversation as (text, supervised) parts, rendered by a Hugging Face template
   the way transformers does (sandboxed, trim_blocks, lstrip_blocks). Turn i's text is
@@ -380,6 +392,18 @@ def _pad_row(ex: dict, seq_len: int) -> dict:
           "segment_ids": pad(np.ones(n, np.int32)), "positions": pad(np.arange(n, dtype=np.int32))}
 
 
+def record_stream(ds, *, seed: int, shuffle: bool, repeat: bool, process_index: int,
+                  process_count: int):
+  """Whole records (a grain MapDataset) -> this process's share as an IterDataset,
+  shuffled (again every epoch) and repeated as asked: how SFT, preference and RL data
+  are read."""
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat(None)
+  return ds[process_index::process_count].to_iter_dataset()
+
+
 def sft_dataset(examples: list, *, seq_len: int, batch_size: int, seed: int, shuffle: bool,
                 packing: bool, repeat: bool = True, process_index: int = 0,
                 process_count: int = 1, prefetch: int = 0) -> grain.IterDataset:
@@ -387,12 +411,8 @@ def sft_dataset(examples: list, *, seq_len: int, batch_size: int, seed: int, shu
 
   With `packing`, examples are packed whole (first fit, never split) into rows, each its
   own segment with positions from 0; without, one example per row, padded."""
-  ds = grain.MapDataset.source(examples)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if repeat:
-    ds = ds.repeat(None)
-  ds = ds[process_index::process_count].to_iter_dataset()
+  ds = record_stream(grain.MapDataset.source(examples), seed=seed, shuffle=shuffle,
+                     repeat=repeat, process_index=process_index, process_count=process_count)
   if packing:
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct=dict.fromkeys(("inputs", "targets", "loss_mask"), seq_len),

@@ -133,10 +133,7 @@ def precompute_reference(config, workdir: str, sharder, data: PreferenceData, so
     return
 
   abstract = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
-  shardings = sharder.tree(model.param_axes(m), abstract)
-  like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, shardings)
-  weights = checkpoint.load_params(source, like)
+  weights = checkpoint.load_params(source, sharder.placed(model.param_axes(m), abstract))
   fn = jax.jit(lambda w, b: sequence_logps(w, b, m, sharder)[0])
   from jaxlm.data import preference  # pylint: disable=import-outside-toplevel
   rows_per_pass = d.batch_size // config.optimizer.grad_accum_steps  # a training microbatch

@@ -75,15 +75,7 @@ def inherited_tokenizer(config) -> str | None:
   places = [config.init_from]
   if not hf.is_hf_dir(config.init_from):
     places.append(_init_from_workdir(config.init_from))
-  # A Hugging Face directory's canonical tokenizer is tokenizer.json (added tokens, chat
-  # markers); a jaxlm run's is the SentencePiece model it trained.
-  names = (("tokenizer.json", "tokenizer.model") if hf.is_hf_dir(config.init_from)
-           else ("tokenizer.model", "tokenizer.json"))
-  for place in filter(None, places):
-    for name in names:
-      if os.path.isfile(os.path.join(place, name)):
-        return os.path.join(place, name)
-  return None
+  return next(filter(None, (hf.tokenizer_file(p) for p in filter(None, places))), None)
 
 
 def prepare_tokenizer(config, workdir: str, docs: DocumentSource):

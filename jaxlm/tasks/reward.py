@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import loop, losses, model, reward
+from jaxlm import checkpoint, loop, losses, model, reward
 from jaxlm.config import ConfigError
 from jaxlm.data import preference, sft as sft_data
 from jaxlm.tasks import pretrain, sft
@@ -152,8 +152,7 @@ def normalize(config, workdir: str, data: PreferenceData) -> dict:
   if not sequences:
     raise ConfigError(f"reward.normalize_on={config.reward.normalize_on!r}: no usable record")
   raw = reward.score_tokens(rm, sequences, batch_size=config.data.batch_size, normalize=False)
-  from jaxlm import checkpoint  # pylint: disable=import-outside-toplevel
-  step = int(os.path.basename(os.path.dirname(checkpoint.find_params_dir(workdir))))
+  step = checkpoint.step_of(workdir)
   stats = {"mean": float(np.mean(raw)), "std": float(max(np.std(raw), 1e-6)),
            "count": len(sequences), "step": step, "reference": what}
   if jax.process_index() == 0:

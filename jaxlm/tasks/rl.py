@@ -85,12 +85,10 @@ class Rollouts:
     except ValueError as e:
       raise ConfigError(f"rl.max_new_tokens: {e} (data.train's longest prompt is {longest} "
                         f"tokens)") from None
-    end = sft_data.end_of_turn(self.template)
-    stop = tuple(i for i in self.tok.encode(end) if self.tok.decode([i]).strip()) if end else ()
-    self.stop = stop
+    self.stop = generate.stop_ids(self.tok, sft_data.end_of_turn(self.template))
     self.sampling = generate.Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                       top_k=r.top_k, top_p=r.top_p,
-                                      stop=(stop,) if stop else ())
+                                      stop=(self.stop,) if self.stop else ())
     self.engine = generate.Engine(config.model, eos_id=self.tok.eos_id,
                                   vocab_size=self.tok.vocab_size, sharder=sharder)
     self.rewards = rewards.Rewards(config.reward.fn, config.reward.model,
@@ -100,20 +98,14 @@ class Rollouts:
     """Batches of prompt indices, shuffled and repeated, per process (checkpointable)."""
     import grain  # pylint: disable=import-outside-toplevel
     d = self.config.data
-    ds = grain.MapDataset.range(len(self.prompts))
-    if d.shuffle:
-      ds = ds.shuffle(seed=self.config.seed)
-    ds = ds.repeat(None)[jax.process_index()::jax.process_count()].to_iter_dataset()
+    ds = sft_data.record_stream(grain.MapDataset.range(len(self.prompts)), seed=self.config.seed,
+                                shuffle=d.shuffle, repeat=True, process_index=jax.process_index(),
+                                process_count=jax.process_count())
     return ds.map(lambda i: {"index": np.int32(i)}).batch(d.batch_size // jax.process_count(),
                                                           drop_remainder=True)
 
   def completion_text(self, tokens, length) -> str:
-    ids = [int(t) for t in tokens[:length]]
-    if ids and ids[-1] == self.tok.eos_id:
-      ids = ids[:-1]
-    if self.stop and tuple(ids[-len(self.stop):]) == self.stop:
-      ids = ids[:-len(self.stop)]
-    return self.tok.decode(ids)
+    return self.tok.decode(generate.completion_ids(tokens, length, self.tok.eos_id, self.stop))
 
   def sample(self, weights, adapters, host_batch, step):
     """Generate and score one batch -> (rows of numpy arrays, scores, metrics)."""
@@ -249,11 +241,6 @@ def ppo_loss_fn(config, sharder, use_lora: bool):
 
 
 # ---------------------------------------------------------------------------------------
-
-
-def _model_like(m, sharder):
-  abstract = jax.eval_shape(lambda k: model.init(m, k), jax.random.PRNGKey(0))
-  return abstract, model.param_axes(m)
 
 
 def build(config, workdir: str, sharder) -> loop.Task:

@@ -32,11 +32,7 @@ def tokenizer_and_template(config, workdir: str):
   tok = _tokenizer(config)
   pretrain.set_vocab_size(config, tok)
   pretrain.keep_tokenizer(tok, workdir)
-  if config.data.chat_template == "hf":
-    return tok, sft_data.hf_template(tok.path)
-  template = sft_data.TEMPLATES[config.data.chat_template]
-  sft_data.check_template(template, tok)
-  return tok, template
+  return tok, sft_data.chat_template(config.data.chat_template, tok)
 
 
 def files(spec: str, workdir: str, key: str) -> list[str]:
