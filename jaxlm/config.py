@@ -82,7 +82,8 @@ def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every task. Configs under configs/ start here."""
   c = ml_collections.ConfigDict()
-  c.task = "pretrain"            # "pretrain" | "sft" | "reward" | "dpo" | "grpo" | "ppo"
+  c.task = "pretrain"            # "pretrain" | "sft" | "reward" | "dpo" | "grpo" | "ppo" | "eval"
+                                # | "pipeline"
   c.steps = 1000
   c.seed = 0
   c.log_every = 10
@@ -192,6 +193,26 @@ def base_config() -> ml_collections.ConfigDict:
                                     # off) | "precomputed" (one pass first) | "none" (free)
   c.dpo.reference_from = ""         # the reference's weights; empty: init_from
   c.dpo.sft_weight = 0.0            # + weight * per-token NLL of chosen (RPO)
+
+  c.eval = ml_collections.ConfigDict()  # task "eval", tools/eval.py, pipeline stages
+  c.eval.model = ""                 # the checkpoint: a jaxlm run (any task) or a HF directory
+  c.eval.tasks = ""                 # prompt records with an `answer` (e.g. gsm8k_test.jsonl)
+  c.eval.max_tasks = 256            # the first N tasks (and pairs); 0: all
+  c.eval.max_new_tokens = 64
+  c.eval.temperature = 1.0          # sampled accuracy and KL samples; 0 skips them
+  c.eval.top_k = 0
+  c.eval.top_p = 1.0
+  c.eval.seed = 0
+  c.eval.batch_size = 64            # rows per generation or perplexity batch
+  c.eval.text = ""                  # held-out text for perplexity (globs or builtin:...)
+  c.eval.text_batches = 8           # perplexity over at most this many batches
+  c.eval.seq_len = 256              # perplexity row length
+  c.eval.pairs = ""                 # reward models: held-out preference pairs
+  c.eval.reward_model = ""          # a reward run judging greedy completions (reward_mean)
+  c.eval.baseline = ""              # another evaluation's folder: win_rate against its samples
+  c.eval.reference = ""             # a model to measure kl_to_reference against
+  c.eval.chat_template = ""         # default: the run's data.chat_template (hf for HF dirs)
+  c.eval.show = 4                   # sample completions kept in eval.json
   return c
 
 
@@ -381,7 +402,15 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       errors.append(f"data.batch_size={config.data.batch_size} is not divisible by the "
                     f"{num_processes} processes")
 
-  for key in ("data.train", "data.eval"):
+  if _get(config, "task") == "eval":
+    if not config.eval.model:
+      errors.append("eval.model: empty; name the checkpoint to evaluate (a jaxlm run or a "
+                    "Hugging Face directory)")
+    elif not os.path.exists(config.eval.model):
+      errors.append(f"eval.model: no such path {config.eval.model!r}")
+    if not (config.eval.tasks or config.eval.text or config.eval.pairs):
+      errors.append("eval.tasks / eval.text / eval.pairs: all empty; nothing to evaluate")
+  for key in ("data.train", "data.eval") if _get(config, "task") != "eval" else ():
     spec = _get(config, key)
     if spec and is_prepared(spec):
       pass  # a prepared corpus (tools/prepare_data.py); its sources are checked when read
@@ -392,7 +421,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       check(lambda spec=spec, key=key: parse_tfds_spec(spec, key))
     elif spec:
       check(lambda spec=spec, key=key: expand_globs(spec, key))
-  if not _get(config, "data.train") and "data" in config and "train" in config.data:
+  if (not _get(config, "data.train") and "data" in config and "train" in config.data
+      and _get(config, "task") != "eval"):
     errors.append("data.train: empty; give one or more comma-separated globs")
   if _get(config, "data.mixture"):
     from jaxlm.data.lm import parse_mixture  # pylint: disable=import-outside-toplevel

@@ -487,6 +487,11 @@ def stdlib_docstrings(path: str) -> str:
       seen.add(signature)
       records.append({"instruction": "Explain what this Python function does.",
                       "input": signature, "output": re.sub(r"\s+", " ", doc)})
+  return write_jsonl(path, records)
+
+
+def write_jsonl(path: str, records) -> str:
+  """Records as JSON lines, written whole or not at all (a temporary file, renamed)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     for r in records:
@@ -535,11 +540,17 @@ BUILTINS = {"stdlib_docstrings": stdlib_docstrings,
 def resolve_builtin(spec: str, workdir: str, key: str) -> list[str]:
   """`builtin:NAME:train|eval` -> the generated file's split, written under the workdir.
   Splits are by hash of the record, 1 in 10 to eval."""
+  from jaxlm.data import world  # pylint: disable=import-outside-toplevel
   _, name, split = (spec.split(":") + ["train"])[:3]
-  if name not in BUILTINS or split not in ("train", "eval"):
+  if name not in (*BUILTINS, *world.BUILTINS) or split not in ("train", "eval"):
     raise ConfigError(f"{key}={spec!r}: builtin data is builtin:NAME[:train|eval] with NAME in "
-                      f"{', '.join(BUILTINS)}")
+                      f"{', '.join((*BUILTINS, *world.BUILTINS))}")
   folder = os.path.join(workdir, "builtin")
+  if name in world.BUILTINS:  # the task world splits by question, alike for every kind
+    part = os.path.join(folder, f"{name}.{split}.jsonl")
+    if not os.path.exists(part):
+      world.write(name, split, part)
+    return [part]
   full = os.path.join(folder, f"{name}.jsonl")
   if not os.path.exists(full):
     BUILTINS[name](full)

@@ -14,6 +14,8 @@ REGISTRY = {
     "dpo": "jaxlm.tasks.dpo",
     "grpo": "jaxlm.tasks.rl",
     "ppo": "jaxlm.tasks.rl",
+    "eval": "jaxlm.evaluate",
+    "pipeline": "jaxlm.pipeline",
 }
 
 

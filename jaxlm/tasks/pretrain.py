@@ -214,6 +214,14 @@ def _prepared_data(config, directory: str, key: str, *, train: bool):
       prefetch=d.prefetch if train else 0)
 
 
+def documents(spec: str, d, key: str, workdir: str) -> DocumentSource:
+  """Globs, a TFDS split, or built-in generated text (`builtin:world_text:train`)."""
+  from jaxlm.data import sft  # pylint: disable=import-outside-toplevel
+  if spec.strip().startswith(sft.BUILTIN_PREFIX):
+    spec = ",".join(sft.resolve_builtin(spec.strip(), workdir, key))
+  return open_documents(spec, d, key)
+
+
 def build(config, workdir: str, sharder) -> loop.Task:
   adopt_init_from_architecture(config)
   d = config.data
@@ -223,7 +231,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
     tok = _prepared_tokenizer(config, d.train, "data.train")
     train_data = _prepared_data(config, d.train, "data.train", train=True)()
   else:
-    train_docs = open_documents(d.train, d, "data.train")
+    train_docs = documents(d.train, d, "data.train", workdir)
     tok = prepare_tokenizer(config, workdir, train_docs)
     train_data = lm.lm_dataset(train_docs, tok.path, seq_len=d.seq_len, batch_size=local_batch,
                                seed=config.seed, shuffle=d.shuffle, process_index=pid,
@@ -236,7 +244,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
     _prepared_tokenizer(config, d.eval, "data.eval", tok)
     eval_data = _prepared_data(config, d.eval, "data.eval", train=False)
   elif d.eval:
-    eval_docs = open_documents(d.eval, d, "data.eval")
+    eval_docs = documents(d.eval, d, "data.eval", workdir)
     eval_data = lambda: lm.lm_dataset(eval_docs, tok.path, seq_len=d.seq_len,  # pylint: disable=g-long-lambda
                                       batch_size=local_batch, seed=0, shuffle=False,
                                       process_index=pid, process_count=nproc)

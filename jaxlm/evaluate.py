@@ -1,0 +1,322 @@
+"""Evaluation of one checkpoint: `config.task = "eval"`, `tools/eval.py`, and the
+pipeline after every stage.
+
+For a language model (a jaxlm run, a LoRA or PPO run, or a Hugging Face directory):
+
+    perplexity              on held-out text (`eval.text`)
+    task_accuracy           greedy completions of `eval.tasks` whose `#### N` answer line
+                            equals the reference (GSM8K's "strict match")
+    task_accuracy_flexible  the same with the last number when there is no `####` line
+    task_accuracy_sampled   strict, one sample each at `eval.temperature`
+    well_formed             share of greedy completions that end with a `#### N` line
+    task_accuracy/<kind>    strict, per the records' `kind` field when they have one
+    reward_mean, win_rate   a reward model's (`eval.reward_model`) scores of the greedy
+                            completions, and how often they beat `eval.baseline`'s (another
+                            evaluation's samples.jsonl) on the same prompts (ties count half)
+    kl_to_reference         mean over sampled completions of sum_t log p(y_t) - log q(y_t),
+                            q the reference model (`eval.reference`); an unbiased estimate
+                            of KL(p || q) when sampled at temperature 1 without top-k/p
+
+For a reward model: `pairwise_accuracy` and `reward_margin` on held-out pairs
+(`eval.pairs`). Results go to `<workdir>/eval.json` (metrics, sample completions) and
+every completion to `<workdir>/samples.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import checkpoint, generate, hf, losses, model, rewards
+from jaxlm.config import ConfigError
+
+EVAL_FILE = "eval.json"
+SAMPLES_FILE = "samples.jsonl"
+
+
+def strict_answer(text: str) -> float | None:
+  """The number on the last `####` line; None without one."""
+  return rewards.final_answer(text) if "####" in text else None
+
+
+def _same(a: float | None, b: float | None) -> bool:
+  return a is not None and b is not None and abs(a - b) < 1e-6
+
+
+def is_reward_model(path: str) -> bool:
+  if hf.is_hf_dir(path):
+    return False
+  workdir = hf.find_workdir(checkpoint.find_params_dir(path))
+  if workdir is None:
+    return False
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    return json.load(f).get("task") == "reward"
+
+
+def _files(spec: str, workdir: str, key: str) -> list[str]:
+  from jaxlm.tasks.sft import files  # pylint: disable=import-outside-toplevel
+  return files(spec, workdir, key)
+
+
+# ---------------------------------------------------------------------------------------
+# Language models
+
+
+def perplexity(policy, spec: str, workdir: str, *, seq_len: int, batch_size: int,
+               batches: int) -> float:
+  """exp(mean next-token NLL) over up to `batches` packed batches of `spec`'s documents."""
+  from jaxlm.data import lm  # pylint: disable=import-outside-toplevel
+  from jaxlm.tasks.pretrain import documents  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from jaxlm.config import base_config  # pylint: disable=import-outside-toplevel
+  data_cfg = ml_collections.ConfigDict(base_config().data.to_dict())
+  docs = documents(spec, data_cfg, "eval.text", workdir)
+  if policy.model_config.family == "gpt2":
+    seq_len = min(seq_len, policy.model_config.max_seq_len)
+  ds = lm.lm_dataset(docs, policy.tokenizer.path, seq_len=seq_len, batch_size=batch_size, seed=0,
+                     shuffle=False, repeat=False)
+  cfg = policy.model_config
+
+  @jax.jit
+  def nll(params, b):
+    logits = model.forward(params, b["tokens"], cfg, segment_ids=b["segment_ids"],
+                           positions=b["positions"])
+    loss, _, weight = losses.cross_entropy(logits, b["targets"], b["loss_mask"])
+    return loss, weight
+
+  total, weight = 0.0, 0.0
+  for i, batch in enumerate(ds):
+    if i == batches:
+      break
+    loss, w = nll(policy.params, {k: jnp.asarray(v) for k, v in batch.items()})
+    total, weight = total + float(loss), weight + float(w)
+  if not weight:
+    raise ConfigError(f"eval.text={spec!r}: not one batch of {batch_size} x {seq_len} tokens")
+  return math.exp(min(total / weight, 80.0))
+
+
+def _sequence_logps(cfg, params, rows: list[np.ndarray], starts: list[int], batch: int = 32):
+  """Per row, the sum of log p(token) over tokens from `starts[i]` on (teacher forced)."""
+  fn = jax.jit(lambda p, t, m: losses.sequence_logps(
+      model.forward(p, t[:, :-1], cfg), t[:, 1:], m[:, 1:]))
+  length = generate.bucket(max(len(r) for r in rows))
+  out = []
+  for lo in range(0, len(rows), batch):
+    chunk = rows[lo:lo + batch]
+    tokens = np.zeros((batch, length), np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for j, r in enumerate(chunk):
+      tokens[j, :len(r)] = r
+      mask[j, starts[lo + j]:len(r)] = 1
+    out.append(np.asarray(fn(params, jnp.asarray(tokens), jnp.asarray(mask)))[:len(chunk)])
+  return np.concatenate(out)
+
+
+def _generate_all(policy, engine, prompt_ids, sampling, seed: int, rows: int):
+  """Completions (token lists and texts) of every prompt, `rows` at a time, one program."""
+  stop = sampling.stop[0] if sampling.stop else ()
+  P = generate.bucket(max(len(p) for p in prompt_ids))
+  tokens, texts = [], []
+  rng = jax.random.PRNGKey(seed)
+  for lo in range(0, len(prompt_ids), rows):
+    rng, key = jax.random.split(rng)
+    out = engine.generate(policy.params, prompt_ids[lo:lo + rows], key, sampling, rows=rows,
+                          prompt_len=P)
+    for i in range(len(out.lengths)):
+      tokens.append([int(t) for t in out.tokens[i, :out.lengths[i]]])
+      texts.append(policy.tokenizer.decode(
+          generate.completion_ids(out.tokens[i], out.lengths[i], policy.tokenizer.eos_id, stop)))
+  return tokens, texts
+
+
+def task_metrics(records, greedy: list[str], sampled: list[str] | None) -> dict:
+  """Strict and flexible accuracy against each record's `answer`, overall and per kind."""
+  want = [rewards.final_answer(str(r.fields.get("answer", ""))) for r in records]
+  strict = [_same(strict_answer(g), w) for g, w in zip(greedy, want)]
+  m = {"task_accuracy": float(np.mean(strict)),
+       "task_accuracy_flexible": float(np.mean([_same(rewards.final_answer(g), w)
+                                                for g, w in zip(greedy, want)])),
+       "well_formed": float(np.mean([strict_answer(g) is not None for g in greedy]))}
+  if sampled is not None:
+    m["task_accuracy_sampled"] = float(np.mean([_same(strict_answer(s), w)
+                                                for s, w in zip(sampled, want)]))
+  kinds = [r.fields.get("kind") for r in records]
+  for kind in sorted({k for k in kinds if isinstance(k, str)}):
+    hits = [s for s, k in zip(strict, kinds) if k == kind]
+    m[f"task_accuracy/{kind}"] = float(np.mean(hits))
+  return m
+
+
+def _baseline(path: str) -> dict:
+  """prompt text -> greedy completion, from another evaluation's samples.jsonl (or its
+  folder)."""
+  if os.path.isdir(path):
+    path = os.path.join(path, SAMPLES_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f"eval.baseline: no {SAMPLES_FILE} at {path!r}")
+  with open(path, encoding="utf-8") as f:
+    return {r["prompt"]: r["greedy"] for r in map(json.loads, f)}
+
+
+def evaluate_policy(e, policy, workdir: str, log=print) -> tuple[dict, list[dict]]:
+  """Every language-model metric `e` (the config's eval section) asks for, and the
+  per-prompt samples."""
+  from jaxlm import reward  # pylint: disable=import-outside-toplevel
+  from jaxlm.data import prompts as prompts_lib, sft  # pylint: disable=import-outside-toplevel
+  metrics, samples = {}, []
+  if e.text:
+    t0 = time.perf_counter()
+    metrics["perplexity"] = perplexity(policy, e.text, workdir, seq_len=e.seq_len,
+                                       batch_size=e.batch_size, batches=e.text_batches)
+    log(f"perplexity {metrics['perplexity']:.3f} on {e.text} "
+        f"({time.perf_counter() - t0:.1f}s)")
+  if not e.tasks:
+    return metrics, samples
+  loaded = prompts_lib.load_prompts(_files(e.tasks, workdir, "eval.tasks"), on_error="skip")
+  records = loaded.examples[:e.max_tasks or None]
+  if not records:
+    raise ConfigError(f"eval.tasks={e.tasks!r}: no usable prompt record ({dict(loaded.counts)})")
+  skipped = {k: v for k, v in loaded.counts.items() if k.startswith("skipped_")}
+  if skipped:
+    log(f"eval.tasks: {loaded.counts['records']} records, {sum(skipped.values())} skipped "
+        + ", ".join(f"{k[8:]}: {v} (first at {loaded.first[k[8:]]})" for k, v in skipped.items()))
+  metrics["tasks"] = len(records)
+  tok, template = policy.tokenizer, policy.template
+  stop = generate.stop_ids(tok, sft.end_of_turn(template))
+  prompt_ids = [sft.generation_prompt(r.turns, tok, template) for r in records]
+  engine = generate.Engine(policy.model_config, eos_id=tok.eos_id, vocab_size=tok.vocab_size)
+  t0 = time.perf_counter()
+  greedy_sampling = generate.Sampling(e.max_new_tokens, 0.0, stop=(stop,) if stop else ())
+  _, greedy = _generate_all(policy, engine, prompt_ids, greedy_sampling, e.seed, e.batch_size)
+  sampled_tokens, sampled = None, None
+  if e.temperature > 0:
+    sampling = generate.Sampling(e.max_new_tokens, e.temperature, e.top_k, e.top_p,
+                                 stop=(stop,) if stop else ())
+    sampled_tokens, sampled = _generate_all(policy, engine, prompt_ids, sampling, e.seed + 1,
+                                            e.batch_size)
+  metrics.update(task_metrics(records, greedy, sampled))
+  metrics["completion_chars"] = float(np.mean([len(g) for g in greedy]))
+  log(f"{len(records)} tasks of {e.tasks}: accuracy {metrics['task_accuracy']:.3f} "
+      f"(greedy, strict), {metrics.get('task_accuracy_sampled', float('nan')):.3f} (sampled) "
+      f"({time.perf_counter() - t0:.1f}s)")
+  texts = [r.text for r in records]
+  if e.reference and sampled_tokens is not None:
+    from jaxlm import policy as policy_lib  # pylint: disable=import-outside-toplevel
+    ref = policy_lib.load(e.reference)
+    if ref.tokenizer.vocab_size != tok.vocab_size:
+      raise ConfigError(f"eval.reference={e.reference!r}: its tokenizer differs from the model's")
+    rows = [np.concatenate([p, np.asarray(s, np.int32)]) for p, s in zip(prompt_ids, sampled_tokens)]
+    starts = [len(p) for p in prompt_ids]
+    diff = (_sequence_logps(policy.model_config, policy.params, rows, starts)
+            - _sequence_logps(ref.model_config, ref.params, rows, starts))
+    metrics["kl_to_reference"] = float(np.mean(diff))
+  scores = None
+  if e.reward_model:
+    rm = reward.load(e.reward_model)
+    messages = [[{"role": a, "content": b} for a, b in r.turns] for r in records]
+    scores = reward.score(rm, messages, greedy)
+    metrics["reward_mean"] = float(np.mean(scores))
+    if e.baseline:
+      base = _baseline(e.baseline)
+      shared = [i for i, t in enumerate(texts) if t in base]
+      if not shared:
+        raise ConfigError(f"eval.baseline={e.baseline!r}: none of its prompts are these tasks'")
+      base_scores = reward.score(rm, [messages[i] for i in shared],
+                                 [base[texts[i]] for i in shared])
+      ours = scores[shared]
+      metrics["win_rate"] = float(np.mean((ours > base_scores) + 0.5 * (ours == base_scores)))
+  for i, r in enumerate(records):
+    s = {"prompt": texts[i], "answer": r.fields.get("answer"), "greedy": greedy[i],
+         "correct": _same(strict_answer(greedy[i]),
+                          rewards.final_answer(str(r.fields.get("answer", ""))))}
+    if sampled is not None:
+      s["sampled"] = sampled[i]
+    if scores is not None:
+      s["reward"] = float(scores[i])
+    samples.append(s)
+  return metrics, samples
+
+
+# ---------------------------------------------------------------------------------------
+# Reward models
+
+
+def evaluate_reward_model(e, path: str, workdir: str, log=print) -> dict:
+  """Pairwise accuracy and mean margin of a reward model on `eval.pairs`."""
+  from jaxlm import reward  # pylint: disable=import-outside-toplevel
+  from jaxlm.data import preference, sft  # pylint: disable=import-outside-toplevel
+  if not e.pairs:
+    return {}
+  rm = reward.load(path)
+  prompts, chosen, rejected = [], [], []
+  skipped = 0
+  for f in _files(e.pairs, workdir, "eval.pairs"):
+    for _, record in sft.read_records(f):
+      pref = record if isinstance(record, str) else preference.to_preference(record)
+      if isinstance(pref, str):
+        skipped += 1
+        continue
+      for c, r, _ in pref.pairs:
+        messages = [{"role": a, "content": b} for a, b in pref.prompt]
+        prompts.append(messages)
+        chosen.append(c)
+        rejected.append(r)
+  if e.max_tasks:
+    prompts, chosen, rejected = (x[:e.max_tasks] for x in (prompts, chosen, rejected))
+  if not prompts:
+    raise ConfigError(f"eval.pairs={e.pairs!r}: no usable pair ({skipped} records skipped)")
+  rc = reward.score(rm, prompts, chosen)
+  rr = reward.score(rm, prompts, rejected)
+  m = {"pairwise_accuracy": float(np.mean(rc > rr)), "reward_margin": float(np.mean(rc - rr)),
+       "reward_chosen": float(np.mean(rc)), "reward_rejected": float(np.mean(rr))}
+  log(f"{len(prompts)} pairs of {e.pairs}: pairwise accuracy {m['pairwise_accuracy']:.3f}"
+      + (f" ({skipped} records skipped)" if skipped else ""))
+  return m
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points
+
+
+def evaluate(e, path: str, workdir: str, log=print) -> dict:
+  """Evaluate the checkpoint at `path` as `e` (a config's eval section) says; write
+  eval.json and samples.jsonl into `workdir`; return the eval.json contents."""
+  from jaxlm import policy as policy_lib  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  try:
+    step = None if hf.is_hf_dir(path) else checkpoint.step_of(path)
+  except FileNotFoundError as err:
+    raise ConfigError(f"eval.model: {err}") from None
+  samples = []
+  if is_reward_model(path):
+    metrics = evaluate_reward_model(e, path, workdir, log)
+  else:
+    policy = policy_lib.load(path, e.chat_template)
+    metrics, samples = evaluate_policy(e, policy, workdir, log)
+  result = {"model": os.path.abspath(path), "step": step, "metrics": metrics,
+            "samples": samples[:e.show], "seconds": time.perf_counter() - t0}
+  if jax.process_index() == 0:
+    from jaxlm.data.sft import write_jsonl  # pylint: disable=import-outside-toplevel
+    write_jsonl(os.path.join(workdir, SAMPLES_FILE), samples)
+    with open(os.path.join(workdir, EVAL_FILE + ".tmp"), "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)
+    os.replace(os.path.join(workdir, EVAL_FILE + ".tmp"), os.path.join(workdir, EVAL_FILE))
+  return result
+
+
+def run(config, workdir: str) -> dict:
+  """`config.task = "eval"`: evaluate `eval.model` into `workdir`."""
+  e = config.eval
+  if not e.model:
+    raise ConfigError("eval.model: empty; name the checkpoint to evaluate (a jaxlm run or a "
+                      "Hugging Face directory)")
+  result = evaluate(e, e.model, workdir)
+  print(json.dumps(result["metrics"], indent=2), flush=True)
+  return result["metrics"]

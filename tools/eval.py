@@ -1,0 +1,67 @@
+"""Evaluate any checkpoint as the pipeline does after each stage (jaxlm.evaluate).
+
+  python tools/eval.py --model runs/pipeline/sft --tasks builtin:world_prompts:eval
+  python tools/eval.py --model path/to/hf_model --tasks gsm8k_test.jsonl --max_tasks 200 \
+      --max_new_tokens 256 --chat_template hf
+  python tools/eval.py --model runs/pipeline/reward --pairs hh_rlhf_harmless_test.jsonl.gz
+  python tools/eval.py --model runs/pipeline/dpo --tasks builtin:world_prompts:eval \
+      --reference runs/pipeline/sft --reward_model runs/pipeline/reward \
+      --baseline runs/pipeline/sft/eval
+
+--model is a jaxlm run (pretrain, SFT, LoRA, DPO, GRPO, PPO: a language model; reward:
+a reward model) or a Hugging Face directory. Writes eval.json and samples.jsonl into
+--out (default <model>/eval) and prints the metrics. The same as
+`python -m jaxlm.launch --config FILE --workdir OUT` with config.task = "eval".
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+_MODEL = flags.DEFINE_string("model", None, "The checkpoint: a jaxlm run or a HF directory.")
+_OUT = flags.DEFINE_string("out", "", "Where eval.json and samples.jsonl go (default <model>/eval).")
+_TASKS = flags.DEFINE_string("tasks", "", "Prompt records with an `answer` field "
+                             "(GSM8K-style JSONL, or builtin:world_prompts:eval).")
+_TEXT = flags.DEFINE_string("text", "", "Held-out text for perplexity (globs or builtin:...).")
+_PAIRS = flags.DEFINE_string("pairs", "", "Preference pairs (reward models).")
+_REWARD_MODEL = flags.DEFINE_string("reward_model", "", "A reward run judging the answers.")
+_BASELINE = flags.DEFINE_string("baseline", "", "Another evaluation's folder: win rate against it.")
+_REFERENCE = flags.DEFINE_string("reference", "", "A model to measure KL to.")
+_MAX_TASKS = flags.DEFINE_integer("max_tasks", 256, "The first N tasks or pairs; 0: all.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per answer at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampled accuracy and KL; 0 skips them.")
+_TEMPLATE = flags.DEFINE_string("chat_template", "", "jaxlm | chatml | llama3 | hf; default: "
+                                "the run's, or hf for a HF directory with one.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Rows per generation or perplexity batch.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Perplexity row length.")
+flags.mark_flags_as_required(["model"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from jaxlm import evaluate  # pylint: disable=import-outside-toplevel
+  from jaxlm.config import ConfigError, base_config  # pylint: disable=import-outside-toplevel
+  e = base_config().eval
+  e.update(model=_MODEL.value, tasks=_TASKS.value, text=_TEXT.value, pairs=_PAIRS.value,
+           reward_model=_REWARD_MODEL.value, baseline=_BASELINE.value,
+           reference=_REFERENCE.value, max_tasks=_MAX_TASKS.value,
+           max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+           chat_template=_TEMPLATE.value, batch_size=_BATCH.value, seq_len=_SEQ_LEN.value)
+  out = _OUT.value or os.path.join(_MODEL.value, "eval")
+  try:
+    result = evaluate.evaluate(e, _MODEL.value, out)
+  except (ConfigError, FileNotFoundError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(result["metrics"], indent=2))
+  print(f"wrote {os.path.join(out, evaluate.EVAL_FILE)} and {evaluate.SAMPLES_FILE}",
+        file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)
