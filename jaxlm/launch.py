@@ -42,7 +42,11 @@ def main(argv):
   except sharding.ShardingError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  errors = validate(config, jax.device_count(), jax.process_count())
+  if config.task == "pipeline":
+    from jaxlm import pipeline  # pylint: disable=import-outside-toplevel
+    errors = pipeline.validate(config, jax.device_count(), jax.process_count())
+  else:
+    errors = validate(config, jax.device_count(), jax.process_count())
   if config.task not in tasks.REGISTRY:
     errors.insert(0, f"task={config.task!r}: unknown; one of {', '.join(sorted(tasks.REGISTRY))}")
   if errors:

@@ -438,6 +438,12 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
   if hasattr(data_iter, "close"):
     data_iter.close()
   log.close()
+  if jax.process_index() == 0:  # what a pipeline or a sweep reads back
+    summary = {"step": final, "steps": total, "finished": final >= total,
+               "tokens_per_step": task.tokens_per_batch, "metrics": last}
+    with open(os.path.join(workdir, "summary.json.tmp"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(os.path.join(workdir, "summary.json.tmp"), os.path.join(workdir, "summary.json"))
   return last
 
 

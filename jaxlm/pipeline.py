@@ -1,0 +1,221 @@
+"""`config.task = "pipeline"`: the stages from raw text to an aligned model, in order,
+each in its own subfolder of the workdir, evaluated when it ends, then a report card.
+
+    tokenizer/   SentencePiece trained on the pretraining text
+    pretrain/    the base model                       (config.pretrain: a pretrain config)
+    sft/         the instruction-tuned model          (config.sft)
+    reward/      the reward model, from sft/          (config.reward)
+    dpo/         DPO from sft/, reference sft/        (config.dpo)
+    rl/          GRPO or PPO from dpo/                (config.rl; rl.init_from=@sft skips DPO)
+    <stage>/eval/        eval.json, samples.jsonl     (jaxlm.evaluate)
+    report.md, report.json, plots/*.png               (jaxlm.report)
+
+A stage config names its inputs as `@stage` paths (`init_from = "@sft"`,
+`reward.model = "@reward"`), resolved inside the workdir. Re-running the command skips
+what has finished (a stage whose run reached its last step, an evaluation of that
+step) and resumes an interrupted stage from its last checkpoint. `config.stages`
+selects a subset; a selected stage whose input stage is absent is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ml_collections
+
+from jaxlm.config import ConfigError
+from jaxlm.report import read_json
+
+STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "rl")
+STAGE_FILE = "stage.json"    # per stage: seconds spent training, over every attempt
+
+
+def resolve_paths(config, root: str):
+  """A copy of `config` with every string `@name[/rest]` made `root/name[/rest]`."""
+  def walk(node):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value)
+      elif isinstance(value, str) and value.startswith("@"):
+        node[key] = os.path.join(root, value[1:])
+  out = ml_collections.ConfigDict(config.to_dict())
+  walk(out)
+  return out
+
+
+def selected(config) -> list[str]:
+  names = [s.strip() for s in config.stages.split(",") if s.strip()]
+  unknown = [s for s in names if s not in STAGES]
+  if unknown or not names:
+    raise ConfigError(f"stages={config.stages!r}: each must be one of {', '.join(STAGES)}")
+  return [s for s in STAGES if s in names]
+
+
+def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
+  """Every stage's config problems, each prefixed with its key (`sft.optimizer.lr=...`).
+  `@` paths are produced by earlier stages, so here they only need to be there."""
+  from jaxlm import config as config_lib  # pylint: disable=import-outside-toplevel
+  try:
+    names = selected(config)
+  except ConfigError as e:
+    return [str(e)]
+  errors = []
+  for name in names:
+    if name == "tokenizer":
+      if not config.tokenizer.vocab_size > 0:
+        errors.append(f"tokenizer.vocab_size={config.tokenizer.vocab_size}: must be > 0")
+      continue
+    stage = resolve_paths(config[name], os.getcwd())
+    for key, _ in _at_paths(config[name]):  # not there yet: stand in an existing path
+      node = stage
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = "" if key == "data.tokenizer" else "."
+    errors += [f"{name}.{e}" for e in config_lib.validate(stage, num_devices, num_processes)]
+  return errors
+
+
+def _at_paths(config, prefix: str = ""):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _at_paths(value, f"{prefix}{key}.")
+    elif isinstance(value, str) and value.startswith("@"):
+      yield f"{prefix}{key}", value
+
+
+def _write_json(path: str, obj: dict):
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def finished(stage_dir: str, steps: int | None = None) -> bool:
+  """Whether a stage's run reached its last step (the loop's summary.json says so), and
+  at least `steps` of them (a re-run with more steps continues it)."""
+  summary = read_json(os.path.join(stage_dir, "summary.json"))
+  return bool(summary and summary.get("finished") and summary["step"] >= (steps or 0))
+
+
+def train_tokenizer(config, folder: str, log=print) -> str:
+  """The tokenizer stage: SentencePiece on up to `tokenizer.sample_chars` characters of
+  `tokenizer.train`."""
+  from jaxlm.config import base_config  # pylint: disable=import-outside-toplevel
+  from jaxlm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  from jaxlm.tasks.pretrain import documents  # pylint: disable=import-outside-toplevel
+  path = os.path.join(folder, "tokenizer.model")
+  if os.path.exists(path):
+    log(f"[tokenizer] finished: {path}")
+    return path
+  import jax  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  if jax.process_index() == 0:  # one writer; the others wait for the file
+    docs = documents(config.tokenizer.train, base_config().data, "tokenizer.train", folder)
+    try:
+      tokenizer_lib.train(docs.sample_text(config.tokenizer.sample_chars), path,
+                          config.tokenizer.vocab_size)
+    except ValueError as e:
+      raise ConfigError(f"tokenizer.vocab_size={config.tokenizer.vocab_size}: {e}") from None
+    _write_json(os.path.join(folder, STAGE_FILE),
+                {"seconds": time.perf_counter() - t0, "attempts": 1})
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("pipeline tokenizer")
+  seconds = time.perf_counter() - t0
+  log(f"[tokenizer] {config.tokenizer.vocab_size} pieces -> {path} ({seconds:.1f}s)")
+  return path
+
+
+def eval_section(config, name: str, workdir: str):
+  """The stage's evaluation: its own eval section, plus what earlier stages make
+  measurable (the reward model judges DPO and RL answers against those of the stage
+  they started from, and their KL is to the SFT model)."""
+  e = ml_collections.ConfigDict(config[name].eval.to_dict())
+  has = lambda s: finished(os.path.join(workdir, s))  # noqa: E731
+  if name == "reward":
+    e.tasks, e.text = "", ""
+  else:
+    e.pairs = ""
+  if name in ("dpo", "rl"):
+    if not e.reference and has("sft"):
+      e.reference = os.path.join(workdir, "sft")
+    if not e.reward_model and has("reward"):
+      e.reward_model = os.path.join(workdir, "reward")
+    start = config[name].init_from  # win rate over the stage it started from
+    samples = os.path.join(workdir, start[1:], "eval", "samples.jsonl")
+    if not e.baseline and e.reward_model and start.startswith("@") and os.path.isfile(samples):
+      e.baseline = os.path.dirname(samples)
+  return resolve_paths(e, workdir)
+
+
+def run_stage(config, name: str, workdir: str, log=print) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxlm import checkpoint, evaluate, tasks  # pylint: disable=import-outside-toplevel
+  stage_dir = os.path.join(workdir, name)
+  stage = resolve_paths(config[name], workdir)
+  if not stage.seed:
+    stage.seed = config.seed
+  for key, value in _at_paths(config[name]):
+    path = os.path.join(workdir, value[1:])
+    if not os.path.exists(path):
+      raise ConfigError(f"{name}.{key}={value!r}: {path} does not exist; run the "
+                        f"{value[1:].split('/')[0]} stage first (config.stages)")
+  trained = not finished(stage_dir, stage.steps)
+  if not trained:
+    log(f"[{name}] finished")
+  else:
+    log(f"[{name}] {stage.task}, {stage.steps} steps -> {stage_dir}")
+    t0 = time.perf_counter()
+    try:
+      tasks.run(stage, stage_dir)
+    finally:
+      if jax.process_index() == 0:
+        record = read_json(os.path.join(stage_dir, STAGE_FILE)) or {"seconds": 0.0,
+                                                                     "attempts": 0}
+        record["seconds"] += time.perf_counter() - t0
+        record["attempts"] += 1
+        os.makedirs(stage_dir, exist_ok=True)
+        _write_json(os.path.join(stage_dir, STAGE_FILE), record)
+    if not finished(stage_dir, stage.steps):
+      raise StageIncomplete(f"[{name}] stopped before its last step (a signal, or its data "
+                            f"ran out); re-run the same command to resume it")
+  eval_dir = os.path.join(stage_dir, "eval")
+  done = read_json(os.path.join(eval_dir, evaluate.EVAL_FILE))
+  step = checkpoint.step_of(stage_dir)
+  if done and done.get("step") == step and not trained:  # weights trained now: evaluate them
+    log(f"[{name}] evaluated")
+    return
+  log(f"[{name}] evaluating step {step}")
+  evaluate.evaluate(eval_section(config, name, workdir), stage_dir, eval_dir,
+                    log=lambda m: log(f"[{name}] {m}"))
+
+
+class StageIncomplete(RuntimeError):
+  pass
+
+
+def run(config, workdir: str) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxlm import report  # pylint: disable=import-outside-toplevel
+  names = selected(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
+  t0 = time.perf_counter()
+  log = lambda m: print(m, flush=True)  # noqa: E731
+  try:
+    for name in names:
+      if name == "tokenizer":
+        train_tokenizer(config, os.path.join(workdir, "tokenizer"), log)
+      else:
+        run_stage(config, name, workdir, log)
+  except StageIncomplete as e:
+    log(str(e))
+    return {}
+  result = report.write(config, workdir)
+  log(f"pipeline: {', '.join(names)} in {time.perf_counter() - t0:.0f}s; report: "
+      f"{os.path.join(workdir, report.REPORT_MD)}")
+  return result

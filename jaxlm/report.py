@@ -1,0 +1,194 @@
+"""The pipeline's report card: report.md, report.json and plots/ in its workdir.
+
+report.json holds the same numbers as report.md:
+
+    {"environment": {...}, "total_seconds": ..., "cost": {...},
+     "stages": {"base": {metric: value, ...}, "sft": ..., "reward": ..., "dpo": ..., "rl": ...}}
+
+Each stage's object has its evaluation's metrics by name (task_accuracy, perplexity,
+pairwise_accuracy, win_rate, kl_to_reference, ...) and its run's `steps`, `tokens`,
+`train_seconds`, `eval_seconds`, `train_loss` and `train_flops`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+from jaxlm import plots
+
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+STAGE_NAMES = {"pretrain": "base", "sft": "sft", "reward": "reward", "dpo": "dpo", "rl": "rl"}
+# Rows of the metrics table, in order: (key, what it is).
+ROWS = (
+    ("task_accuracy", "task accuracy, greedy (strict `####` match)"),
+    ("task_accuracy_sampled", "task accuracy, sampled"),
+    ("task_accuracy_flexible", "task accuracy, greedy (last number)"),
+    ("well_formed", "answers with a `####` line"),
+    ("perplexity", "held-out perplexity"),
+    ("pairwise_accuracy", "reward model pairwise accuracy"),
+    ("reward_margin", "reward model mean margin"),
+    ("reward_mean", "reward model score of greedy answers"),
+    ("win_rate", "win rate over the stage it started from (reward model)"),
+    ("kl_to_reference", "KL to the SFT model (nats per answer)"),
+    ("train_loss", "final training loss"),
+)
+
+
+def read_json(path: str) -> dict | None:
+  """A JSON file's contents; None when it is missing or cut short."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def environment() -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    rev += " (with uncommitted changes)" if dirty else ""
+  except (OSError, subprocess.SubprocessError):
+    rev = "unknown (not a git checkout)"
+  device = jax.devices()[0]
+  return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+          "command": " ".join([os.path.basename(sys.executable),
+                               *getattr(sys, "orig_argv", sys.argv)[1:]]),
+          "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
+          "cpu_cores": os.cpu_count(), "jax": jax.__version__,
+          "python": platform.python_version(), "git": rev}
+
+
+def _train_flops(stage_dir: str, tokens: int) -> float:
+  """Training FLOPs of a run: PaLM-style per-token FLOPs of its model x tokens."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from jaxlm import model  # pylint: disable=import-outside-toplevel
+  from jaxlm.config import model_config  # pylint: disable=import-outside-toplevel
+  run = read_json(os.path.join(stage_dir, "config.json")) or {}
+  if "model" not in run:
+    return 0.0
+  cfg = model_config("tiny", **ml_collections.ConfigDict(run["model"]).to_dict())
+  return model.flops_per_token(cfg, run.get("data", {}).get("seq_len", 0)) * tokens
+
+
+def collect(workdir: str) -> dict:
+  """Every finished stage's numbers, by report name."""
+  stages = {}
+  for name, label in STAGE_NAMES.items():
+    d = os.path.join(workdir, name)
+    summary = read_json(os.path.join(d, "summary.json"))
+    if summary is None:
+      continue
+    ev = read_json(os.path.join(d, "eval", "eval.json")) or {"metrics": {}, "samples": []}
+    tokens = int(summary["step"] * summary.get("tokens_per_step", 0))
+    s = dict(ev["metrics"])
+    s.update(steps=summary["step"], tokens=tokens,
+             train_seconds=(read_json(os.path.join(d, "stage.json")) or {}).get("seconds"),
+             eval_seconds=ev.get("seconds"), train_flops=_train_flops(d, tokens),
+             train_loss=summary.get("metrics", {}).get("loss"))
+    s["samples"] = ev.get("samples", [])
+    stages[label] = s
+  return stages
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return ""
+  if isinstance(v, float):
+    return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+  if isinstance(v, int):
+    return f"{v:,}"
+  return str(v)
+
+
+def _seconds(v) -> str:
+  return "" if v is None else f"{v:.0f} s"
+
+
+def write(config, workdir: str) -> dict:
+  """Write report.md, report.json and plots/ for the pipeline in `workdir`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  stages = collect(workdir)
+  tok = read_json(os.path.join(workdir, "tokenizer", "stage.json")) or {}
+  seconds = (tok.get("seconds") or 0.0) + sum((s["train_seconds"] or 0.0) + (s["eval_seconds"] or 0.0)
+                                              for s in stages.values())
+  r = config.report
+  flops = sum(s["train_flops"] for s in stages.values())
+  accel_hours = flops / (r.accelerator_tflops * 1e12 * r.accelerator_mfu) / 3600
+  cost = {"this_run_hours": seconds / 3600, "cpu_vm": r.cpu_vm,
+          "cpu_vm_price_per_hour": r.cpu_vm_price, "cpu_vm_cost": seconds / 3600 * r.cpu_vm_price,
+          "train_flops": flops, "accelerator": r.accelerator,
+          "accelerator_price_per_hour": r.accelerator_price, "accelerator_mfu": r.accelerator_mfu,
+          "accelerator_hours": accel_hours, "accelerator_cost": accel_hours * r.accelerator_price}
+  env = environment()
+  result = {"environment": env, "total_seconds": seconds, "cost": cost,
+            "stages": {k: {m: v for m, v in s.items() if m != "samples"} for k, s in stages.items()}}
+  if jax.process_index() != 0:
+    return result
+  plot_files = plots.plot_all({"": workdir}, os.path.join(workdir, "plots"))
+  with open(os.path.join(workdir, REPORT_JSON), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(workdir, REPORT_MD), "w", encoding="utf-8") as f:
+    f.write(_markdown(result, stages, plot_files, workdir, tok, r.samples))
+  return result
+
+
+def _markdown(result, stages, plot_files, workdir, tok, n_samples) -> str:
+  env, cost = result["environment"], result["cost"]
+  names = list(stages)
+  out = ["# jaxlm report card", ""]
+  out += ["| environment | |", "|---|---|"]
+  out += [f"| {k} | {_fmt(v)} |" for k, v in env.items()]
+  out += [f"| total time | {_seconds(result['total_seconds'])} |", ""]
+  out += ["## Stages", "", "| stage | steps | tokens | training | evaluation | headline |",
+          "|---|---|---|---|---|---|"]
+  if tok:
+    out.append(f"| tokenizer | | | {_seconds(tok.get('seconds'))} | | |")
+  for name, s in stages.items():
+    key = "pairwise_accuracy" if name == "reward" else "task_accuracy"
+    headline = f"{key} {_fmt(s.get(key))}" if key in s else ""
+    out.append(f"| {name} | {_fmt(s['steps'])} | {_fmt(s['tokens'])} | "
+               f"{_seconds(s['train_seconds'])} | {_seconds(s['eval_seconds'])} | {headline} |")
+  out += ["", "## Metrics", "", "| metric | " + " | ".join(names) + " |",
+          "|---|" + "---|" * len(names)]
+  keys = [k for k, _ in ROWS] + sorted({k for s in stages.values() for k in s
+                                       if k.startswith("task_accuracy/")})
+  labels = dict(ROWS)
+  for key in keys:
+    if any(key in s for s in stages.values()):
+      out.append(f"| {labels.get(key, key)} | "
+                 + " | ".join(_fmt(stages[n].get(key)) for n in names) + " |")
+  if plot_files:
+    out += ["", "## Plots", ""]
+    out += [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plot_files]
+  out += ["", "## Sample completions", ""]
+  for name, s in stages.items():
+    if not s["samples"]:
+      continue
+    out += [f"### {name}", ""]
+    for sample in s["samples"][:n_samples]:
+      mark = "right" if sample.get("correct") else "wrong"
+      out += [f"- **{sample['prompt']}** (answer {sample.get('answer')}; {mark})",
+              "  ```", *[f"  {line}" for line in (sample["greedy"] or "(empty)").splitlines()],
+              "  ```"]
+    out.append("")
+  out += ["## Estimated cost", "",
+          f"- This run: {_seconds(result['total_seconds'])} on this machine; on a {cost['cpu_vm']} "
+          f"at ${cost['cpu_vm_price_per_hour']}/h that is ${cost['cpu_vm_cost']:.4f}.",
+          f"- Its training FLOPs ({cost['train_flops']:.3g}, PaLM-style, generation and "
+          f"evaluation left out) on {cost['accelerator']} at {cost['accelerator_mfu']:.0%} MFU "
+          f"and ${cost['accelerator_price_per_hour']}/h: {cost['accelerator_hours'] * 3600:.2f} s, "
+          f"${cost['accelerator_cost']:.6f}.",
+          "- Prices are the config's `report.*` fields (list prices, no discounts); change them "
+          "there.", ""]
+  return "\n".join(out)
