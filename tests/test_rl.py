@@ -128,7 +128,9 @@ def test_rl_raises_a_verifiable_reward(world, tmp_path, task, extra):
   last = np.mean([r["reward"] for r in records[-3:]])
   assert last >= 0.8 and last > first + 0.4, [r["reward"] for r in records]
   kls = [r["objective/kl"] for r in records]
-  assert all(np.isfinite(k) and abs(k) < 10 for k in kls), kls
+  # GRPO's is per token (k3); PPO's k1 is per completion of up to 8 tokens.
+  bound = 10 if task == "grpo" else 25
+  assert all(np.isfinite(k) and abs(k) < bound for k in kls), kls
   for name in ("policy/clipfrac_avg", "policy/approxkl_avg", "objective/entropy",
                "val/num_eos_tokens", "time/rollout_s", "time/update_s", "objective/scores"):
     assert name in records[-1], name
