@@ -10,7 +10,7 @@
   python -m jaxlm.launch --config configs/pipeline_shakespeare.py:data=/data/samples \
       --workdir runs/shakespeare --config.sft.data.train=my_alpaca.json
 
-`data=DIR` (default ../shared/data) is where the five files are; each stage's
+`data=DIR` (default: shared/data beside this checkout) is where the five files are; each stage's
 `data.train` is an ordinary config field for other files. At this size (a tiny model,
 minutes on a CPU) the stages run and hand over their checkpoints, but a model that small
 answers no GSM8K problem: scale `*.model`, `*.steps` and the data up for a real one.
@@ -33,7 +33,8 @@ def _pipeline_tiny():
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, data="../shared/data")
+  shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+  args = parse_arg(arg, data=os.path.normpath(shared))
   d = args["data"]
   c = _pipeline_tiny().get_config()
   c.tokenizer.train = os.path.join(d, "tinyshakespeare.txt")

@@ -109,7 +109,7 @@ def stage_configs(rl: str = "grpo") -> dict:
 def eval_config() -> ml_collections.ConfigDict:
   e = base_config().eval
   e.tasks = "builtin:world_prompts:eval"
-  e.max_tasks = 0                      # all held-out tasks (234)
+  e.max_tasks = 0                      # all held-out tasks (249)
   e.max_new_tokens = 24
   e.text = "builtin:world_text:eval"
   e.text_batches = 8
@@ -142,7 +142,7 @@ def get_config(arg=None):
 
 def report_config() -> ml_collections.ConfigDict:
   r = ml_collections.ConfigDict()
-  r.samples = 3                        # sample completions per stage in report.md
+  r.samples = 4                        # sample completions per stage in report.md
   # Cloud prices for the cost estimate, in US dollars per hour (list prices, 2026-11):
   r.cpu_vm = "e2-standard-2 (2 vCPU, 8 GB)"
   r.cpu_vm_price = 0.067

@@ -410,6 +410,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       errors.append(f"eval.model: no such path {config.eval.model!r}")
     if not (config.eval.tasks or config.eval.text or config.eval.pairs):
       errors.append("eval.tasks / eval.text / eval.pairs: all empty; nothing to evaluate")
+  if "eval" in config:
+    errors += eval_errors(config.eval)
   for key in ("data.train", "data.eval") if _get(config, "task") != "eval" else ():
     spec = _get(config, key)
     if spec and is_prepared(spec):
@@ -434,6 +436,30 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     errors.append(f"data.tokenizer: no such file {config.data.tokenizer!r}")
   if config.init_from and not os.path.exists(config.init_from):
     errors.append(f"init_from: no such path {config.init_from!r}")
+  return errors
+
+
+def eval_errors(e) -> list[str]:
+  """Problems of an eval section (`@stage` paths are a pipeline's, checked when it runs)."""
+  errors = []
+  for key in ("tasks", "text", "pairs"):
+    spec = e[key].strip()
+    if spec and not spec.startswith(("builtin:", "@")):
+      try:
+        expand_globs(spec, f"eval.{key}")
+      except ConfigError as err:
+        errors.append(str(err))
+  for key in ("reward_model", "baseline", "reference"):
+    if e[key] and not e[key].startswith("@") and not os.path.exists(e[key]):
+      errors.append(f"eval.{key}: no such path {e[key]!r}")
+  for key in ("batch_size", "seq_len", "max_new_tokens"):
+    if not e[key] > 0:
+      errors.append(f"eval.{key}={e[key]}: must be > 0")
+  for key in ("max_tasks", "text_batches", "temperature", "top_k", "show"):
+    if e[key] < 0:
+      errors.append(f"eval.{key}={e[key]}: must be >= 0")
+  if not 0 < e.top_p <= 1:
+    errors.append(f"eval.top_p={e.top_p}: must be in (0, 1]")
   return errors
 
 

@@ -8,7 +8,7 @@ For a language model (a jaxlm run, a LoRA or PPO run, or a Hugging Face director
                             equals the reference (GSM8K's "strict match")
     task_accuracy_flexible  the same with the last number when there is no `####` line
     task_accuracy_sampled   strict, one sample each at `eval.temperature`
-    well_formed             share of greedy completions that end with a `#### N` line
+    well_formed             share of greedy completions with a `#### N` answer line
     task_accuracy/<kind>    strict, per the records' `kind` field when they have one
     reward_mean, win_rate   a reward model's (`eval.reward_model`) scores of the greedy
                             completions, and how often they beat `eval.baseline`'s (another
@@ -300,8 +300,11 @@ def evaluate(e, path: str, workdir: str, log=print) -> dict:
   else:
     policy = policy_lib.load(path, e.chat_template)
     metrics, samples = evaluate_policy(e, policy, workdir, log)
-  result = {"model": os.path.abspath(path), "step": step, "metrics": metrics,
-            "samples": samples[:e.show], "seconds": time.perf_counter() - t0}
+  shown = min(e.show, len(samples))  # spread over the tasks, so of several kinds
+  result = {"model": os.path.abspath(path), "step": step, "config": e.to_dict(),
+            "metrics": metrics,
+            "samples": [samples[i * len(samples) // shown] for i in range(shown)],
+            "seconds": time.perf_counter() - t0}
   if jax.process_index() == 0:
     from jaxlm.data.sft import write_jsonl  # pylint: disable=import-outside-toplevel
     write_jsonl(os.path.join(workdir, SAMPLES_FILE), samples)

@@ -367,16 +367,19 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
 
   last = {}
   pending = None
+  stopped_by = None
   saved_step = start
   agree_on_end = jax.process_count() > 1 and config.data.on_exhausted == "stop"
   with _StopSignal() as stop:
     for step in range(start, total):
       if stop.should_stop(step):
         log.info(f"SIGTERM: saving checkpoint at step {step} and exiting")
+        stopped_by = "signal"
         break
       host_batch = _next_batch(data_iter, agree_on_end)
       if host_batch is None:  # data.on_exhausted="stop"
         log.info(f"training data exhausted after step {step}: stopping")
+        stopped_by = "data"
         break
       rollout_metrics = {}
       if task.rollout is not None:  # generate, score: the batch this step trains on
@@ -440,7 +443,8 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
   log.close()
   if jax.process_index() == 0:  # what a pipeline or a sweep reads back
     summary = {"step": final, "steps": total, "finished": final >= total,
-               "tokens_per_step": task.tokens_per_batch, "metrics": last}
+               "stopped_by": stopped_by, "tokens_per_step": task.tokens_per_batch,
+               "metrics": last}
     with open(os.path.join(workdir, "summary.json.tmp"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
     os.replace(os.path.join(workdir, "summary.json.tmp"), os.path.join(workdir, "summary.json"))

@@ -39,7 +39,7 @@ def resolve_paths(config, root: str):
       if isinstance(value, ml_collections.ConfigDict):
         walk(value)
       elif isinstance(value, str) and value.startswith("@"):
-        node[key] = os.path.join(root, value[1:])
+        node[key] = os.path.join(os.path.abspath(root), value[1:])
   out = ml_collections.ConfigDict(config.to_dict())
   walk(out)
   return out
@@ -66,6 +66,12 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     if name == "tokenizer":
       if not config.tokenizer.vocab_size > 0:
         errors.append(f"tokenizer.vocab_size={config.tokenizer.vocab_size}: must be > 0")
+      spec = config.tokenizer.train.strip()
+      if not spec.startswith(("builtin:", "tfds:")):
+        try:
+          config_lib.expand_globs(spec, "tokenizer.train")
+        except ConfigError as e:
+          errors.append(str(e))
       continue
     stage = resolve_paths(config[name], os.getcwd())
     for key, _ in _at_paths(config[name]):  # not there yet: stand in an existing path
@@ -99,19 +105,28 @@ def finished(stage_dir: str, steps: int | None = None) -> bool:
   return bool(summary and summary.get("finished") and summary["step"] >= (steps or 0))
 
 
+def _barrier(name: str):
+  """Every process waits here: what process 0 wrote before it is there for all."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
 def train_tokenizer(config, folder: str, log=print) -> str:
   """The tokenizer stage: SentencePiece on up to `tokenizer.sample_chars` characters of
-  `tokenizer.train`."""
+  `tokenizer.train`, by process 0."""
+  import jax  # pylint: disable=import-outside-toplevel
   from jaxlm.config import base_config  # pylint: disable=import-outside-toplevel
   from jaxlm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   from jaxlm.tasks.pretrain import documents  # pylint: disable=import-outside-toplevel
   path = os.path.join(folder, "tokenizer.model")
+  _barrier("pipeline tokenizer check")  # all processes see the same file, or none
   if os.path.exists(path):
     log(f"[tokenizer] finished: {path}")
     return path
-  import jax  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
-  if jax.process_index() == 0:  # one writer; the others wait for the file
+  if jax.process_index() == 0:
     docs = documents(config.tokenizer.train, base_config().data, "tokenizer.train", folder)
     try:
       tokenizer_lib.train(docs.sample_text(config.tokenizer.sample_chars), path,
@@ -120,12 +135,32 @@ def train_tokenizer(config, folder: str, log=print) -> str:
       raise ConfigError(f"tokenizer.vocab_size={config.tokenizer.vocab_size}: {e}") from None
     _write_json(os.path.join(folder, STAGE_FILE),
                 {"seconds": time.perf_counter() - t0, "attempts": 1})
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices("pipeline tokenizer")
-  seconds = time.perf_counter() - t0
-  log(f"[tokenizer] {config.tokenizer.vocab_size} pieces -> {path} ({seconds:.1f}s)")
+  _barrier("pipeline tokenizer")
+  log(f"[tokenizer] {config.tokenizer.vocab_size} pieces -> {path} "
+      f"({time.perf_counter() - t0:.1f}s)")
   return path
+
+
+# Fields that say how a run is watched, not what it trains: changing them (or `steps`,
+# which continues a finished run) keeps its results.
+_NOT_FINGERPRINTED = ("steps", "progress", "log_every", "eval_every", "eval_steps",
+                      "checkpoint_every", "keep_checkpoints", "async_checkpointing", "eval")
+
+
+def _inputs(config, name: str, workdir: str) -> dict:
+  """What a stage trains from: its config (less _NOT_FINGERPRINTED) and, for each
+  `@stage` it reads, that stage's last step and config fingerprint."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  own = {k: v for k, v in config[name].to_dict().items() if k not in _NOT_FINGERPRINTED}
+  out = {"config": hashlib.sha256(json.dumps(own, sort_keys=True, default=str).encode())
+                   .hexdigest()[:16]}
+  for key, value in _at_paths(config[name]):
+    stage = value[1:].split("/")[0]
+    record = read_json(os.path.join(workdir, stage, STAGE_FILE)) or {}
+    summary = read_json(os.path.join(workdir, stage, "summary.json")) or {}
+    if not key.startswith("eval."):
+      out[stage] = {"step": summary.get("step"), "config": record.get("inputs", {}).get("config")}
+  return out
 
 
 def eval_section(config, name: str, workdir: str):
@@ -150,6 +185,18 @@ def eval_section(config, name: str, workdir: str):
   return resolve_paths(e, workdir)
 
 
+def _check_inputs(config, name: str, workdir: str):
+  """Each `@stage` a stage reads exists and, if it is a trained stage, has finished."""
+  for key, value in _at_paths(config[name]):
+    stage = value[1:].split("/")[0]
+    path = os.path.join(workdir, value[1:])
+    trained = stage in STAGES[1:]
+    if not os.path.exists(path) or (trained and not finished(os.path.join(workdir, stage))):
+      raise ConfigError(f"{name}.{key}={value!r}: {path} is not "
+                        f"{'a finished run' if trained else 'there'}; run the {stage} stage "
+                        f"first (config.stages)")
+
+
 def run_stage(config, name: str, workdir: str, log=print) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   from jaxlm import checkpoint, evaluate, tasks  # pylint: disable=import-outside-toplevel
@@ -157,11 +204,15 @@ def run_stage(config, name: str, workdir: str, log=print) -> None:
   stage = resolve_paths(config[name], workdir)
   if not stage.seed:
     stage.seed = config.seed
-  for key, value in _at_paths(config[name]):
-    path = os.path.join(workdir, value[1:])
-    if not os.path.exists(path):
-      raise ConfigError(f"{name}.{key}={value!r}: {path} does not exist; run the "
-                        f"{value[1:].split('/')[0]} stage first (config.stages)")
+  _check_inputs(config, name, workdir)
+  inputs = _inputs(config, name, workdir)
+  record = read_json(os.path.join(stage_dir, STAGE_FILE))
+  if record and record.get("inputs") not in (None, inputs):  # trained from something else
+    changed = [k for k in inputs if record["inputs"].get(k) != inputs[k]]
+    what = ", ".join(f"its config ({name}.*)" if k == "config" else f"the {k} stage it "
+                     f"reads" for k in changed)
+    raise ConfigError(f"{name}: {stage_dir} was trained with other inputs ({what} changed "
+                      f"since); delete that folder to retrain it, or use a new workdir")
   trained = not finished(stage_dir, stage.steps)
   if not trained:
     log(f"[{name}] finished")
@@ -174,22 +225,32 @@ def run_stage(config, name: str, workdir: str, log=print) -> None:
       if jax.process_index() == 0:
         record = read_json(os.path.join(stage_dir, STAGE_FILE)) or {"seconds": 0.0,
                                                                      "attempts": 0}
-        record["seconds"] += time.perf_counter() - t0
-        record["attempts"] += 1
+        record.update(seconds=record["seconds"] + time.perf_counter() - t0,
+                      attempts=record["attempts"] + 1, inputs=inputs)
         os.makedirs(stage_dir, exist_ok=True)
         _write_json(os.path.join(stage_dir, STAGE_FILE), record)
+      _barrier(f"pipeline {name} trained")
     if not finished(stage_dir, stage.steps):
-      raise StageIncomplete(f"[{name}] stopped before its last step (a signal, or its data "
-                            f"ran out); re-run the same command to resume it")
+      summary = read_json(os.path.join(stage_dir, "summary.json")) or {}
+      if summary.get("stopped_by") == "data":
+        raise ConfigError(f"{name}.steps={stage.steps}: its data ran out at step "
+                          f"{summary.get('step')} ({name}.data.on_exhausted='stop'); lower "
+                          f"the steps or give it more data")
+      raise StageIncomplete(f"[{name}] stopped at step {summary.get('step')} of "
+                            f"{stage.steps} (a signal); re-run the same command to resume it")
   eval_dir = os.path.join(stage_dir, "eval")
+  e = eval_section(config, name, workdir)
   done = read_json(os.path.join(eval_dir, evaluate.EVAL_FILE))
   step = checkpoint.step_of(stage_dir)
-  if done and done.get("step") == step and not trained:  # weights trained now: evaluate them
+  if (done and done.get("step") == step and done.get("config") == e.to_dict()
+      and not trained):  # the same weights, evaluated the same way
     log(f"[{name}] evaluated")
     return
   log(f"[{name}] evaluating step {step}")
-  evaluate.evaluate(eval_section(config, name, workdir), stage_dir, eval_dir,
-                    log=lambda m: log(f"[{name}] {m}"))
+  try:
+    evaluate.evaluate(e, stage_dir, eval_dir, log=lambda m: log(f"[{name}] {m}"))
+  except ConfigError as err:  # name the stage's key: sft.eval.tasks=...
+    raise ConfigError(f"{name}.{err}" if str(err).startswith("eval.") else str(err)) from None
 
 
 class StageIncomplete(RuntimeError):
@@ -200,6 +261,7 @@ def run(config, workdir: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from jaxlm import report  # pylint: disable=import-outside-toplevel
   names = selected(config)
+  workdir = os.path.abspath(workdir)  # @paths are pinned by later stages: one spelling
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

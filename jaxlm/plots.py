@@ -129,8 +129,12 @@ def plot_accuracy(runs: dict[str, str], path: str,
   bars = [(label, key) for label in per_run for key in keys]
   width = 0.8 / len(bars)
   for j, (label, key) in enumerate(bars):
-    values = [per_run[label].get(s, {}).get(key, 0.0) for s in stages]
-    xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(stages))]
+    have = [(i, per_run[label][s][key]) for i, s in enumerate(stages)
+            if key in per_run[label].get(s, {})]  # a metric a stage lacks is no bar
+    if not have:
+      continue
+    xs = [i + (j - (len(bars) - 1) / 2) * width for i, _ in have]
+    values = [v for _, v in have]
     name = key.replace("task_accuracy_sampled", "sampled").replace("task_accuracy", "greedy")
     ax.bar(xs, values, width, label=f"{label} {name}".strip(), color=f"C{j}")
   ax.set_xticks(range(len(stages)), stages)

@@ -36,7 +36,7 @@ ROWS = (
     ("reward_mean", "reward model score of greedy answers"),
     ("win_rate", "win rate over the stage it started from (reward model)"),
     ("kl_to_reference", "KL to the SFT model (nats per answer)"),
-    ("train_loss", "final training loss"),
+    ("train_loss", "final training loss (each stage's own objective)"),
 )
 
 

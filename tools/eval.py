@@ -1,16 +1,18 @@
 """Evaluate any checkpoint as the pipeline does after each stage (jaxlm.evaluate).
 
-  python tools/eval.py --model runs/pipeline/sft --tasks builtin:world_prompts:eval
+  python tools/eval.py --model runs/pipeline/sft --tasks builtin:world_prompts:eval \
+      --out runs/eval/sft
   python tools/eval.py --model path/to/hf_model --tasks gsm8k_test.jsonl --max_tasks 200 \
-      --max_new_tokens 256 --chat_template hf
-  python tools/eval.py --model runs/pipeline/reward --pairs hh_rlhf_harmless_test.jsonl.gz
+      --max_new_tokens 256 --chat_template hf --out runs/eval/hf_gsm8k
+  python tools/eval.py --model runs/pipeline/reward --pairs hh_rlhf_harmless_test.jsonl.gz \
+      --out runs/eval/rm_hh
   python tools/eval.py --model runs/pipeline/dpo --tasks builtin:world_prompts:eval \
       --reference runs/pipeline/sft --reward_model runs/pipeline/reward \
-      --baseline runs/pipeline/sft/eval
+      --baseline runs/pipeline/sft/eval --out runs/eval/dpo
 
 --model is a jaxlm run (pretrain, SFT, LoRA, DPO, GRPO, PPO: a language model; reward:
 a reward model) or a Hugging Face directory. Writes eval.json and samples.jsonl into
---out (default <model>/eval) and prints the metrics. The same as
+--out and prints the metrics. The same as
 `python -m jaxlm.launch --config FILE --workdir OUT` with config.task = "eval".
 """
 
@@ -21,7 +23,7 @@ import sys
 from absl import app, flags, logging
 
 _MODEL = flags.DEFINE_string("model", None, "The checkpoint: a jaxlm run or a HF directory.")
-_OUT = flags.DEFINE_string("out", "", "Where eval.json and samples.jsonl go (default <model>/eval).")
+_OUT = flags.DEFINE_string("out", None, "Folder for eval.json and samples.jsonl.")
 _TASKS = flags.DEFINE_string("tasks", "", "Prompt records with an `answer` field "
                              "(GSM8K-style JSONL, or builtin:world_prompts:eval).")
 _TEXT = flags.DEFINE_string("text", "", "Held-out text for perplexity (globs or builtin:...).")
@@ -36,7 +38,7 @@ _TEMPLATE = flags.DEFINE_string("chat_template", "", "jaxlm | chatml | llama3 | 
                                 "the run's, or hf for a HF directory with one.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Rows per generation or perplexity batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Perplexity row length.")
-flags.mark_flags_as_required(["model"])
+flags.mark_flags_as_required(["model", "out"])
 
 
 def main(argv):
@@ -45,14 +47,18 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from jaxlm import evaluate  # pylint: disable=import-outside-toplevel
-  from jaxlm.config import ConfigError, base_config  # pylint: disable=import-outside-toplevel
+  from jaxlm.config import ConfigError, base_config, eval_errors  # pylint: disable=import-outside-toplevel
   e = base_config().eval
   e.update(model=_MODEL.value, tasks=_TASKS.value, text=_TEXT.value, pairs=_PAIRS.value,
            reward_model=_REWARD_MODEL.value, baseline=_BASELINE.value,
            reference=_REFERENCE.value, max_tasks=_MAX_TASKS.value,
            max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
            chat_template=_TEMPLATE.value, batch_size=_BATCH.value, seq_len=_SEQ_LEN.value)
-  out = _OUT.value or os.path.join(_MODEL.value, "eval")
+  errors = eval_errors(e)
+  if errors:
+    print(f"error: {errors[0]}", file=sys.stderr)
+    sys.exit(2)
+  out = _OUT.value
   try:
     result = evaluate.evaluate(e, _MODEL.value, out)
   except (ConfigError, FileNotFoundError) as err:

@@ -25,6 +25,9 @@ def main(argv):
   labels = _LABELS.value or [os.path.basename(os.path.normpath(r)) for r in runs]
   if len(labels) != len(runs):
     raise app.UsageError(f"--labels has {len(labels)} names for {len(runs)} runs")
+  if len(set(labels)) != len(labels):
+    raise app.UsageError(f"two runs share a name ({', '.join(labels)}): name them with "
+                         f"--labels")
   for r in runs:
     if not os.path.isdir(r) or not plots.find_stages(r):
       print(f"error: {r}: no metrics.jsonl in it or in its subfolders", file=sys.stderr)

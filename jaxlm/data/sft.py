@@ -493,10 +493,11 @@ def stdlib_docstrings(path: str) -> str:
 def write_jsonl(path: str, records) -> str:
   """Records as JSON lines, written whole or not at all (a temporary file, renamed)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
+  tmp = f"{path}.tmp{os.getpid()}"  # processes writing the same file don't share one
+  with open(tmp, "w", encoding="utf-8") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
-  os.replace(path + ".tmp", path)
+  os.replace(tmp, path)
   return path
 
 

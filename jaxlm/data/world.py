@@ -18,9 +18,12 @@ have it. Preference pairs prefer
 the correct, well-formed answer over a sloppy or wrong one, which is what the reward
 model, DPO and RL stages learn and what the evaluation's strict answer match measures.
 
-Problems are split by a hash of their question: 1 in 10 is held out (`eval`) for every
-data kind alike, so the SFT, preference, RL and evaluation splits never share a question.
-Everything is deterministic in the seed.
+Problems are split by a hash of what they ask (kind and numbers, whatever the
+phrasing): 1 in 10 is held out (`eval`) for the SFT, preference and RL data alike, so
+no held-out problem is ever asked in training. The pretraining text is the world's
+knowledge: facts of every problem, held-out ones too, as a real corpus holds the
+arithmetic tables; its `eval` split is other documents of such facts. Everything is
+deterministic in the seed.
 """
 
 from __future__ import annotations
@@ -80,8 +83,10 @@ def problem(rng: random.Random, kind: str) -> dict:
   return {"kind": kind, "question": question, "fact": fact, "answer": answer}
 
 
-def split_of(question: str) -> str:
-  return "eval" if zlib.crc32(question.encode()) % 10 == 0 else "train"
+def split_of(p: dict) -> str:
+  """A problem's split, by what it asks (its fact: kind and numbers), whatever the
+  phrasing: "Add 3 and 4." and "What is 3 + 4?" fall on the same side."""
+  return "eval" if zlib.crc32(p["fact"].encode()) % 10 == 0 else "train"
 
 
 def problems(seed: int, split: str, n: int) -> list[dict]:
@@ -95,7 +100,7 @@ def problems(seed: int, split: str, n: int) -> list[dict]:
       if len(got) == n // len(KINDS):
         break
       p = problem(rng, kind)
-      if split_of(p["question"]) != split or (split == "eval" and p["question"] in seen):
+      if split_of(p) != split or (split == "eval" and p["question"] in seen):
         continue
       seen.add(p["question"])
       got.append(p)
