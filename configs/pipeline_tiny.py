@@ -4,7 +4,7 @@ reward model -> DPO -> GRPO (or PPO), evaluated after every stage, with a report
   python -m jaxlm.launch --config configs/pipeline_tiny.py --workdir runs/pipeline
   python -m jaxlm.launch --config configs/pipeline_tiny.py:rl=ppo --workdir runs/pipeline_ppo
   python -m jaxlm.launch --config configs/pipeline_tiny.py --workdir runs/pipeline \
-      --config.stages=sft,reward --config.sft.steps=300      # a subset, rerun with changes
+      --config.stages=tokenizer,pretrain,sft                 # a subset; later runs go on
 
 Every stage is also a config of its own (`:stage=NAME`), whose `@name` paths point into
 a pipeline workdir (`from=DIR`, default runs/pipeline):
