@@ -126,6 +126,22 @@ def load_params(path: str, like_params) -> dict:
     return ckptr.restore(params_dir, _abstract(like_params))
 
 
+def write_json(path: str, obj) -> None:
+  """A small JSON file written whole or not at all (a temporary file, renamed)."""
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def read_json(path: str) -> dict | None:
+  """A JSON file's contents; None when it is missing or cut short."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
 def describe(path: str) -> dict:
   """What a checkpoint holds, from its metadata alone (no arrays are read).
 
@@ -170,9 +186,7 @@ def pin(workdir: str, name: str, source: str) -> str:
     base = (os.path.abspath(source) if hf.is_hf_dir(source)
             else os.path.dirname(find_params_dir(source)))
     os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump({"base": base, "source": source}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, {"base": base, "source": source})
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"pin {name}")
   with open(path, encoding="utf-8") as f:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 
 import jax
@@ -50,16 +49,6 @@ def _same(a: float | None, b: float | None) -> bool:
   return a is not None and b is not None and abs(a - b) < 1e-6
 
 
-def is_reward_model(path: str) -> bool:
-  if hf.is_hf_dir(path):
-    return False
-  workdir = hf.find_workdir(checkpoint.find_params_dir(path))
-  if workdir is None:
-    return False
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    return json.load(f).get("task") == "reward"
-
-
 def _files(spec: str, workdir: str, key: str) -> list[str]:
   from jaxlm.tasks.sft import files  # pylint: disable=import-outside-toplevel
   return files(spec, workdir, key)
@@ -72,12 +61,10 @@ def _files(spec: str, workdir: str, key: str) -> list[str]:
 def perplexity(policy, spec: str, workdir: str, *, seq_len: int, batch_size: int,
                batches: int) -> float:
   """exp(mean next-token NLL) over up to `batches` packed batches of `spec`'s documents."""
+  from jaxlm.config import base_config  # pylint: disable=import-outside-toplevel
   from jaxlm.data import lm  # pylint: disable=import-outside-toplevel
   from jaxlm.tasks.pretrain import documents  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from jaxlm.config import base_config  # pylint: disable=import-outside-toplevel
-  data_cfg = ml_collections.ConfigDict(base_config().data.to_dict())
-  docs = documents(spec, data_cfg, "eval.text", workdir)
+  docs = documents(spec, base_config().data, "eval.text", workdir)
   if policy.model_config.family == "gpt2":
     seq_len = min(seq_len, policy.model_config.max_seq_len)
   ds = lm.lm_dataset(docs, policy.tokenizer.path, seq_len=seq_len, batch_size=batch_size, seed=0,
@@ -295,7 +282,8 @@ def evaluate(e, path: str, workdir: str, log=print) -> dict:
   except FileNotFoundError as err:
     raise ConfigError(f"eval.model: {err}") from None
   samples = []
-  if is_reward_model(path):
+  from jaxlm import reward  # pylint: disable=import-outside-toplevel
+  if reward.is_reward_checkpoint(path):
     metrics = evaluate_reward_model(e, path, workdir, log)
   else:
     policy = policy_lib.load(path, e.chat_template)
@@ -308,9 +296,7 @@ def evaluate(e, path: str, workdir: str, log=print) -> dict:
   if jax.process_index() == 0:
     from jaxlm.data.sft import write_jsonl  # pylint: disable=import-outside-toplevel
     write_jsonl(os.path.join(workdir, SAMPLES_FILE), samples)
-    with open(os.path.join(workdir, EVAL_FILE + ".tmp"), "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2)
-    os.replace(os.path.join(workdir, EVAL_FILE + ".tmp"), os.path.join(workdir, EVAL_FILE))
+    checkpoint.write_json(os.path.join(workdir, EVAL_FILE), result)
   return result
 
 

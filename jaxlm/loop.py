@@ -445,9 +445,7 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     summary = {"step": final, "steps": total, "finished": final >= total,
                "stopped_by": stopped_by, "tokens_per_step": task.tokens_per_batch,
                "metrics": last}
-    with open(os.path.join(workdir, "summary.json.tmp"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
-    os.replace(os.path.join(workdir, "summary.json.tmp"), os.path.join(workdir, "summary.json"))
+    checkpoint.write_json(os.path.join(workdir, "summary.json"), summary)
   return last
 
 

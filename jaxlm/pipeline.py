@@ -26,7 +26,7 @@ import time
 import ml_collections
 
 from jaxlm.config import ConfigError
-from jaxlm.report import read_json
+from jaxlm.checkpoint import read_json, write_json
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "rl")
 STAGE_FILE = "stage.json"    # per stage: seconds spent training, over every attempt
@@ -92,12 +92,6 @@ def _at_paths(config, prefix: str = ""):
       yield f"{prefix}{key}", value
 
 
-def _write_json(path: str, obj: dict):
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
 def finished(stage_dir: str, steps: int | None = None) -> bool:
   """Whether a stage's run reached its last step (the loop's summary.json says so), and
   at least `steps` of them (a re-run with more steps continues it)."""
@@ -133,7 +127,7 @@ def train_tokenizer(config, folder: str, log=print) -> str:
                           config.tokenizer.vocab_size)
     except ValueError as e:
       raise ConfigError(f"tokenizer.vocab_size={config.tokenizer.vocab_size}: {e}") from None
-    _write_json(os.path.join(folder, STAGE_FILE),
+    write_json(os.path.join(folder, STAGE_FILE),
                 {"seconds": time.perf_counter() - t0, "attempts": 1})
   _barrier("pipeline tokenizer")
   log(f"[tokenizer] {config.tokenizer.vocab_size} pieces -> {path} "
@@ -228,7 +222,7 @@ def run_stage(config, name: str, workdir: str, log=print) -> None:
         record.update(seconds=record["seconds"] + time.perf_counter() - t0,
                       attempts=record["attempts"] + 1, inputs=inputs)
         os.makedirs(stage_dir, exist_ok=True)
-        _write_json(os.path.join(stage_dir, STAGE_FILE), record)
+        write_json(os.path.join(stage_dir, STAGE_FILE), record)
       _barrier(f"pipeline {name} trained")
     if not finished(stage_dir, stage.steps):
       summary = read_json(os.path.join(stage_dir, "summary.json")) or {}
@@ -258,14 +252,10 @@ class StageIncomplete(RuntimeError):
 
 
 def run(config, workdir: str) -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  from jaxlm import report  # pylint: disable=import-outside-toplevel
+  from jaxlm import loop, report  # pylint: disable=import-outside-toplevel
   names = selected(config)
   workdir = os.path.abspath(workdir)  # @paths are pinned by later stages: one spelling
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
+  loop.write_config(config, workdir)
   t0 = time.perf_counter()
   log = lambda m: print(m, flush=True)  # noqa: E731
   try:

@@ -49,6 +49,13 @@ def _pyplot():
   return plt
 
 
+def _save(plt, fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def plot_losses(runs: dict[str, str], path: str) -> str | None:
   """Training (solid) and held-out (dashed) loss per stage, one panel per stage."""
   stages = {label: find_stages(w) for label, w in runs.items()}
@@ -73,10 +80,7 @@ def plot_losses(runs: dict[str, str], path: str) -> str | None:
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
   axes[0][0].set_ylabel("loss")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def plot_rl(runs: dict[str, str], path: str) -> str | None:
@@ -99,10 +103,7 @@ def plot_rl(runs: dict[str, str], path: str) -> str | None:
   for ax in (a, b):
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def stage_metrics(workdir: str) -> dict[str, dict]:
@@ -141,10 +142,7 @@ def plot_accuracy(runs: dict[str, str], path: str,
   ax.set_ylim(0, 1)
   ax.set_ylabel("task accuracy (strict)")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def plot_all(runs: dict[str, str], out_dir: str) -> list[str]:

@@ -13,17 +13,16 @@ pairwise_accuracy, win_rate, kl_to_reference, ...) and its run's `steps`, `token
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import subprocess
 import sys
 
 from jaxlm import plots
+from jaxlm.checkpoint import read_json, write_json
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
-STAGE_NAMES = {"pretrain": "base", "sft": "sft", "reward": "reward", "dpo": "dpo", "rl": "rl"}
 # Rows of the metrics table, in order: (key, what it is).
 ROWS = (
     ("task_accuracy", "task accuracy, greedy (strict `####` match)"),
@@ -38,15 +37,6 @@ ROWS = (
     ("kl_to_reference", "KL to the SFT model (nats per answer)"),
     ("train_loss", "final training loss (each stage's own objective)"),
 )
-
-
-def read_json(path: str) -> dict | None:
-  """A JSON file's contents; None when it is missing or cut short."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
-    return None
 
 
 def environment() -> dict:
@@ -84,7 +74,7 @@ def _train_flops(stage_dir: str, tokens: int) -> float:
 def collect(workdir: str) -> dict:
   """Every finished stage's numbers, by report name."""
   stages = {}
-  for name, label in STAGE_NAMES.items():
+  for name, label in plots.STAGE_LABELS.items():
     d = os.path.join(workdir, name)
     summary = read_json(os.path.join(d, "summary.json"))
     if summary is None:
@@ -136,8 +126,7 @@ def write(config, workdir: str) -> dict:
   if jax.process_index() != 0:
     return result
   plot_files = plots.plot_all({"": workdir}, os.path.join(workdir, "plots"))
-  with open(os.path.join(workdir, REPORT_JSON), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+  write_json(os.path.join(workdir, REPORT_JSON), result)
   with open(os.path.join(workdir, REPORT_MD), "w", encoding="utf-8") as f:
     f.write(_markdown(result, stages, plot_files, workdir, tok, r.samples))
   return result

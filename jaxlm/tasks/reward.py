@@ -10,7 +10,6 @@ run, or a Hugging Face model, with `init_from`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -157,9 +156,7 @@ def normalize(config, workdir: str, data: PreferenceData) -> dict:
            "count": len(sequences), "step": step, "reference": what}
   if jax.process_index() == 0:
     path = os.path.join(workdir, reward.NORMALIZATION_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(stats, f, indent=2)
-    os.replace(path + ".tmp", path)
+    checkpoint.write_json(path, stats)
     print(f"rewards normalized on {what}: {len(sequences)} responses, raw mean "
           f"{stats['mean']:.4f}, std {stats['std']:.4f} -> {path}", flush=True)
   return stats
