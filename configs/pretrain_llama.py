@@ -17,6 +17,8 @@ def get_config(arg=None):
   c.task = "pretrain"
   c.model = model_config(args["preset"])
   c.model.remat = "minimal"
+  if c.model.vocab_size > 100_000:  # Llama 3's 128k words: a chunk's float32 logits at a time
+    c.model.logits_chunk = 1024
   c.steps = 10_000
   c.log_every = 50
   c.eval_every = 1000

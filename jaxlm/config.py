@@ -21,6 +21,8 @@ MODEL_PRESETS = {
                        vocab_size=32000),
     "tinyllama_1b": dict(d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4, ffn_dim=5632,
                          vocab_size=32000),
+    "llama3_3b": dict(d_model=3072, num_layers=28, num_heads=24, num_kv_heads=8, ffn_dim=8192,
+                      vocab_size=128256, rope_theta=500000.0, tie_embeddings=True),
     "llama3_8b": dict(d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, ffn_dim=14336,
                       vocab_size=128256, rope_theta=500000.0),
     "gpt2_small": dict(family="gpt2", d_model=768, num_layers=12, num_heads=12, num_kv_heads=12,
@@ -74,6 +76,7 @@ def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict
   m.param_dtype = "float32"     # storage dtype of parameters and optimizer state
   m.remat = "minimal"           # "none" | "minimal" (save projection outputs) | "full"
   m.attention = "auto"          # "auto" | "xla" | "cudnn" | "splash"
+  m.logits_chunk = 0            # > 0: the loss takes logits this many positions at a time
   for k, v in {**MODEL_PRESETS[preset], **overrides}.items():
     setattr(m, k, v)
   return m
@@ -249,7 +252,7 @@ _POSITIVE = ("steps", "log_every", "keep_checkpoints", "checkpoint_every", "mode
              "model.vocab_multiple")
 _NON_NEGATIVE = ("eval_every", "eval_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
                  "optimizer.grad_clip", "loss.z_loss", "model.vocab_size", "model.head_dim",
-                 "peak_tflops", "data.prefetch", "model.rope_scaling_factor",
+                 "model.logits_chunk", "peak_tflops", "data.prefetch", "model.rope_scaling_factor",
                  "reward.center_coef", "dpo.sft_weight", "rl.kl_coef", "rl.kl_target",
                  "rl.temperature", "rl.top_k", "rl.missing_eos_penalty", "rl.vf_coef",
                  "rl.value_clip", "rl.clip_low", "rl.clip_high")

@@ -10,20 +10,33 @@ import jax
 import jax.numpy as jnp
 
 
-def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0):
-  """Masked next-token cross-entropy.
+def token_stats(logits_BTV, targets_BT):
+  """Per position, in float32: log Z (the log-sum-exp of the logits), the target's logit,
+  and 1.0 where the target is the argmax. The log-prob of the target is their difference."""
+  logits = logits_BTV.astype(jnp.float32)
+  log_z_BT = jax.nn.logsumexp(logits, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+  correct_BT = (jnp.argmax(logits, axis=-1) == targets_BT).astype(jnp.float32)
+  return log_z_BT, target_logit_BT, correct_BT
+
+
+def cross_entropy_from_stats(log_z_BT, target_logit_BT, mask_BT, z_loss: float = 0.0):
+  """Masked next-token cross-entropy from `token_stats`.
 
   Returns (loss_sum, z_loss_sum, weight): sum over unmasked tokens of
   -log softmax(logits)[target] + z_loss * log(Z)^2, the z-loss part alone, and the
   number of unmasked tokens.
   """
-  logits = logits_BTV.astype(jnp.float32)
-  log_z_BT = jax.nn.logsumexp(logits, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
   mask = mask_BT.astype(jnp.float32)
   nll_sum = jnp.sum((log_z_BT - target_logit_BT) * mask)
   z_sum = z_loss * jnp.sum(jnp.square(log_z_BT) * mask)
   return nll_sum + z_sum, z_sum, jnp.sum(mask)
+
+
+def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0):
+  """`cross_entropy_from_stats` of full logits [B, T, V]."""
+  log_z, target_logit, _ = token_stats(logits_BTV, targets_BT)
+  return cross_entropy_from_stats(log_z, target_logit, mask_BT, z_loss)
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,13 +92,16 @@ def dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *,
   return per_pair, beta * chosen_ratio, beta * rejected_ratio
 
 
-def sequence_logps(logits_BTV, targets_BT, mask_BT):
+def sequence_logps_from_stats(log_z_BT, target_logit_BT, mask_BT):
   """Per-row sums over masked positions of log softmax(logits)[target] -> [B] (float32):
   the log-probability a model gives each sequence's supervised tokens."""
-  logits = logits_BTV.astype(jnp.float32)
-  target_logit = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
-  token_logps = target_logit - jax.nn.logsumexp(logits, axis=-1)
-  return jnp.sum(token_logps * mask_BT.astype(jnp.float32), axis=-1)
+  return jnp.sum((target_logit_BT - log_z_BT) * mask_BT.astype(jnp.float32), axis=-1)
+
+
+def sequence_logps(logits_BTV, targets_BT, mask_BT):
+  """`sequence_logps_from_stats` of full logits [B, T, V]."""
+  log_z, target_logit, _ = token_stats(logits_BTV, targets_BT)
+  return sequence_logps_from_stats(log_z, target_logit, mask_BT)
 
 
 def gather_pairs(values_BG, pairs_BP2):

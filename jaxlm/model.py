@@ -14,6 +14,7 @@ F ffn dim, V vocab, L layers.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Any, NamedTuple
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlm import attention
+from jaxlm import attention, losses
 from jaxlm.sharding import Sharder
 
 
@@ -300,21 +301,31 @@ def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
 
 
 class Cache(NamedTuple):
-  """Keys and values of every layer for `slots` positions, and which slots hold a token."""
-  k: jax.Array          # [L, B, S, G, K]
-  v: jax.Array          # [L, B, S, G, K]
+  """Keys and values of every layer for `slots` positions, and which slots hold a token.
+  The engine keeps one buffer per layer (tuples of L arrays), so a decode step updates
+  each in place and reads no copy."""
+  k: tuple              # L x [B, S, G, K]
+  v: tuple              # L x [B, S, G, K]
   valid: jax.Array      # [B, S] bool
 
 
-def init_cache(cfg, batch: int, slots: int) -> Cache:
-  shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, head_dim(cfg))
+def init_cache(cfg, batch: int, slots: int, sharder: Sharder | None = None) -> Cache:
+  shape = (batch, slots, cfg.num_kv_heads, head_dim(cfg))
   dt = _dtype(cfg.dtype)
-  return Cache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, slots), bool))
+  c = sharder.constrain if sharder is not None else (lambda x, _: x)
+  zeros = lambda: c(jnp.zeros(shape, dt), ("batch", "length", "kv_heads", "head_dim"))  # noqa: E731
+  return Cache(tuple(zeros() for _ in range(cfg.num_layers)),
+               tuple(zeros() for _ in range(cfg.num_layers)),
+               c(jnp.zeros((batch, slots), bool), ("batch", "length")))
 
 
-def cache_axes() -> Cache:
-  axes = ("layers", "batch", "length", "kv_heads", "head_dim")
-  return Cache(axes, axes, ("batch", "length"))
+def unstack_layers(params) -> dict:
+  """params with `layers` as a tuple of per-layer dicts (from the stacked [L, ...] arrays):
+  what forward_cached runs layer by layer. Done once per generate call, outside the decode
+  loop, so no step slices (copies) a layer's weights out of the stack."""
+  layers = params["layers"]
+  L = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(L))}
 
 
 def forward_cached(params, tokens_BT, cfg, cache: Cache, index, *, positions, valid_BT,
@@ -323,38 +334,85 @@ def forward_cached(params, tokens_BT, cfg, cache: Cache, index, *, positions, va
   """Logits [B, T, V] for tokens written at cache slots index..index+T-1, attending to
   every valid slot up to their own; returns (logits, updated cache). `valid_BT` marks
   which of the new tokens are real (left padding of a prompt is not). `last_only`:
-  logits of the last position only, [B, 1, V] (a prefill needs no more)."""
+  logits of the last position only, [B, 1, V] (a prefill needs no more). The layers run
+  as straight-line code over `unstack_layers(params)` (a decode step computes one token a
+  row: a loop's per-layer overhead and copies would be a large part of it)."""
   valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_BT, index, 1)
   impl = "xla"
   inv_freq = rope_frequencies(cfg) if cfg.family == "llama" else None
   x = _embed(params, tokens_BT, positions, cfg, sharder)
-  adapters = lora.adapters["layers"] if lora is not None else None
-
-  def body(x, xs):
-    p, a, k, v = xs
+  layers = params["layers"]
+  if not isinstance(layers, tuple):
+    layers = unstack_layers(params)["layers"]
+  ks, vs = [], []
+  for i, p in enumerate(layers):
+    a = None if lora is None else jax.tree.map(lambda t, i=i: t[i], lora.adapters["layers"])
     x, (k, v) = _layer(cfg, impl, sharder, inv_freq, x, p, None, positions, a,
-                       lora.scale if lora else 1.0, cache=(k, v, valid, index))
-    return x, (k, v)
-
-  x, (k, v) = jax.lax.scan(body, x, (params["layers"], adapters, cache.k, cache.v))
+                       lora.scale if lora else 1.0, cache=(cache.k[i], cache.v[i], valid, index))
+    ks.append(k)
+    vs.append(v)
   if last_only:
     x = x[:, -1:]
   logits = unembed(params, _final_norm(params, x, cfg), cfg, sharder)
-  return logits, Cache(k, v, valid)
+  return logits, Cache(tuple(ks), tuple(vs), valid)
+
+
+@jax.custom_vjp
+def _logits(h_BTD, w_DV):
+  """h @ w with float32 output; the backward pass takes the logits' gradient in h's
+  dtype, so both of its matmuls run on bf16 operands (as autocast does), not float32."""
+  return jnp.einsum("btd,dv->btv", h_BTD, w_DV, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(h_BTD, w_DV):
+  return _logits(h_BTD, w_DV), (h_BTD, w_DV)
+
+
+def _logits_bwd(res, g_BTV):
+  h_BTD, w_DV = res
+  g = g_BTV.astype(h_BTD.dtype)
+  dh = jnp.einsum("btv,dv->btd", g, w_DV, preferred_element_type=jnp.float32)
+  dw = jnp.einsum("btd,btv->dv", h_BTD, g, preferred_element_type=jnp.float32)
+  return dh.astype(h_BTD.dtype), dw.astype(w_DV.dtype)
+
+
+_logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 def unembed(params, h_BTD, cfg, sharder: Sharder | None = None):
   """Hidden states -> float32 logits [B, T, V]."""
   dt = _dtype(cfg.dtype)
-  if cfg.tie_embeddings:
-    logits = jnp.einsum("btd,vd->btv", h_BTD, params["embed"].astype(dt),
-                        preferred_element_type=jnp.float32)
-  else:
-    logits = jnp.einsum("btd,dv->btv", h_BTD, params["lm_head"].astype(dt),
-                        preferred_element_type=jnp.float32)
+  w_DV = params["embed"].astype(dt).T if cfg.tie_embeddings else params["lm_head"].astype(dt)
+  logits = _logits(h_BTD, w_DV)
   if sharder is not None:
     logits = sharder.constrain(logits, ("batch", "length", "vocab"))
   return logits
+
+
+def token_stats(params, h_BTD, targets_BT, cfg, sharder: Sharder | None = None):
+  """`losses.token_stats` (log Z, target logit, argmax hit; [B, T] float32 each) of the
+  logits of hidden states `h_BTD`, without holding the float32 logits of the whole batch.
+
+  With `cfg.logits_chunk` = C > 0 and T > C, positions go C at a time through a scan
+  whose body is rematerialized: a chunk's logits [B, C, V] exist only while its stats
+  are taken, and again in the backward pass (the output projection runs twice)."""
+  B, T, D = h_BTD.shape
+  C = cfg.logits_chunk
+  if not C or T <= C:
+    return losses.token_stats(unembed(params, h_BTD, cfg, sharder), targets_BT)
+  n = -(-T // C)
+  pad = n * C - T
+  h = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))) if pad else h_BTD
+  t = jnp.pad(targets_BT, ((0, 0), (0, pad))) if pad else targets_BT
+  h_NBCD = jnp.swapaxes(h.reshape(B, n, C, D), 0, 1)
+  t_NBC = jnp.swapaxes(t.reshape(B, n, C), 0, 1)
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def chunk(h_BCD, t_BC):
+    return losses.token_stats(unembed(params, h_BCD, cfg, sharder), t_BC)
+
+  _, stats = jax.lax.scan(lambda _, xs: (None, chunk(*xs)), None, (h_NBCD, t_NBC))
+  return tuple(jnp.swapaxes(x, 0, 1).reshape(B, n * C)[:, :T] for x in stats)
 
 
 def forward(params, tokens, config, *, segment_ids=None, positions=None,

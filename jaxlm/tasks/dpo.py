@@ -35,10 +35,12 @@ from jaxlm.tasks.reward import PreferenceData, flat, pair_sums
 def sequence_logps(weights, batch, model_cfg, sharder, adapters=None):
   """Per-response sums of token log-probs [B, G], and per-response token counts."""
   B, G = batch["tokens"].shape[:2]
-  logits = model.forward(weights, flat(batch["tokens"]), model_cfg,
-                         segment_ids=flat(batch["segment_ids"]),
-                         positions=flat(batch["positions"]), sharder=sharder, lora=adapters)
-  logps = losses.sequence_logps(logits, flat(batch["targets"]), flat(batch["loss_mask"]))
+  h = model.hidden_states(weights, flat(batch["tokens"]), model_cfg,
+                          segment_ids=flat(batch["segment_ids"]),
+                          positions=flat(batch["positions"]), sharder=sharder, lora=adapters)
+  log_z, target_logit, _ = model.token_stats(weights, h, flat(batch["targets"]), model_cfg,
+                                             sharder)
+  logps = losses.sequence_logps_from_stats(log_z, target_logit, flat(batch["loss_mask"]))
   return logps.reshape(B, G), jnp.sum(batch["loss_mask"], axis=-1).astype(jnp.float32)
 
 

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 # Model fields a run keeps from its own config when its architecture comes from init_from.
-_TRAINING_FIELDS = ("dtype", "param_dtype", "remat", "attention", "vocab_multiple", "init_std")
+_TRAINING_FIELDS = ("dtype", "param_dtype", "remat", "attention", "logits_chunk",
+                    "vocab_multiple", "init_std")
 
 
 def _init_from_workdir(init_from: str) -> str | None:
@@ -146,26 +147,31 @@ def lm_loss_fn(model_cfg, z_loss: float, sharder, lora_cfg=None):
   def loss_fn(params, batch, rng, frozen=None):
     weights, adapters = (frozen, lora_lib.as_model_lora(params, lora_cfg, rng)) if use_lora \
         else (params, None)
-    logits = model.forward(weights, batch["tokens"], model_cfg, segment_ids=batch["segment_ids"],
-                           positions=batch["positions"], sharder=sharder, lora=adapters)
-    loss_sum, z_sum, weight = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"],
-                                                   z_loss)
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * batch["loss_mask"])
+    h = model.hidden_states(weights, batch["tokens"], model_cfg,
+                            segment_ids=batch["segment_ids"], positions=batch["positions"],
+                            sharder=sharder, lora=adapters)
+    log_z, target_logit, correct = model.token_stats(weights, h, batch["targets"], model_cfg,
+                                                     sharder)
+    loss_sum, z_sum, weight = losses.cross_entropy_from_stats(log_z, target_logit,
+                                                              batch["loss_mask"], z_loss)
+    correct = jnp.sum(correct * batch["loss_mask"])
     return loss_sum, {"loss": loss_sum, "nll": loss_sum - z_sum,
-                      "mean_token_accuracy": correct.astype(jnp.float32), "weight": weight}
+                      "mean_token_accuracy": correct, "weight": weight}
   return loss_fn
 
 
-def model_parts(config, workdir: str, sharder) -> dict:
+def model_parts(config, workdir: str, sharder, pin_base: bool = True) -> dict:
   """The Task fields that say what trains: every weight, or LoRA adapters over a frozen
-  base (loaded from init_from, pinned in the workdir)."""
+  base (loaded from init_from, pinned in the workdir; not looked up without `pin_base`,
+  for a caller that places the base itself, as the benchmark does)."""
   m, seq_len = config.model, config.data.seq_len
   if lora_lib.enabled(config.lora):  # adapters' own FLOPs (rank << d) are left out
+    source = lora_base(workdir, config) if pin_base else ""
     return dict(init_params=lambda rng: lora_lib.init(m, config.lora, rng),
                 param_axes=lora_lib.param_axes(m, config.lora),
                 loss_fn=lm_loss_fn(m, config.loss.z_loss, sharder, config.lora),
                 load_init=None, frozen_shapes=lambda rng: model.init(m, rng),
-                frozen_axes=model.param_axes(m), frozen_source=lora_base(workdir, config),
+                frozen_axes=model.param_axes(m), frozen_source=source,
                 flops_per_token=model.flops_per_token(m, seq_len, weight_grads=False))
   return dict(init_params=lambda rng: model.init(m, rng), param_axes=model.param_axes(m),
               loss_fn=lm_loss_fn(m, config.loss.z_loss, sharder),
