@@ -66,13 +66,87 @@ def cached_attention(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, q_slots_T):
   return out_BTGRK.reshape(B, T, H, K)
 
 
+# cuDNN kernels by row layout, the cheapest that fits the whole batch (jaxlm.bench, H200,
+# 2026-12-01): every row one segment -> plain causal; one segment then padding (DPO,
+# unpacked rows) -> causal with per-row lengths; several segments (packing) -> ragged
+# segments, given as offsets and lengths with room for a fixed number of runs a row
+# (its backward's preprocessing costs grow with that room, so the smallest that fits is
+# taken); more runs than the largest room -> an explicit mask, 2.2x slower than causal.
+SEGMENT_CAPACITIES = (8, 64)
+
+
+def segment_runs(segment_ids_BT, max_segments: int):
+  """Each row's runs of equal segment ids (padding, id 0, makes runs too: it attends to
+  itself, as in `mask_BTS`), in cuDNN's packed layout: lengths [B, M] and start offsets
+  [B, M + 1] (-1 past a row's last run), and the number of runs per row [B]."""
+  seg = segment_ids_BT
+  prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  starts = seg != prev
+  run = jnp.cumsum(starts, axis=1) - 1                        # run index of each token
+  one_hot = run[..., None] == jnp.arange(max_segments)        # [B, T, M]
+  lengths = jnp.sum(one_hot, axis=1, dtype=jnp.int32)
+  first = jnp.argmax(one_hot, axis=1).astype(jnp.int32)
+  count = jnp.sum(starts, axis=1, dtype=jnp.int32)
+  present = jnp.arange(max_segments)[None] < count[:, None]
+  lengths = jnp.where(present, lengths, -1)
+  offsets = jnp.pad(jnp.where(present, first, -1), ((0, 0), (0, 1)), constant_values=-1)
+  return lengths, offsets, count
+
+
+def _packed_supported() -> bool:
+  d = jax.devices()[0]
+  return float(getattr(d, "compute_capability", "0") or 0) >= 9.0  # cuDNN: Hopper and later
+
+
 def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None):
+  def causal(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+  def masked(q, k, v):
+    mask = mask_BTS(segment_ids_BT, q.shape[1], k.shape[1])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
   if segment_ids_BT is None:
-    return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, is_causal=True,
-                                        implementation="cudnn")
-  mask = mask_BTS(segment_ids_BT, q_BTHK.shape[1], k_BSGK.shape[1])[:, None]
-  return jax.nn.dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask=mask,
-                                      implementation="cudnn")
+    return causal(q_BTHK, k_BSGK, v_BSGK)
+  if not _packed_supported() or q_BTHK.shape[1] != k_BSGK.shape[1]:
+    return masked(q_BTHK, k_BSGK, v_BSGK)
+  # jax.nn.dot_product_attention takes no segment ids; its cuDNN backend does.
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=import-outside-toplevel
+  seg = segment_ids_BT
+  real = seg != 0
+  length_B = jnp.sum(real, axis=1, dtype=jnp.int32)
+
+  def padded(q, k, v):  # rows of one segment, then padding (zeros: its loss is masked)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=length_B,
+                                       key_value_seq_lengths=length_B, implementation="cudnn")
+    return jnp.where(real[:, :, None, None], out, 0).astype(q.dtype)
+
+  def ragged(capacity):
+    lengths, offsets, _ = segment_runs(seg, capacity)
+
+    def run(q, k, v):
+      return cudnn.dot_product_attention(
+          q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+          kv_offsets=offsets, scale=1.0 / np.sqrt(q.shape[-1]),
+          mask_type=cudnn.MaskType.PADDING_CAUSAL)
+    return run
+
+  return jax.lax.switch(cudnn_layout(seg), (causal, padded, *map(ragged, SEGMENT_CAPACITIES),
+                                           masked), q_BTHK, k_BSGK, v_BSGK)
+
+
+def cudnn_layout(segment_ids_BT) -> jax.Array:
+  """Which cuDNN kernel a batch takes: 0 causal (every row one segment), 1 causal with
+  lengths (every row one segment, then padding), 2 + i ragged with room for
+  SEGMENT_CAPACITIES[i] runs a row (the smallest that fits), and past them the mask."""
+  seg = segment_ids_BT
+  real = seg != 0
+  prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  runs = jnp.sum(seg != prev, axis=1)  # runs of equal ids a row, padding's included
+  single = jnp.all((runs == 1) & real[:, 0])
+  one_then_pad = jnp.all(real[:, 0] & ((runs == 1) | ((runs == 2) & ~real[:, -1])))
+  too_many = sum((jnp.max(runs) > c).astype(jnp.int32) for c in SEGMENT_CAPACITIES)
+  return jnp.where(single, 0, jnp.where(one_then_pad, 1, 2 + too_many))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,111 @@
+"""Attention kernels agree with the XLA reference on packed rows (cuDNN where a GPU is),
+and the chunked loss equals the whole-batch one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import attention, losses, model
+from jaxlm.config import model_config
+
+
+def random_packing(rng, B, T, max_len):
+  """Rows of contiguous segments of random lengths (ids 1, 2, ...), padding (0) at the end."""
+  seg = np.zeros((B, T), np.int32)
+  for b in range(B):
+    pos, sid = 0, 1
+    end = T - int(rng.integers(0, T // 4))
+    while pos < end:
+      n = min(int(rng.integers(1, max_len + 1)), end - pos)
+      seg[b, pos:pos + n] = sid
+      pos, sid = pos + n, sid + 1
+  return jnp.asarray(seg)
+
+
+def test_segment_runs_gives_lengths_and_offsets_per_row():
+  seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [4, 4, 4, 4, 4, 4, 4, 4], [5, 5, 7, 7, 7, 7, 0, 0]])
+  lengths, offsets, count = attention.segment_runs(seg, 4)
+  np.testing.assert_array_equal(lengths, [[3, 2, 1, 2], [8, -1, -1, -1], [2, 4, 2, -1]])
+  np.testing.assert_array_equal(offsets, [[0, 3, 5, 6, -1], [0, -1, -1, -1, -1],
+                                          [0, 2, 6, -1, -1]])
+  np.testing.assert_array_equal(count, [4, 1, 3])
+
+
+def layouts(B, T):
+  """Segment ids of each cuDNN layout, named by the kernel cudnn_layout picks for them."""
+  rng = np.random.default_rng(0)
+  lengths = jnp.asarray(rng.integers(T // 2, T, B))
+  return {
+      "causal": jnp.ones((B, T), jnp.int32),
+      "padded": (jnp.arange(T)[None] < lengths[:, None]).astype(jnp.int32),
+      "ragged8": random_packing(rng, B, T, T // 2),
+      "ragged64": random_packing(rng, B, T, T // 12),
+      "masked": random_packing(rng, B, T, 3),
+  }
+
+
+def test_cudnn_layout_picks_the_kernel_each_batch_needs():
+  names = ["causal", "padded", "ragged8", "ragged64", "masked"]
+  for name, seg in layouts(4, 512).items():
+    assert names[int(attention.cudnn_layout(seg))] == name
+  mixed = jnp.concatenate([layouts(2, 512)["causal"], layouts(2, 512)["padded"]])
+  assert int(attention.cudnn_layout(mixed)) == 1
+  not_first = jnp.array([[0, 0, 1, 1]])  # padding first: not the one-then-padding layout
+  assert int(attention.cudnn_layout(not_first)) == 2
+
+
+# On a GPU machine: JAX_PLATFORMS=cuda python -m pytest tests/test_attention.py
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="cuDNN needs an NVIDIA GPU")
+@pytest.mark.parametrize("layout", ["causal", "padded", "ragged8", "ragged64", "masked"])
+def test_cudnn_attention_matches_xla_values_and_gradients(layout):
+  B, T, H, G, K = 4, 512, 8, 2, 64
+  seg = layouts(B, T)[layout]
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  q, k, v = (jax.random.normal(keys[i], (B, T, n, K), jnp.bfloat16) for i, n in
+             enumerate((H, G, G)))
+  # Padding's own outputs are left unspecified (its loss is masked): only checked finite.
+  w = jax.random.normal(keys[3], (B, T, H, K), jnp.float32) * (seg != 0)[:, :, None, None]
+
+  def loss(impl):
+    return lambda q, k, v: jnp.sum(attention.attend(q, k, v, seg, impl).astype(jnp.float32) * w)
+
+  # Outputs and gradients element by element; not the scalar loss, a sum of a million
+  # signed terms whose bf16 rounding noise (a few percent of it) would decide the test.
+  got = jax.jit(jax.grad(loss("cudnn"), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+  out = attention.attend(q, k, v, seg, "cudnn")
+  ref = attention.attend(q, k, v, seg, "xla")
+  keep = np.asarray(seg != 0)
+  for a, b in [(out[keep], ref[keep]), *zip(got, want)]:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.all(np.isfinite(a))
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
+  assert np.all(np.isfinite(np.asarray(out, np.float32)))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_whole_batch_loss_and_gradients(tied):
+  cfg = model_config("tiny", vocab_size=512, dtype="float32", tie_embeddings=tied)
+  params = model.init(cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 100), 0, 512)
+  targets = jnp.roll(tokens, -1, axis=1)
+  mask = (jnp.arange(100) < 90)[None].astype(jnp.int32) * jnp.ones((2, 1), jnp.int32)
+
+  def loss(p, chunk):  # float32 throughout (on a GPU, matmuls would otherwise be tf32)
+    cfg.logits_chunk = chunk
+    h = model.hidden_states(p, tokens, cfg)
+    log_z, target_logit, correct = model.token_stats(p, h, targets, cfg)
+    total, _, _ = losses.cross_entropy_from_stats(log_z, target_logit, mask, z_loss=1e-3)
+    return total, correct
+
+  with jax.default_matmul_precision("highest"):
+    (whole, c0), g0 = jax.value_and_grad(loss, has_aux=True)(params, 0)
+    want = losses.cross_entropy(model.forward(params, tokens, cfg), targets, mask, 1e-3)[0]
+    np.testing.assert_allclose(whole, want, rtol=1e-5)
+    for chunk in (32, 33):  # 33: the last chunk is padded
+      (got, c), g = jax.value_and_grad(loss, has_aux=True)(params, chunk)
+      np.testing.assert_allclose(got, whole, rtol=1e-5)
+      np.testing.assert_array_equal(c, c0)
+      for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
