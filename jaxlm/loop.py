@@ -255,16 +255,25 @@ def _host(tree):
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
-  """Run (or resume) training; returns the last logged metrics."""
-  total = config.steps
+@dataclasses.dataclass
+class Setup:
+  """A run's sharded initial state and its jitted train and eval steps (not yet
+  compiled). tools/bench.py times these very steps."""
+  state: dict
+  frozen_shardings: Any  # where the frozen tree (if any) must be placed
+  train_step: Any
+  eval_step: Any
+
+
+def setup(config, task: Task, sharder: sharding.Sharder) -> Setup:
+  """The optimizer over `config.steps`, fresh params placed on the mesh, and the steps."""
   updates_per_step = task.epochs * task.minibatches
   opt_cfg = config.optimizer
   if updates_per_step > 1:  # the schedule counts optimizer updates
     import ml_collections  # pylint: disable=import-outside-toplevel
     opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
     opt_cfg.warmup_steps *= updates_per_step
-  tx, lr_schedule = optimizer.make(opt_cfg, total * updates_per_step)
+  tx, lr_schedule = optimizer.make(opt_cfg, config.steps * updates_per_step)
 
   def init_state(rng):
     params_rng, train_rng = jax.random.split(rng)
@@ -277,6 +286,27 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
   shardings = state_shardings(sharder, task.param_axes, abstract)
   # Created already sharded: no device ever holds the whole state.
   state = jax.jit(init_state, out_shardings=shardings)(rng)
+  frozen_sh = None
+  if task.frozen_shapes is not None:
+    like = sharder.placed(task.frozen_axes, jax.eval_shape(task.frozen_shapes, rng))
+    frozen_sh = jax.tree.map(lambda x: x.sharding, like)
+  # State in and out keeps its sharding and is donated, so the update happens in place.
+  # Batches arrive already placed by `device_batch` (batch axis over data x fsdp), so
+  # their in_sharding is taken from the arrays; metrics are small replicated scalars.
+  # The frozen tree keeps its sharding and is not donated: every step reads it again.
+  step_fn = make_train_step(task, tx, lr_schedule, config.optimizer.grad_accum_steps, sharder)
+  train_step = jax.jit(step_fn, in_shardings=(shardings, frozen_sh, None),
+                       out_shardings=(shardings, None), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(task), in_shardings=(shardings["params"], frozen_sh, None))
+  return Setup(state, frozen_sh, train_step, eval_step)
+
+
+def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
+  """Run (or resume) training; returns the last logged metrics."""
+  total = config.steps
+  rng = jax.random.PRNGKey(config.seed)
+  s = setup(config, task, sharder)
+  state, train_step, eval_step = s.state, s.train_step, s.eval_step
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=config.keep_checkpoints,
@@ -298,11 +328,9 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
       except FileNotFoundError as e:
         raise ConfigError(f"init_from: {e}") from None
       log.info(f"initialized params from {config.init_from}")
-  frozen, frozen_sh = None, None
+  frozen = None
   if task.frozen_shapes is not None:  # loaded on every start: checkpoints hold only `params`
-    abstract_frozen = jax.eval_shape(task.frozen_shapes, rng)
-    like = sharder.placed(task.frozen_axes, abstract_frozen)
-    frozen_sh = jax.tree.map(lambda x: x.sharding, like)
+    like = sharder.placed(task.frozen_axes, jax.eval_shape(task.frozen_shapes, rng))
     try:
       if isinstance(task.frozen_source, dict):  # several frozen models, one source each
         frozen = {k: checkpoint.load_params(task.frozen_source[k], like[k]) for k in like}
@@ -323,14 +351,6 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
            f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
            f"{jax.process_count()} process(es)")
 
-  # State in and out keeps its sharding and is donated, so the update happens in place.
-  # Batches arrive already placed by `device_batch` (batch axis over data x fsdp), so
-  # their in_sharding is taken from the arrays; metrics are small replicated scalars.
-  step_fn = make_train_step(task, tx, lr_schedule, config.optimizer.grad_accum_steps, sharder)
-  # The frozen tree keeps its sharding and is not donated: every step reads it again.
-  train_step = jax.jit(step_fn, in_shardings=(shardings, frozen_sh, None),
-                       out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(task), in_shardings=(shardings["params"], frozen_sh, None))
   peak = metrics_lib.peak_flops_per_device(config.peak_tflops)
   peak_total = peak * jax.device_count() if peak else None
 

@@ -1,0 +1,369 @@
+"""How fast the launcher's own steps run: training steps and the decode engine, timed on
+synthetic tokens (tools/bench.py is the command line).
+
+    result = bench.run(bench.Spec(preset="tinyllama_1b", task="pretrain"))
+
+Each task builds its real step: the pretraining and SFT loss (jaxlm.tasks.pretrain), the
+DPO loss with its reference (jaxlm.tasks.dpo), through the shared loop's sharded,
+donated, jitted train step (jaxlm.loop.setup); `decode` runs jaxlm.generate.Engine. The
+tokens are random ids in the layouts the data pipeline makes: one document a row for
+pretraining, whole examples packed first-fit with the prompt masked for SFT (the real
+packer, jaxlm.data.sft.sft_dataset), chosen/rejected pairs padded to the row for DPO
+(jaxlm.data.preference.pad_group).
+
+Timing follows what MaxText and torchtitan publish: compile apart, warm-up steps
+dropped, then each timed step run to completion and the median reported; several
+different batches placed on the device beforehand, used in turn. Tokens/s counts every
+position of every row (padding included: the step computes it). MFU is PaLM-style
+(jaxlm.model.flops_per_token) over the device's dense bf16 peak (jaxlm.metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import generate, loop, metrics as metrics_lib, model
+from jaxlm.config import ConfigError, base_config, model_config, validate
+
+TASKS = ("pretrain", "sft", "dpo", "decode")
+
+# Rows x length per preset when --batch / --seq are not given (training; issue 8's shapes).
+DEFAULT_SHAPES = {"tiny": (8, 128), "llama_150m": (16, 2048), "tinyllama_1b": (8, 2048),
+                  "llama3_3b": (4, 2048), "llama3_8b": (2, 2048), "gpt2_small": (16, 1024)}
+TINY_VOCAB = 4096  # presets without a vocabulary size (tiny) take this one
+
+
+@dataclasses.dataclass
+class Spec:
+  preset: str = "tiny"
+  task: str = "pretrain"
+  batch: int = 0            # rows a step (DPO: sequences, i.e. 2 x records); decode: prompts
+  seq: int = 0              # row length; decode: prompt length
+  new_tokens: int = 256     # decode: tokens generated per prompt
+  steps: int = 10           # timed steps (decode: timed generate calls, at least 1)
+  warmup: int = 3           # untimed steps after compilation
+  overrides: tuple = ()     # "key=value" config settings, e.g. "model.remat=full"
+  reference: str = "copy"   # DPO: copy | precomputed | none (jaxlm.tasks.dpo)
+  profile_dir: str = ""     # a jax.profiler trace of two timed steps goes here
+
+
+def set_override(config, item: str) -> None:
+  """`key.sub=value` on an ml_collections config, the value parsed as the field's type."""
+  key, sep, value = item.partition("=")
+  if not sep:
+    raise ConfigError(f"--set {item!r}: expected key=value")
+  node, parts = config, key.strip().split(".")
+  for part in parts[:-1]:
+    if part not in node:
+      raise ConfigError(f"--set {item!r}: no config section {part!r}")
+    node = node[part]
+  if parts[-1] not in node:
+    raise ConfigError(f"--set {item!r}: no config field {key!r}")
+  current = node[parts[-1]]
+  if isinstance(current, bool):
+    parsed = value.lower() in ("1", "true", "yes")
+  elif isinstance(current, (int, float)):
+    try:
+      parsed = type(current)(value)
+    except ValueError:
+      raise ConfigError(f"--set {item!r}: {key} takes a {type(current).__name__}") from None
+  else:
+    parsed = value
+  setattr(node, parts[-1], parsed)
+
+
+def make_config(spec: Spec):
+  """The run config a user would launch with, at the spec's shape."""
+  if spec.task not in TASKS:
+    raise ConfigError(f"task={spec.task!r}: one of {', '.join(TASKS)}")
+  c = base_config()
+  c.task = {"decode": "pretrain"}.get(spec.task, spec.task)
+  c.model = model_config(spec.preset)
+  if not c.model.vocab_size:
+    c.model.vocab_size = TINY_VOCAB
+  rows, length = DEFAULT_SHAPES.get(spec.preset, (8, 2048))
+  c.data.batch_size = spec.batch or rows
+  c.data.seq_len = spec.seq or (128 if spec.task == "decode" else length)
+  if spec.task == "dpo":  # records of a chosen and a rejected response
+    if c.data.batch_size % 2:
+      raise ConfigError(f"--batch {c.data.batch_size}: DPO rows come in pairs; give an even count")
+    c.data.batch_size //= 2
+    c.dpo.reference = spec.reference
+  c.steps = spec.warmup + spec.steps
+  c.optimizer.warmup_steps = 1
+  c.log_every = 1
+  c.eval_every = 0
+  for item in spec.overrides:
+    set_override(c, item)
+  # Random weights and synthetic tokens stand in for init_from and the data files.
+  errors = [e for e in validate(c, jax.device_count())
+            if not e.startswith(("data.train", "init_from")) and "needs init_from" not in e]
+  if errors:
+    raise ConfigError(errors[0])
+  return c
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic batches
+
+
+def _pretrain_rows(c, rng) -> dict:
+  B, T, V = c.data.batch_size, c.data.seq_len, c.model.vocab_size
+  ids = rng.integers(0, V, (B, T + 1), dtype=np.int32)
+  return {"tokens": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((B, T), np.int32),
+          "segment_ids": np.ones((B, T), np.int32),
+          "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
+
+
+def _sft_rows(c, rng) -> dict:
+  """Examples of T/16 to T/2 tokens, the first third of each a prompt (no loss), packed
+  whole into rows by the training packer."""
+  from jaxlm.data import sft  # pylint: disable=import-outside-toplevel
+  T, V = c.data.seq_len, c.model.vocab_size
+  examples = []
+  for _ in range(c.data.batch_size * 8):
+    n = int(rng.integers(max(T // 16, 2), max(T // 2, 3)))
+    ids = rng.integers(0, V, n + 1, dtype=np.int32)
+    mask = np.ones(n, np.int32)
+    mask[:n // 3] = 0
+    examples.append({"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask})
+  ds = sft.sft_dataset(examples, seq_len=T, batch_size=c.data.batch_size, seed=int(rng.integers(1 << 30)),
+                       shuffle=True, packing=True)
+  return {k: np.asarray(v) for k, v in next(iter(ds)).items()}
+
+
+def _dpo_rows(c, rng) -> dict:
+  """Records of two responses to one prompt, each sequence filling most of its row."""
+  from jaxlm.data import preference  # pylint: disable=import-outside-toplevel
+  T, V = c.data.seq_len, c.model.vocab_size
+  rows = []
+  for _ in range(c.data.batch_size):
+    prompt = rng.integers(0, V, T // 4, dtype=np.int32)
+    ids, sup = [], []
+    for _ in range(2):
+      n = int(rng.integers(T - T // 8, T + 1))  # +1: shifted, the last id is a target only
+      response = rng.integers(0, V, n + 1 - len(prompt), dtype=np.int32)
+      ids.append(np.concatenate([prompt, response]))
+      sup.append(np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)]))
+    ex = {"ids": ids, "supervised": sup, "pairs": [(0, 1)], "margins": [0.0]}
+    if c.dpo.reference == "precomputed":
+      ex["reference_logps"] = -rng.uniform(100, 1000, 2).astype(np.float32)
+    rows.append(preference.pad_group(ex, 2, T, True))
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def synthetic_batch(c, task: str, seed: int) -> dict:
+  rng = np.random.default_rng(seed)
+  return {"pretrain": _pretrain_rows, "sft": _sft_rows, "dpo": _dpo_rows}[task](c, rng)
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+
+
+def _peak_memory_gib() -> float | None:
+  try:
+    stats = jax.local_devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # CPU has none
+    return None
+  peak = stats.get("peak_bytes_in_use")
+  return peak / 2**30 if peak else None
+
+
+def _plan_gib(compiled) -> float | None:
+  """XLA's memory plan of a compiled step: arguments + temporaries + outputs not aliased."""
+  try:
+    p = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if p is None:
+    return None
+  return (p.argument_size_in_bytes + p.temp_size_in_bytes + p.output_size_in_bytes
+          - p.alias_size_in_bytes) / 2**30
+
+
+def environment() -> dict:
+  d = jax.devices()[0]
+  return {"device": d.device_kind, "platform": d.platform, "devices": jax.device_count(),
+          "jax": jax.__version__, "python": platform.python_version(),
+          "date": time.strftime("%Y-%m-%d"),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def _build_task(c, task: str, sharder):
+  from jaxlm.tasks import dpo, pretrain  # pylint: disable=import-outside-toplevel
+  parts = pretrain.model_parts(c, "", sharder, pin_base=False)
+  tokens = c.data.batch_size * c.data.seq_len
+  if task == "dpo":
+    parts["loss_fn"] = dpo.dpo_loss_fn(c, sharder)
+    tokens *= 2
+    if c.dpo.reference == "copy":
+      if not c.lora.rank:
+        parts.update(frozen_shapes=lambda rng: model.init(c.model, rng),
+                     frozen_axes=model.param_axes(c.model))
+      parts["flops_per_token"] += model.flops_per_token(c.model, c.data.seq_len) / 3
+  return loop.Task(**parts, train_data=None, tokens_per_batch=tokens)
+
+
+def _train(spec: Spec, c) -> dict:
+  sharder = loop.make_sharder(c)
+  task = _build_task(c, spec.task, sharder)
+  t0 = time.perf_counter()
+  s = loop.setup(c, task, sharder)
+  frozen = None
+  if task.frozen_shapes is not None:  # random weights where a run would load them
+    frozen = jax.jit(task.frozen_shapes, out_shardings=s.frozen_shardings)(jax.random.PRNGKey(1))
+  batches = [loop.device_batch(synthetic_batch(c, spec.task, i), sharder) for i in range(4)]
+  jax.block_until_ready((s.state, frozen, batches))
+  init_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  step = s.train_step.lower(s.state, frozen, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  state = s.state
+  for i in range(spec.warmup):
+    state, m = step(state, frozen, batches[i % len(batches)])
+  jax.block_until_ready(state)
+  times = []
+  for i in range(spec.steps):
+    if spec.profile_dir and i == spec.steps - 2:
+      jax.profiler.start_trace(spec.profile_dir)
+    t0 = time.perf_counter()
+    state, m = step(state, frozen, batches[i % len(batches)])
+    jax.block_until_ready((state, m))
+    times.append(time.perf_counter() - t0)
+  if spec.profile_dir:
+    jax.profiler.stop_trace()
+  loss = float(m["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"{spec.task} step produced a non-finite loss ({loss})")
+  n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
+  n_frozen = sum(int(x.size) for x in jax.tree.leaves(frozen)) if frozen is not None else 0
+  return dict(step_s=statistics.median(times), step_s_min=min(times), step_s_max=max(times),
+              compile_s=compile_s, init_s=init_s, tokens_per_step=task.tokens_per_batch,
+              flops_per_token=task.flops_per_token, loss=loss, params_trained=n_params,
+              params_frozen=n_frozen, plan_gib=_plan_gib(step))
+
+
+def _decode(spec: Spec, c) -> dict:
+  B, P, N = c.data.batch_size, c.data.seq_len, spec.new_tokens
+  sharder = loop.make_sharder(c)
+  params = jax.jit(lambda r: model.init(c.model, r),
+                   out_shardings=sharder.tree(model.param_axes(c.model),
+                                              jax.eval_shape(lambda r: model.init(c.model, r),
+                                                             jax.random.PRNGKey(0))))(
+                                                                 jax.random.PRNGKey(0))
+  # eos -1: no row ends early, every call generates B x N tokens.
+  engine = generate.Engine(c.model, eos_id=-1, vocab_size=c.model.vocab_size, sharder=sharder)
+  sampling = generate.Sampling(max_new_tokens=N, temperature=1.0)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, c.model.vocab_size, P, dtype=np.int32) for _ in range(B)]
+  t0 = time.perf_counter()
+  out = engine.generate(params, prompts, jax.random.PRNGKey(0), sampling)
+  first_s = time.perf_counter() - t0
+  if out.tokens.shape != (B, N) or not np.all(out.lengths == N):
+    raise RuntimeError(f"decode produced {out.tokens.shape}, lengths {set(out.lengths)}")
+  times = []
+  for i in range(max(spec.steps, 1)):
+    if spec.profile_dir and i == 0:
+      jax.profiler.start_trace(spec.profile_dir)
+    t0 = time.perf_counter()
+    engine.generate(params, prompts, jax.random.PRNGKey(i + 1), sampling)
+    times.append(time.perf_counter() - t0)
+    if spec.profile_dir and i == 0:
+      jax.profiler.stop_trace()
+  median = statistics.median(times)
+  weight_bytes = sum(int(x.size) * (4 if "norm" in str(p) else jnp.dtype(c.model.dtype).itemsize)
+                     for p, x in jax.tree_util.tree_flatten_with_path(params)[0])
+  return dict(step_s=median, step_s_min=min(times), step_s_max=max(times),
+              compile_s=max(first_s - median, 0.0), new_tokens_per_s=B * N / median,
+              ms_per_token_step=1000 * median / N, tokens_per_step=B * N,
+              params_trained=sum(int(x.size) for x in jax.tree.leaves(params)),
+              weight_read_tb_s=weight_bytes * N / median / 1e12)
+
+
+def run(spec: Spec) -> dict:
+  """Measure one (preset, task, shape); the result as a flat dict (see tools/bench.py)."""
+  c = make_config(spec)
+  result = {"preset": spec.preset, "task": spec.task, "batch": spec.batch or
+            (c.data.batch_size * (2 if spec.task == "dpo" else 1)), "seq": c.data.seq_len,
+            "remat": c.model.remat, "attention": c.model.attention,
+            "logits_chunk": c.model.logits_chunk, "overrides": list(spec.overrides)}
+  if spec.task == "dpo":
+    result["reference"] = spec.reference
+  if spec.task == "decode":
+    result["new_tokens"] = spec.new_tokens
+    result.update(_decode(spec, c))
+  else:
+    result.update(_train(spec, c))
+    result["tokens_per_s"] = result["tokens_per_step"] / result["step_s"]
+    peak = metrics_lib.peak_flops_per_device(c.peak_tflops)
+    result["mfu"] = (result["tokens_per_s"] * result["flops_per_token"] / (peak * jax.device_count())
+                     if peak else None)
+  result["peak_memory_gib"] = _peak_memory_gib()
+  result.update(environment())
+  if spec.profile_dir:
+    result["profile"] = profile_summary(spec.profile_dir)
+  return result
+
+
+# ---------------------------------------------------------------------------------------
+# Profiles
+
+
+def profile_summary(directory: str, top: int = 25) -> list[dict]:
+  """The device ops that took the most time in a jax.profiler trace: name, calls, total
+  ms and share of the device's busy time, read from the trace's XSpace with
+  jax.profiler.ProfileData (no TensorBoard needed)."""
+  paths = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))
+  if not paths:
+    return []
+  data = jax.profiler.ProfileData.from_file(paths[-1])
+  totals, counts = {}, {}
+  for plane in data.planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    lines = list(plane.lines)
+    ops = [ln for ln in lines if ln.name == "XLA Ops"] or [
+        ln for ln in lines if "stream" in ln.name.lower()]
+    for line in ops:
+      for ev in line.events:
+        totals[ev.name] = totals.get(ev.name, 0.0) + ev.duration_ns
+        counts[ev.name] = counts.get(ev.name, 0) + 1
+  busy = sum(totals.values()) or 1.0
+  ranked = sorted(totals, key=totals.get, reverse=True)[:top]
+  return [{"op": n, "calls": counts[n], "ms": totals[n] / 1e6, "share": totals[n] / busy}
+          for n in ranked]
+
+
+def format_table(results: list[dict]) -> str:
+  head = ("| preset | task | batch x seq | tokens/s | MFU | step (median) | peak memory "
+          "| compile |\n|---|---|---|---|---|---|---|---|")
+  rows = []
+  for r in results:
+    if r.get("error"):
+      rows.append(f"| {r['preset']} | {r['task']} | | error: {r['error']} | | | | |")
+      continue
+    shape = (f"{r['batch']} x ({r['seq']} + {r['new_tokens']})" if r["task"] == "decode"
+             else f"{r['batch']} x {r['seq']}")
+    tps = r.get("new_tokens_per_s") or r.get("tokens_per_s")
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+    mem = r.get("peak_memory_gib") or r.get("plan_gib")
+    mem = f"{mem:.2f} GiB" if mem else "-"
+    task = r["task"] + (f" ({r['reference']})" if r.get("reference") else "")
+    rows.append(f"| {r['preset']} | {task} | {shape} | {tps:,.0f} | {mfu} | "
+                f"{1000 * r['step_s']:.1f} ms | {mem} | {r['compile_s']:.1f} s |")
+  return "\n".join([head, *rows])
+
+
+def default_profile_dir() -> str:
+  return tempfile.mkdtemp(prefix="jaxlm-profile-")
