@@ -125,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 16        # global, in sequences (reward, dpo: records)
   c.data.shuffle = True
   c.data.prefetch = 2           # batches prepared ahead in a background thread
+  c.data.shards = 0             # pretrain, sft: data split into this many shards, a multiple of
+                                # the process count: batches (and losses) do not depend on the
+                                # process count; 0: one shard a process
   # SFT (task "sft"): records -> chat template -> tokens with a loss mask
   c.data.sft_format = "auto"    # "auto" (by fields) | "alpaca" | "messages" | "prompt_completion" | "text"
   c.data.chat_template = "jaxlm"  # "jaxlm" | "chatml" | "llama3" | "hf" (tokenizer_config.json's)
@@ -252,7 +255,8 @@ _POSITIVE = ("steps", "log_every", "keep_checkpoints", "checkpoint_every", "mode
              "model.vocab_multiple")
 _NON_NEGATIVE = ("eval_every", "eval_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
                  "optimizer.grad_clip", "loss.z_loss", "model.vocab_size", "model.head_dim",
-                 "model.logits_chunk", "peak_tflops", "data.prefetch", "model.rope_scaling_factor",
+                 "model.logits_chunk", "peak_tflops", "data.prefetch", "data.shards",
+                 "model.rope_scaling_factor",
                  "reward.center_coef", "dpo.sft_weight", "rl.kl_coef", "rl.kl_target",
                  "rl.temperature", "rl.top_k", "rl.missing_eos_penalty", "rl.vf_coef",
                  "rl.value_clip", "rl.clip_low", "rl.clip_high")
@@ -404,6 +408,14 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     if config.data.batch_size % num_processes:
       errors.append(f"data.batch_size={config.data.batch_size} is not divisible by the "
                     f"{num_processes} processes")
+  shards = config.data.shards
+  if shards:
+    if _get(config, "task") not in ("pretrain", "sft"):
+      errors.append(f"data.shards={shards}: only pretrain and sft split their data into "
+                    f"shards; leave it 0 for task={_get(config, 'task')!r}")
+    elif shards % num_processes or config.data.batch_size % shards:
+      errors.append(f"data.shards={shards} must be a multiple of the {num_processes} "
+                    f"process(es) and divide data.batch_size={config.data.batch_size}")
 
   if _get(config, "task") == "eval":
     if not config.eval.model:

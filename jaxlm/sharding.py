@@ -48,6 +48,9 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     raise ShardingError(f"num_processes={num_processes} needs a coordinator: pass "
                         f"--coordinator_address HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
   if coordinator_address or auto:
+    # Processes on CPU devices (tests, a laptop) exchange data through gloo; GPUs and TPUs
+    # ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
 

@@ -31,6 +31,9 @@ def test_small_config_is_valid():
     ({"optimizer.lr": -1.0}, "optimizer.lr=-1.0: must be > 0"),
     ({"model.remat": "some"}, "model.remat='some': must be one of none, minimal, full"),
     ({"optimizer.min_lr_ratio": 2.0}, "optimizer.min_lr_ratio=2.0: must be in [0, 1]"),
+    ({"data.shards": 3}, "data.shards=3 must be a multiple of the 1 process(es) and divide "
+                         "data.batch_size=8"),
+    ({"data.shards": 2, "task": "dpo"}, "data.shards=2: only pretrain and sft split"),
 ])
 def test_each_problem_is_one_line_naming_the_key(overrides, message):
   errors = errors_for(**overrides)

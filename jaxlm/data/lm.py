@@ -76,7 +76,65 @@ def _pack_and_batch(ds: grain.IterDataset, seq_len: int, batch_size: int, prefet
 
 
 def _batch(rows: grain.IterDataset, batch_size: int, prefetch: int):
-  ds = rows.map(row_to_example).batch(batch_size, drop_remainder=True)
+  return _prefetched(rows.map(row_to_example).batch(batch_size, drop_remainder=True), prefetch)
+
+
+def data_shards(shards: int, process_index: int, process_count: int) -> tuple[range, int]:
+  """This process's data shards and their count. `shards` (config `data.shards`) fixes how
+  the data is split, whatever the process count: shard s reads documents s, s + S, ...
+  and packs them into rows on its own; a batch is rows from every shard in order, an equal
+  number each. Process p of n handles shards p*S/n .. (p+1)*S/n - 1, so the global
+  batches, and a run's losses, are the same on 1 process or n. 0: one shard a process."""
+  count = shards or process_count
+  per = count // process_count
+  return range(process_index * per, (process_index + 1) * per), count
+
+
+class _ShardBatches(grain.IterDataset):
+  """One batch from each of several datasets of batches, joined along the batch axis."""
+
+  def __init__(self, parents: list[grain.IterDataset]):
+    super().__init__(parents)
+
+  def __iter__(self):
+    return _ShardBatchesIterator([iter(p) for p in self._parents])
+
+
+class _ShardBatchesIterator(grain.DatasetIterator):
+
+  def __init__(self, its):
+    super().__init__(its)
+    self._its = its
+
+  def __next__(self):
+    parts = [next(it) for it in self._its]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self):
+    return {"shards": [it.get_state() for it in self._its]}
+
+  def set_state(self, state):
+    for it, s in zip(self._its, state["shards"]):
+      it.set_state(s)
+
+
+def sharded(make, *, batch_size: int, shards: int, process_index: int, process_count: int,
+            prefetch: int = 0):
+  """This process's batches (`batch_size` rows) from data shards (see `data_shards`).
+  `make(index, count, rows, prefetch)` builds the batches of shard `index` of `count`:
+  a grain IterDataset, or a MixtureData."""
+  local, count = data_shards(shards, process_index, process_count)
+  if len(local) == 1:  # one shard a process: the plain dataset (and its state format)
+    return make(local[0], count, batch_size, prefetch)
+  rows = batch_size // len(local)
+  parts = [make(i, count, rows, 0) for i in local]
+  if isinstance(parts[0], MixtureData):
+    return MixtureData(_prefetched(_ShardBatches([p.dataset for p in parts]), prefetch),
+                       parts[0].names)
+  return _prefetched(_ShardBatches(parts), prefetch)
+
+
+def _prefetched(ds, prefetch: int):
   if prefetch:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
   return ds

@@ -212,10 +212,15 @@ def _prepared_data(config, directory: str, key: str, *, train: bool):
   has_eval = any("eval" in s["splits"] for s in corpus["sources"].values())
   split = "eval" if not train and has_eval else "train"
   weights = lm.mixture_weights(corpus, d.mixture, split, key)
-  return lambda: lm.mixture_dataset(  # pylint: disable=g-long-lambda
-      directory, split, weights, seq_len=d.seq_len,
-      batch_size=d.batch_size // jax.process_count(), seed=config.seed if train else 0,
-      shuffle=d.shuffle and train, repeat=d.on_exhausted == "repeat" or not train,
+
+  def make(index, count, rows, prefetch):
+    return lm.mixture_dataset(
+        directory, split, weights, seq_len=d.seq_len, batch_size=rows,
+        seed=config.seed if train else 0, shuffle=d.shuffle and train,
+        repeat=d.on_exhausted == "repeat" or not train, process_index=index,
+        process_count=count, prefetch=prefetch)
+  return lambda: lm.sharded(  # pylint: disable=g-long-lambda
+      make, batch_size=d.batch_size // jax.process_count(), shards=d.shards if train else 0,
       process_index=jax.process_index(), process_count=jax.process_count(),
       prefetch=d.prefetch if train else 0)
 
@@ -239,10 +244,13 @@ def build(config, workdir: str, sharder) -> loop.Task:
   else:
     train_docs = documents(d.train, d, "data.train", workdir)
     tok = prepare_tokenizer(config, workdir, train_docs)
-    train_data = lm.lm_dataset(train_docs, tok.path, seq_len=d.seq_len, batch_size=local_batch,
-                               seed=config.seed, shuffle=d.shuffle, process_index=pid,
-                               process_count=nproc, prefetch=d.prefetch,
-                               repeat=d.on_exhausted == "repeat")
+    train_data = lm.sharded(
+        lambda index, count, rows, prefetch: lm.lm_dataset(
+            train_docs, tok.path, seq_len=d.seq_len, batch_size=rows, seed=config.seed,
+            shuffle=d.shuffle, process_index=index, process_count=count, prefetch=prefetch,
+            repeat=d.on_exhausted == "repeat"),
+        batch_size=local_batch, shards=d.shards, process_index=pid, process_count=nproc,
+        prefetch=d.prefetch)
   set_vocab_size(config, tok)
   keep_tokenizer(tok, workdir)
   eval_data = None

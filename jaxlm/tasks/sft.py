@@ -12,7 +12,7 @@ import jax
 
 from jaxlm import loop
 from jaxlm.config import ConfigError, expand_globs
-from jaxlm.data import sft as sft_data, tokenizer as tokenizer_lib
+from jaxlm.data import lm, sft as sft_data, tokenizer as tokenizer_lib
 from jaxlm.tasks import pretrain
 
 
@@ -59,10 +59,14 @@ def build(config, workdir: str, sharder) -> loop.Task:
 
   train = load(d.train, "data.train")
   local_batch = d.batch_size // nproc
-  make = lambda examples, train_split: sft_data.sft_dataset(  # noqa: E731
-      examples, seq_len=d.seq_len, batch_size=local_batch, seed=config.seed if train_split else 0,
-      shuffle=d.shuffle and train_split, packing=d.packing, process_index=pid,
-      process_count=nproc, prefetch=d.prefetch if train_split else 0)
+  def make(examples, train_split):
+    return lm.sharded(
+        lambda index, count, rows, prefetch: sft_data.sft_dataset(
+            examples, seq_len=d.seq_len, batch_size=rows,
+            seed=config.seed if train_split else 0, shuffle=d.shuffle and train_split,
+            packing=d.packing, process_index=index, process_count=count, prefetch=prefetch),
+        batch_size=local_batch, shards=d.shards if train_split else 0, process_index=pid,
+        process_count=nproc, prefetch=d.prefetch if train_split else 0)
   eval_data = None
   report = train.report("train")
   if d.eval:
