@@ -5,6 +5,7 @@ tokenizer into the workdir, then about 2 minutes on 2 CPU cores.
 
   python -m jaxlm.launch --config configs/pretrain_tiny.py --workdir runs/tiny
   python -m jaxlm.launch --config configs/pretrain_tiny.py:family=gpt2 --workdir runs/tiny_gpt2
+  python -m jaxlm.launch --config configs/pretrain_tiny.py --sweep --workdir runs/tiny_lr
 """
 
 import sysconfig
@@ -38,3 +39,9 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 30
   c.optimizer.weight_decay = 0.01
   return c
+
+
+def get_sweep(arg=None):
+  """Three peak learning rates around the default (`--sweep`; jaxlm.sweep)."""
+  del arg
+  return [{"optimizer.lr": lr} for lr in (1e-3, 3e-3, 1e-2)]

@@ -22,7 +22,22 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run "
                                       "(or JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (or JAX_PROCESS_ID).")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Run every trial of the config file's get_sweep(arg) "
+                           "into WORKDIR/<trial name>/ (jaxlm.sweep).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "With --sweep or --tpu: print what would run "
+                             "(the trials, the gcloud commands) and run nothing.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _sweep(config, num_devices: int, num_processes: int) -> int:
+  from jaxlm import sweep  # pylint: disable=import-outside-toplevel
+  spec = config_flags.get_config_filename(flags.FLAGS["config"])
+  trials = sweep.plan(spec, config, config_flags.get_override_values(flags.FLAGS["config"]),
+                      _WORKDIR.value, num_devices, num_processes)
+  failed = sweep.run(trials, _WORKDIR.value, dry_run=_DRY_RUN.value)
+  if failed:
+    print(f"error: {failed} of {len(trials)} trials failed", file=sys.stderr)
+  return 1 if failed else 0
 
 
 def main(argv):
@@ -36,6 +51,12 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
+  if _SWEEP.value:  # trials run as launcher processes of their own
+    try:
+      sys.exit(_sweep(config, jax.device_count(), 1))
+    except ConfigError as e:
+      print(f"config error: {e}", file=sys.stderr)
+      sys.exit(2)
   try:
     sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value)
