@@ -26,7 +26,53 @@ _SWEEP = flags.DEFINE_bool("sweep", False, "Run every trial of the config file's
                            "into WORKDIR/<trial name>/ (jaxlm.sweep).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "With --sweep or --tpu: print what would run "
                              "(the trials, the gcloud commands) and run nothing.")
+_TPU = flags.DEFINE_string("tpu", None, "Run on this Cloud TPU VM slice (created if needed; "
+                           "jaxlm.tpu) instead of here.")
+_ZONE = flags.DEFINE_string("zone", None, "--tpu: the slice's zone, e.g. us-east5-a.")
+_ACCELERATOR = flags.DEFINE_string("accelerator", None, "--tpu: the slice type, e.g. v5p-64.")
+_PROJECT = flags.DEFINE_string("project", "", "--tpu: the Google Cloud project (default: "
+                               "gcloud's).")
+_RUNTIME = flags.DEFINE_string("runtime_version", "", "--tpu: the TPU VM runtime (default: the "
+                               "generation's).")
+_SPOT = flags.DEFINE_bool("spot", False, "--tpu: a spot slice (preemptible; --tpu_action=watch "
+                          "recreates it and resumes).")
+_TPU_ACTION = flags.DEFINE_string("tpu_action", "up", "--tpu: up (create, copy, setup, run) | "
+                                  "create | copy | setup | run | logs | watch | delete.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _tpu(config) -> int:
+  """The run, or each sweep trial, as a Cloud TPU job (jaxlm.tpu)."""
+  import os  # pylint: disable=import-outside-toplevel
+  from jaxlm import sweep, tpu  # pylint: disable=import-outside-toplevel
+  from jaxlm.config import validate  # pylint: disable=import-outside-toplevel
+  spec = config_flags.get_config_filename(flags.FLAGS["config"])
+  cli = config_flags.get_override_values(flags.FLAGS["config"])
+  devices = tpu.slice_devices(_ACCELERATOR.value or "")
+  hosts = max(devices // 4, 1)  # 4 devices a TPU VM worker
+  remote = tpu.REMOTE_KEYS  # paths the workers see, not this machine: checked there
+  if _SWEEP.value:
+    trials = [(t["name"], t["overrides"]) for t in sweep.plan(
+        spec, config, cli, _WORKDIR.value, devices, hosts, ignore=remote)]
+  else:
+    errors = [e for e in validate(config, devices, hosts) if not e.startswith(remote)]
+    if errors:
+      raise tpu.TpuError(errors[0])
+    trials = [(None, {})]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sh = tpu.Runner(_DRY_RUN.value)
+  for i, (name, overrides) in enumerate(trials):
+    settings = {**cli, **{k: v for k, v in overrides.items() if k != "name"}}
+    job = tpu.Job(name=_TPU.value if name is None else f"{_TPU.value}-{i}", zone=_ZONE.value,
+                  accelerator=_ACCELERATOR.value, config=spec,
+                  workdir=_WORKDIR.value if name is None else f"{_WORKDIR.value}/{name}",
+                  overrides=tuple(f"--config.{k}={v!r}" if isinstance(v, float)
+                                  else f"--config.{k}={v}" for k, v in settings.items()),
+                  project=_PROJECT.value, runtime_version=_RUNTIME.value, spot=_SPOT.value)
+    if name is not None:
+      print(f"# trial {name!r} -> {job.name}", flush=True)
+    tpu.perform(job, _TPU_ACTION.value, sh, root)
+  return 0
 
 
 def _sweep(config, num_devices: int, num_processes: int) -> int:
@@ -51,6 +97,18 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
+  if _TPU.value:  # nothing runs here: gcloud starts it on the slice
+    from jaxlm import tpu  # pylint: disable=import-outside-toplevel
+    try:
+      sys.exit(_tpu(config))
+    except (ConfigError, tpu.TpuError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  if _WORKDIR.value.startswith("gs://"):
+    print(f"error: --workdir={_WORKDIR.value}: gs:// workdirs are for Cloud TPU jobs (--tpu), "
+          f"which mount the bucket on every worker with gcsfuse; here, give a local or "
+          f"mounted path", file=sys.stderr)
+    sys.exit(2)
   if _SWEEP.value:  # trials run as launcher processes of their own
     try:
       sys.exit(_sweep(config, jax.device_count(), 1))

@@ -43,7 +43,8 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   if process_id is None and os.environ.get("JAX_PROCESS_ID"):
     process_id = int(os.environ["JAX_PROCESS_ID"])
   auto = ("SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1) or (
-      "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"])
+      "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]) or (
+          os.environ.get("JAXLM_DISTRIBUTED") == "auto")  # set by jaxlm.tpu on every worker
   if num_processes and num_processes > 1 and not (coordinator_address or auto):
     raise ShardingError(f"num_processes={num_processes} needs a coordinator: pass "
                         f"--coordinator_address HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
