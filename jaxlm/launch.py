@@ -110,6 +110,13 @@ def main(argv):
           f"mounted path", file=sys.stderr)
     sys.exit(2)
   if _SWEEP.value:  # trials run as launcher processes of their own
+    import os  # pylint: disable=import-outside-toplevel
+    if ((_NUM_PROCESSES.value or int(os.environ.get("JAX_NUM_PROCESSES", "1"))) > 1
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
+      print("error: --sweep runs its trials one after another from one process; start it "
+            "once (not under srun or with --num_processes), or give each trial its own job",
+            file=sys.stderr)
+      sys.exit(2)
     try:
       sys.exit(_sweep(config, jax.device_count(), 1))
     except ConfigError as e:
