@@ -15,7 +15,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config.steps=6", "--config.log_every=1", "--config.eval_every=0",
         "--config.checkpoint_every=3", "--config.progress=log", "--config.data.shards=2",
-        "--config.async_checkpointing=False"]
+        "--config.async_checkpointing=False", "--config.data.tokenizer_vocab_size=512",
+        "--config.data.tokenizer_sample_chars=300000", "--config.data.prefetch=0"]
 
 
 def free_port() -> int:
@@ -78,6 +79,7 @@ def test_two_processes_train_as_one_and_resume_exactly_after_a_kill(tmp_path):
   for step in range(4, 7):  # the resumed steps repeat what the killed run computed
     if step in before_kill:
       assert after[step] == before_kill[step]
-  # Same batches on 2 x 4 as on 1 x 8; only the order of the cross-process sums differs.
+  # Same batches on 2 x 4 as on 1 x 8; only the order of the cross-process sums differs
+  # (successive steps' losses differ by 3e-4 of their size and more).
   for step in range(1, 7):
-    assert after[step] == pytest.approx(reference[step], rel=1e-5)
+    assert after[step] == pytest.approx(reference[step], rel=1e-4)

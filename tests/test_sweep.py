@@ -17,10 +17,10 @@ def get_config(arg=None):
   c = base_config()
   c.model = model_config("tiny", d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                          ffn_dim=128, remat="none")
-  c.steps, c.log_every, c.eval_every, c.eval_steps, c.checkpoint_every = 3, 1, 3, 1, 3
+  c.steps, c.log_every, c.eval_every, c.eval_steps, c.checkpoint_every = 2, 1, 2, 1, 2
   c.async_checkpointing, c.progress = False, "log"
   c.data.train, c.data.eval = "{STDLIB}/[a-c]*.py", "{STDLIB}/json/*.py"
-  c.data.tokenizer_vocab_size, c.data.tokenizer_sample_chars = 512, 200_000
+  c.data.tokenizer_vocab_size, c.data.tokenizer_sample_chars = 512, 100_000
   c.data.seq_len, c.data.batch_size, c.data.prefetch = 32, 8, 0
   return c
 
@@ -61,8 +61,8 @@ def test_a_sweep_runs_skips_finished_trials_and_reports(tmp_path):
   r = subprocess.run([sys.executable, "tools/sweep_report.py", str(sw), "--metric=eval_loss"],
                      capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "| 1 | fast | optimizer.lr=0.01 | 3 | yes |" in r.stdout  # the higher rate learns more
-  assert "| 2 | slow | optimizer.lr=0.0001 | 3 | yes |" in r.stdout
+  assert "| 1 | fast | optimizer.lr=0.01 | 2 | yes |" in r.stdout  # the higher rate learns more
+  assert "| 2 | slow | optimizer.lr=0.0001 | 2 | yes |" in r.stdout
   with open(sw / "sweep_report.csv", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   assert [row["trial"] for row in rows] == ["fast", "slow"]
