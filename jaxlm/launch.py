@@ -6,6 +6,7 @@ asked, validates every field before anything compiles, and dispatches on `config
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -43,7 +44,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _tpu(config) -> int:
   """The run, or each sweep trial, as a Cloud TPU job (jaxlm.tpu)."""
-  import os  # pylint: disable=import-outside-toplevel
   from jaxlm import sweep, tpu  # pylint: disable=import-outside-toplevel
   from jaxlm.config import validate  # pylint: disable=import-outside-toplevel
   spec = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -52,25 +52,21 @@ def _tpu(config) -> int:
   hosts = max(devices // 4, 1)  # 4 devices a TPU VM worker
   remote = tpu.REMOTE_KEYS  # paths the workers see, not this machine: checked there
   if _SWEEP.value:
-    trials = [(t["name"], t["overrides"]) for t in sweep.plan(
-        spec, config, cli, _WORKDIR.value, devices, hosts, ignore=remote)]
+    trials = sweep.plan(spec, config, cli, _WORKDIR.value, devices, hosts, ignore=remote)
+    jobs = [(f"{_TPU.value}-{i}", t) for i, t in enumerate(trials)]
   else:
     errors = [e for e in validate(config, devices, hosts) if not e.startswith(remote)]
     if errors:
       raise tpu.TpuError(errors[0])
-    trials = [(None, {})]
+    jobs = [(_TPU.value, {"workdir": _WORKDIR.value, "flags": sweep.override_flags(cli)})]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   sh = tpu.Runner(_DRY_RUN.value)
-  for i, (name, overrides) in enumerate(trials):
-    settings = {**cli, **{k: v for k, v in overrides.items() if k != "name"}}
-    job = tpu.Job(name=_TPU.value if name is None else f"{_TPU.value}-{i}", zone=_ZONE.value,
-                  accelerator=_ACCELERATOR.value, config=spec,
-                  workdir=_WORKDIR.value if name is None else f"{_WORKDIR.value}/{name}",
-                  overrides=tuple(f"--config.{k}={v!r}" if isinstance(v, float)
-                                  else f"--config.{k}={v}" for k, v in settings.items()),
-                  project=_PROJECT.value, runtime_version=_RUNTIME.value, spot=_SPOT.value)
-    if name is not None:
-      print(f"# trial {name!r} -> {job.name}", flush=True)
+  for name, t in jobs:
+    if "name" in t:
+      print(f"# trial {t['name']!r} -> {name}", flush=True)
+    job = tpu.Job(name=name, zone=_ZONE.value, accelerator=_ACCELERATOR.value, config=spec,
+                  workdir=t["workdir"], overrides=tuple(t["flags"]), project=_PROJECT.value,
+                  runtime_version=_RUNTIME.value, spot=_SPOT.value)
     tpu.perform(job, _TPU_ACTION.value, sh, root)
   return 0
 
@@ -110,7 +106,6 @@ def main(argv):
           f"mounted path", file=sys.stderr)
     sys.exit(2)
   if _SWEEP.value:  # trials run as launcher processes of their own
-    import os  # pylint: disable=import-outside-toplevel
     if ((_NUM_PROCESSES.value or int(os.environ.get("JAX_NUM_PROCESSES", "1"))) > 1
         or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
       print("error: --sweep runs its trials one after another from one process; start it "

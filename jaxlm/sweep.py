@@ -53,6 +53,11 @@ def _value_text(value) -> str:
   return repr(value) if isinstance(value, float) else str(value)
 
 
+def override_flags(settings: dict) -> list[str]:
+  """{"optimizer.lr": 0.001} -> ["--config.optimizer.lr=0.001"] (a trial's "name" left out)."""
+  return [f"--config.{k}={_value_text(v)}" for k, v in settings.items() if k != "name"]
+
+
 def trial_name(overrides: dict) -> str:
   """A folder name: the trial's "name", else its overrides as key=value joined by commas."""
   name = overrides.get("name") or ",".join(
@@ -101,11 +106,11 @@ def plan(config_spec: str, config, cli_overrides: dict, workdir: str, num_device
     errors += [f"sweep trial {name!r}: {p}" for p in problems
                if not (ignore and p.startswith(ignore))]
     trial_dir = os.path.join(workdir, name)
-    settings = {**cli_overrides, **{k: v for k, v in overrides.items() if k != "name"}}
+    flags = override_flags({**cli_overrides, **overrides})
     cmd = [sys.executable, "-m", "jaxlm.launch", "--config", config_spec,
-           "--workdir", trial_dir, *extra_flags,
-           *[f"--config.{k}={_value_text(v)}" for k, v in settings.items()]]
-    trials.append({"name": name, "overrides": overrides, "workdir": trial_dir, "command": cmd})
+           "--workdir", trial_dir, *extra_flags, *flags]
+    trials.append({"name": name, "overrides": overrides, "workdir": trial_dir, "command": cmd,
+                   "flags": flags})
   if errors:
     raise ConfigError("; ".join(errors))
   return trials
@@ -138,7 +143,8 @@ def run(trials: list[dict], workdir: str, dry_run: bool = False) -> int:
       print(f"[{i}/{len(trials)}] {t['name']}: exit status {code}", flush=True)
     t["exit_status"] = code
   with open(os.path.join(workdir, "sweep.json"), "w", encoding="utf-8") as f:
-    json.dump([{k: v for k, v in t.items() if k != "command"} | {"command": shlex.join(t["command"])}
+    json.dump([{"name": t["name"], "overrides": t["overrides"], "workdir": t["workdir"],
+                "command": shlex.join(t["command"]), "exit_status": t.get("exit_status")}
                for t in trials], f, indent=2, default=str)
   return failed
 
