@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import generate, loop, metrics as metrics_lib, model
-from jaxlm.config import ConfigError, base_config, model_config, validate
+from jaxlm.config import ConfigError, base_config, get_key, model_config, set_key, validate
 
 TASKS = ("pretrain", "sft", "dpo", "decode")
 
@@ -60,16 +60,10 @@ class Spec:
 def set_override(config, item: str) -> None:
   """`key.sub=value` on an ml_collections config, the value parsed as the field's type."""
   key, sep, value = item.partition("=")
+  key = key.strip()
   if not sep:
     raise ConfigError(f"--set {item!r}: expected key=value")
-  node, parts = config, key.strip().split(".")
-  for part in parts[:-1]:
-    if part not in node:
-      raise ConfigError(f"--set {item!r}: no config section {part!r}")
-    node = node[part]
-  if parts[-1] not in node:
-    raise ConfigError(f"--set {item!r}: no config field {key!r}")
-  current = node[parts[-1]]
+  current = get_key(config, key)
   if isinstance(current, bool):
     parsed = value.lower() in ("1", "true", "yes")
   elif isinstance(current, (int, float)):
@@ -79,7 +73,10 @@ def set_override(config, item: str) -> None:
       raise ConfigError(f"--set {item!r}: {key} takes a {type(current).__name__}") from None
   else:
     parsed = value
-  setattr(node, parts[-1], parsed)
+  try:
+    set_key(config, key, parsed)
+  except ConfigError as e:
+    raise ConfigError(f"--set {item!r}: {e}") from None
 
 
 def make_config(spec: Spec):

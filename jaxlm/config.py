@@ -262,13 +262,26 @@ _NON_NEGATIVE = ("eval_every", "eval_steps", "optimizer.warmup_steps", "optimize
                  "rl.value_clip", "rl.clip_low", "rl.clip_high")
 
 
-def _get(config, dotted):
+def get_key(config, dotted):
+  """The value at a dotted key (`optimizer.lr`), or None when the config has no such key."""
   node = config
   for part in dotted.split("."):
     if part not in node:
       return None
     node = node[part]
   return node
+
+
+def set_key(config, dotted: str, value) -> None:
+  """Set an existing dotted key (`optimizer.lr`); ConfigError naming it when the config
+  has no such key. An int given for a float field is stored as a float."""
+  *parents, leaf = dotted.split(".")
+  node = get_key(config, ".".join(parents)) if parents else config
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise ConfigError(f"no config key {dotted!r}")
+  if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  setattr(node, leaf, value)
 
 
 def expand_globs(spec: str, key: str) -> list[str]:
@@ -308,15 +321,15 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       errors.append(str(e))
 
   for key, choices in _CHOICES.items():
-    value = _get(config, key)
+    value = get_key(config, key)
     if value is not None and value not in choices:
       errors.append(f"{key}={value!r}: must be one of {', '.join(choices)}")
   for key in _POSITIVE:
-    value = _get(config, key)
+    value = get_key(config, key)
     if value is not None and not value > 0:
       errors.append(f"{key}={value!r}: must be > 0")
   for key in _NON_NEGATIVE:
-    value = _get(config, key)
+    value = get_key(config, key)
     if value is not None and value < 0:
       errors.append(f"{key}={value!r}: must be >= 0")
   if "lora" in config and config.lora.rank:
@@ -326,7 +339,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     if not config.init_from:
       errors.append(f"lora.rank={config.lora.rank} needs init_from: adapters tune a trained "
                     f"base model")
-  if _get(config, "task") == "dpo":
+  if get_key(config, "task") == "dpo":
     dpo = config.dpo
     if not dpo.beta > 0:
       errors.append(f"dpo.beta={dpo.beta}: must be > 0")
@@ -341,7 +354,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
                     "with the adapters off; leave dpo.reference_from empty")
     if dpo.reference_from and not os.path.exists(dpo.reference_from):
       errors.append(f"dpo.reference_from: no such path {dpo.reference_from!r}")
-  if _get(config, "task") in ("grpo", "ppo"):
+  if get_key(config, "task") in ("grpo", "ppo"):
     rl_cfg = config.rl
     if not config.init_from:
       errors.append(f"init_from: task={config.task!r} needs the policy to start from")
@@ -367,7 +380,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     if rows % rl_cfg.minibatches == 0 and (rows // rl_cfg.minibatches) % accum:
       errors.append(f"optimizer.grad_accum_steps={accum} does not divide the "
                     f"{rows // rl_cfg.minibatches} completions of a minibatch")
-  if _get(config, "task") == "reward":
+  if get_key(config, "task") == "reward":
     spec = config.reward.normalize_on
     if spec == "eval" and not config.data.eval:
       errors.append("reward.normalize_on='eval' but data.eval is empty")
@@ -410,14 +423,14 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
                     f"{num_processes} processes")
   shards = config.data.shards
   if shards:
-    if _get(config, "task") not in ("pretrain", "sft"):
+    if get_key(config, "task") not in ("pretrain", "sft"):
       errors.append(f"data.shards={shards}: only pretrain and sft split their data into "
-                    f"shards; leave it 0 for task={_get(config, 'task')!r}")
+                    f"shards; leave it 0 for task={get_key(config, 'task')!r}")
     elif shards % num_processes or config.data.batch_size % shards:
       errors.append(f"data.shards={shards} must be a multiple of the {num_processes} "
                     f"process(es) and divide data.batch_size={config.data.batch_size}")
 
-  if _get(config, "task") == "eval":
+  if get_key(config, "task") == "eval":
     if not config.eval.model:
       errors.append("eval.model: empty; name the checkpoint to evaluate (a jaxlm run or a "
                     "Hugging Face directory)")
@@ -427,8 +440,8 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       errors.append("eval.tasks / eval.text / eval.pairs: all empty; nothing to evaluate")
   if "eval" in config:
     errors += eval_errors(config.eval)
-  for key in ("data.train", "data.eval") if _get(config, "task") != "eval" else ():
-    spec = _get(config, key)
+  for key in ("data.train", "data.eval") if get_key(config, "task") != "eval" else ():
+    spec = get_key(config, key)
     if spec and is_prepared(spec):
       pass  # a prepared corpus (tools/prepare_data.py); its sources are checked when read
     elif spec and spec.strip().startswith("builtin:"):
@@ -438,10 +451,10 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       check(lambda spec=spec, key=key: parse_tfds_spec(spec, key))
     elif spec:
       check(lambda spec=spec, key=key: expand_globs(spec, key))
-  if (not _get(config, "data.train") and "data" in config and "train" in config.data
-      and _get(config, "task") != "eval"):
+  if (not get_key(config, "data.train") and "data" in config and "train" in config.data
+      and get_key(config, "task") != "eval"):
     errors.append("data.train: empty; give one or more comma-separated globs")
-  if _get(config, "data.mixture"):
+  if get_key(config, "data.mixture"):
     from jaxlm.data.lm import parse_mixture  # pylint: disable=import-outside-toplevel
     check(lambda: parse_mixture(config.data.mixture))
     if not is_prepared(config.data.train):

@@ -30,7 +30,7 @@ import sys
 
 import ml_collections
 
-from jaxlm.config import ConfigError, validate
+from jaxlm.config import ConfigError, set_key, validate
 
 
 def load_trials(config_spec: str) -> list[dict]:
@@ -73,19 +73,8 @@ def apply(config, overrides: dict):
   """A copy of `config` with dotted-key overrides set; ConfigError naming a missing key."""
   c = ml_collections.ConfigDict(config.to_dict())
   for key, value in overrides.items():
-    if key == "name":
-      continue
-    node, parts = c, key.split(".")
-    for part in parts[:-1]:
-      if part not in node:
-        raise ConfigError(f"no config key {key!r}")
-      node = node[part]
-    if parts[-1] not in node:
-      raise ConfigError(f"no config key {key!r}")
-    current = node[parts[-1]]
-    if isinstance(current, float) and isinstance(value, int):
-      value = float(value)
-    setattr(node, parts[-1], value)
+    if key != "name":
+      set_key(c, key, value)
   return c
 
 

@@ -174,16 +174,21 @@ class Runner:
     return (p.stdout or "").strip()
 
 
+def slice_state(job: Job, sh: Runner) -> str:
+  """The queued resource's state; "" once it is gone (describe then fails)."""
+  try:
+    return sh(state(job), capture=True)
+  except TpuError:
+    return ""
+
+
 def wait_active(job: Job, sh: Runner, poll_s: float = 30.0) -> None:
   """Until the queued resource is ACTIVE (the slice is up); an error if it fails."""
   if sh.dry_run:
     sh(state(job), capture=True)
     return
   while True:
-    try:
-      s = sh(state(job), capture=True)
-    except TpuError:  # describe fails once the queued resource is gone
-      s = ""
+    s = slice_state(job, sh)
     if s == "ACTIVE":
       return
     if s in ("FAILED", "SUSPENDED"):
@@ -235,10 +240,7 @@ def watch(job: Job, sh: Runner, root: str, poll_s: float) -> int:
     perform(job, "up", sh, root)
     return 0
   while True:
-    try:
-      s = sh(state(job), capture=True)
-    except TpuError:  # describe fails once the queued resource is gone
-      s = ""
+    s = slice_state(job, sh)
     if s == "ACTIVE":
       status = sh(done, capture=True)
       if status:
