@@ -9,6 +9,8 @@ Tokens attend only to earlier tokens of the same segment (segment 0 is padding).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -72,16 +74,55 @@ def cached_attention(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, q_slots_T):
 # segments, given as offsets and lengths with room for a fixed number of runs a row
 # (its backward's preprocessing costs grow with that room, so the smallest that fits is
 # taken); more runs than the largest room -> an explicit mask, 2.2x slower than causal.
+# Each layout also serves every batch an earlier one serves.
 SEGMENT_CAPACITIES = (8, 64)
+LAYOUTS = ("causal", "padded", *(f"ragged{c}" for c in SEGMENT_CAPACITIES), "mask")
+
+# The layout the batch being traced has, when its caller knows it (the training loop
+# reads it from the host batch and compiles one step per layout it meets); None: chosen
+# on the device, per batch, by `lax.switch`.
+_LAYOUT: contextvars.ContextVar[str | None] = contextvars.ContextVar("layout", default=None)
+
+
+@contextlib.contextmanager
+def fixed_layout(name: str | None):
+  """Within: cuDNN attention traces only the kernel for layout `name` (one of LAYOUTS)."""
+  if name is not None and name not in LAYOUTS:
+    raise ValueError(f"unknown attention layout {name!r}; one of {LAYOUTS}")
+  token = _LAYOUT.set(name)
+  try:
+    yield
+  finally:
+    _LAYOUT.reset(token)
+
+
+def _run_starts(seg, xp):
+  prev = xp.concatenate([xp.full_like(seg[..., :1], -1), seg[..., :-1]], axis=-1)
+  return seg != prev
+
+
+def layout_index(segment_ids, xp=jnp):
+  """Index into LAYOUTS of the cheapest cuDNN kernel for segment ids [..., T]; with
+  `xp=np` on a host batch, as the training loop does."""
+  seg = segment_ids.reshape(-1, segment_ids.shape[-1])
+  real = seg != 0
+  runs = xp.sum(_run_starts(seg, xp), axis=1)  # runs of equal ids a row, padding's included
+  single = xp.all((runs == 1) & real[:, 0])
+  one_then_pad = xp.all(real[:, 0] & ((runs == 1) | ((runs == 2) & ~real[:, -1])))
+  too_many = sum((xp.max(runs) > c).astype(xp.int32) for c in SEGMENT_CAPACITIES)
+  return xp.where(single, 0, xp.where(one_then_pad, 1, 2 + too_many))
+
+
+def batch_layout(segment_ids) -> str:
+  """The name of the cheapest cuDNN kernel for a host batch's segment ids."""
+  return LAYOUTS[int(layout_index(np.asarray(segment_ids), np))]
 
 
 def segment_runs(segment_ids_BT, max_segments: int):
   """Each row's runs of equal segment ids (padding, id 0, makes runs too: it attends to
   itself, as in `mask_BTS`), in cuDNN's packed layout: lengths [B, M] and start offsets
   [B, M + 1] (-1 past a row's last run), and the number of runs per row [B]."""
-  seg = segment_ids_BT
-  prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-  starts = seg != prev
+  starts = _run_starts(segment_ids_BT, jnp)
   run = jnp.cumsum(starts, axis=1) - 1                        # run index of each token
   one_hot = run[..., None] == jnp.arange(max_segments)        # [B, T, M]
   lengths = jnp.sum(one_hot, axis=1, dtype=jnp.int32)
@@ -102,51 +143,41 @@ def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None):
   def causal(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-  def masked(q, k, v):
-    mask = mask_BTS(segment_ids_BT, q.shape[1], k.shape[1])[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+  def mask(q, k, v):
+    m = mask_BTS(segment_ids_BT, q.shape[1], k.shape[1])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
 
   if segment_ids_BT is None:
     return causal(q_BTHK, k_BSGK, v_BSGK)
   if not _packed_supported() or q_BTHK.shape[1] != k_BSGK.shape[1]:
-    return masked(q_BTHK, k_BSGK, v_BSGK)
+    return mask(q_BTHK, k_BSGK, v_BSGK)
   # jax.nn.dot_product_attention takes no segment ids; its cuDNN backend does.
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=import-outside-toplevel
   seg = segment_ids_BT
   real = seg != 0
-  length_B = jnp.sum(real, axis=1, dtype=jnp.int32)
 
   def padded(q, k, v):  # rows of one segment, then padding (zeros: its loss is masked)
+    length_B = jnp.sum(real, axis=1, dtype=jnp.int32)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=length_B,
                                        key_value_seq_lengths=length_B, implementation="cudnn")
     return jnp.where(real[:, :, None, None], out, 0).astype(q.dtype)
 
   def ragged(capacity):
-    lengths, offsets, _ = segment_runs(seg, capacity)
-
     def run(q, k, v):
+      lengths, offsets, _ = segment_runs(seg, capacity)
       return cudnn.dot_product_attention(
           q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
           kv_offsets=offsets, scale=1.0 / np.sqrt(q.shape[-1]),
           mask_type=cudnn.MaskType.PADDING_CAUSAL)
     return run
 
-  return jax.lax.switch(cudnn_layout(seg), (causal, padded, *map(ragged, SEGMENT_CAPACITIES),
-                                           masked), q_BTHK, k_BSGK, v_BSGK)
-
-
-def cudnn_layout(segment_ids_BT) -> jax.Array:
-  """Which cuDNN kernel a batch takes: 0 causal (every row one segment), 1 causal with
-  lengths (every row one segment, then padding), 2 + i ragged with room for
-  SEGMENT_CAPACITIES[i] runs a row (the smallest that fits), and past them the mask."""
-  seg = segment_ids_BT
-  real = seg != 0
-  prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-  runs = jnp.sum(seg != prev, axis=1)  # runs of equal ids a row, padding's included
-  single = jnp.all((runs == 1) & real[:, 0])
-  one_then_pad = jnp.all(real[:, 0] & ((runs == 1) | ((runs == 2) & ~real[:, -1])))
-  too_many = sum((jnp.max(runs) > c).astype(jnp.int32) for c in SEGMENT_CAPACITIES)
-  return jnp.where(single, 0, jnp.where(one_then_pad, 1, 2 + too_many))
+  kernels = (causal, padded, *map(ragged, SEGMENT_CAPACITIES), mask)
+  fixed = _LAYOUT.get()
+  if fixed is not None:
+    return kernels[LAYOUTS.index(fixed)](q_BTHK, k_BSGK, v_BSGK)
+  # Chosen on the device: every branch's residuals are kept for the backward pass, which
+  # costs memory (the 1.1B step's peak: 31.3 -> 45.6 GiB on an H200; BENCHMARKS.md).
+  return jax.lax.switch(layout_index(seg), kernels, q_BTHK, k_BSGK, v_BSGK)
 
 
 @functools.lru_cache(maxsize=None)

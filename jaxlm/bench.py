@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import generate, loop, metrics as metrics_lib, model
+from jaxlm import attention, generate, loop, metrics as metrics_lib, model
 from jaxlm.config import ConfigError, base_config, get_key, model_config, set_key, validate
 
 TASKS = ("pretrain", "sft", "dpo", "decode")
@@ -220,11 +220,15 @@ def _train(spec: Spec, c) -> dict:
   frozen = None
   if task.frozen_shapes is not None:  # random weights where a run would load them
     frozen = jax.jit(task.frozen_shapes, out_shardings=s.frozen_shardings)(jax.random.PRNGKey(1))
-  batches = [loop.device_batch(synthetic_batch(c, spec.task, i), sharder) for i in range(4)]
+  host = [synthetic_batch(c, spec.task, i) for i in range(4)]
+  batches = [loop.device_batch(b, sharder) for b in host]
   jax.block_until_ready((s.state, frozen, batches))
   init_s = time.perf_counter() - t0
+  # One step serves every batch: compiled for the most general layout among them.
+  layouts = [loop.attention_layout(c, b, agree=False) for b in host]
+  layout = None if None in layouts else max(layouts, key=attention.LAYOUTS.index)
   t0 = time.perf_counter()
-  step = s.train_step.lower(s.state, frozen, batches[0]).compile()
+  step = s.train_step.lower(s.state, frozen, batches[0], layout).compile()
   compile_s = time.perf_counter() - t0
   state = s.state
   for i in range(spec.warmup):
@@ -248,7 +252,7 @@ def _train(spec: Spec, c) -> dict:
   return dict(step_s=statistics.median(times), step_s_min=min(times), step_s_max=max(times),
               compile_s=compile_s, init_s=init_s, tokens_per_step=task.tokens_per_batch,
               flops_per_token=task.flops_per_token, loss=loss, params_trained=n_params,
-              params_frozen=n_frozen, plan_gib=_plan_gib(step))
+              params_frozen=n_frozen, plan_gib=_plan_gib(step), attention_layout=layout)
 
 
 def _decode(spec: Spec, c) -> dict:

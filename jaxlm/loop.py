@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, metrics as metrics_lib, optimizer, sharding
+from jaxlm import attention, checkpoint, metrics as metrics_lib, optimizer, sharding
 from jaxlm.config import ConfigError, mesh_shape
 
 # loss_fn(params, batch, rng, frozen) -> (loss_sum, sums): `sums` is a dict of summed
@@ -118,7 +118,11 @@ def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
     out.update(weight=sums["weight"], grad_norm=optax.tree.norm(grads), lr=lr_schedule(count))
     return optax.apply_updates(params, updates), opt_state, out
 
-  def step_fn(state, frozen, batch):
+  def step_fn(state, frozen, batch, layout=None):
+    with attention.fixed_layout(layout):
+      return steps(state, frozen, batch)
+
+  def steps(state, frozen, batch):
     rng, step_rng = jax.random.split(state["rng"])
     first = state["step"] * updates_per_step
     if updates_per_step == 1:
@@ -151,8 +155,9 @@ def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
 
 
 def make_eval_step(task: Task):
-  def eval_fn(params, frozen, batch):
-    _, sums = task.loss_fn(params, batch, None, frozen)  # no rng: no dropout
+  def eval_fn(params, frozen, batch, layout=None):
+    with attention.fixed_layout(layout):
+      _, sums = task.loss_fn(params, batch, None, frozen)  # no rng: no dropout
     return sums
   return eval_fn
 
@@ -251,6 +256,20 @@ def _next_batch(data_iter, agree: bool):
   return batch
 
 
+def attention_layout(config, batch: dict, agree: bool) -> str | None:
+  """The cuDNN attention kernel a host batch needs (`attention.LAYOUTS`), so the step is
+  compiled for it alone; None (the kernel is then chosen on the device) for the other
+  attention implementations or batches without segment ids. With `agree`, every process
+  takes the most general layout any process's share needs: all run the same program."""
+  m = config.model
+  if attention.resolve_impl(m.attention, m.dtype) != "cudnn" or "segment_ids" not in batch:
+    return None
+  index = int(attention.layout_index(np.asarray(batch["segment_ids"]), np))
+  if agree:
+    index = int(np.max(multihost_utils.process_allgather(np.array([index], np.int32))))
+  return attention.LAYOUTS[index]
+
+
 def _host(tree):
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
@@ -295,9 +314,13 @@ def setup(config, task: Task, sharder: sharding.Sharder) -> Setup:
   # their in_sharding is taken from the arrays; metrics are small replicated scalars.
   # The frozen tree keeps its sharding and is not donated: every step reads it again.
   step_fn = make_train_step(task, tx, lr_schedule, config.optimizer.grad_accum_steps, sharder)
+  # `layout` (static: one compilation each) names the cuDNN attention kernel the batch
+  # needs, read from its host copy by `attention_layout`; None leaves it to the device.
   train_step = jax.jit(step_fn, in_shardings=(shardings, frozen_sh, None),
-                       out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(task), in_shardings=(shardings["params"], frozen_sh, None))
+                       out_shardings=(shardings, None), donate_argnums=0,
+                       static_argnums=3)
+  eval_step = jax.jit(make_eval_step(task), in_shardings=(shardings["params"], frozen_sh, None),
+                      static_argnums=3)
   return Setup(state, frozen_sh, train_step, eval_step)
 
 
@@ -360,7 +383,9 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     it = iter(task.eval_data())
     sums = None
     for _ in range(config.eval_steps):
-      s = eval_step(params, frozen, device_batch(next(it), sharder))
+      b = next(it)
+      s = eval_step(params, frozen, device_batch(b, sharder),
+                    attention_layout(config, b, jax.process_count() > 1))
       sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
     if hasattr(it, "close"):
       it.close()
@@ -386,7 +411,7 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     return m
 
   last = {}
-  pending = None
+  pending, compiled = None, {}
   stopped_by = None
   saved_step = start
   agree_on_end = jax.process_count() > 1 and config.data.on_exhausted == "stop"
@@ -401,16 +426,19 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
         log.info(f"training data exhausted after step {step}: stopping")
         stopped_by = "data"
         break
-      rollout_metrics = {}
+      rollout_metrics, layout = {}, None
       if task.rollout is not None:  # generate, score: the batch this step trains on
         batch, rollout_metrics = task.rollout(state["params"], frozen, host_batch, step)
         update_started = time.perf_counter()
       else:
         batch = device_batch(host_batch, sharder)
-      if step == start:  # compile once, explicitly, to report the step's memory plan
-        train_step = train_step.lower(state, frozen, batch).compile()
-        _log_memory_plan(log, train_step)
-      state, m = train_step(state, frozen, batch)
+        layout = attention_layout(config, host_batch, jax.process_count() > 1)
+      if layout not in compiled:  # compiled explicitly, to report the step's memory plan
+        if compiled:
+          log.info(f"compiling the step for attention layout {layout!r}")
+        compiled[layout] = train_step.lower(state, frozen, batch, layout).compile()
+        _log_memory_plan(log, compiled[layout])
+      state, m = compiled[layout](state, frozen, batch)
       if task.rollout is not None:  # the next rollout needs these params anyway
         jax.block_until_ready(m)
         rollout_metrics["time/update_s"] = time.perf_counter() - update_started

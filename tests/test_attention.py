@@ -33,7 +33,7 @@ def test_segment_runs_gives_lengths_and_offsets_per_row():
 
 
 def layouts(B, T):
-  """Segment ids of each cuDNN layout, named by the kernel cudnn_layout picks for them."""
+  """Segment ids of each cuDNN layout, named by the kernel layout_index picks for them."""
   rng = np.random.default_rng(0)
   lengths = jnp.asarray(rng.integers(T // 2, T, B))
   return {
@@ -41,24 +41,31 @@ def layouts(B, T):
       "padded": (jnp.arange(T)[None] < lengths[:, None]).astype(jnp.int32),
       "ragged8": random_packing(rng, B, T, T // 2),
       "ragged64": random_packing(rng, B, T, T // 12),
-      "masked": random_packing(rng, B, T, 3),
+      "mask": random_packing(rng, B, T, 3),
   }
 
 
-def test_cudnn_layout_picks_the_kernel_each_batch_needs():
-  names = ["causal", "padded", "ragged8", "ragged64", "masked"]
+def test_layout_picks_the_kernel_each_batch_needs_on_host_and_device():
   for name, seg in layouts(4, 512).items():
-    assert names[int(attention.cudnn_layout(seg))] == name
+    assert attention.LAYOUTS[int(attention.layout_index(seg))] == name
+    assert attention.batch_layout(np.asarray(seg)) == name
+    assert attention.batch_layout(np.asarray(seg).reshape(2, 2, 512)) == name  # DPO pairs
   mixed = jnp.concatenate([layouts(2, 512)["causal"], layouts(2, 512)["padded"]])
-  assert int(attention.cudnn_layout(mixed)) == 1
-  not_first = jnp.array([[0, 0, 1, 1]])  # padding first: not the one-then-padding layout
-  assert int(attention.cudnn_layout(not_first)) == 2
+  assert attention.batch_layout(np.asarray(mixed)) == "padded"
+  not_first = np.array([[0, 0, 1, 1]])  # padding first: not the one-then-padding layout
+  assert attention.batch_layout(not_first) == "ragged8"
+  with pytest.raises(ValueError, match="unknown attention layout 'ragged'"):
+    with attention.fixed_layout("ragged"):
+      pass
 
 
 # On a GPU machine: JAX_PLATFORMS=cuda python -m pytest tests/test_attention.py
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="cuDNN needs an NVIDIA GPU")
-@pytest.mark.parametrize("layout", ["causal", "padded", "ragged8", "ragged64", "masked"])
-def test_cudnn_attention_matches_xla_values_and_gradients(layout):
+@pytest.mark.parametrize("layout", attention.LAYOUTS)
+@pytest.mark.parametrize("fixed", [False, True], ids=["switch", "fixed"])
+def test_cudnn_attention_matches_xla_values_and_gradients(layout, fixed):
+  """Each kernel, chosen on the device (lax.switch) or fixed while tracing (the loop's
+  per-layout steps), against the XLA reference."""
   B, T, H, G, K = 4, 512, 8, 2, 64
   seg = layouts(B, T)[layout]
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
@@ -67,15 +74,19 @@ def test_cudnn_attention_matches_xla_values_and_gradients(layout):
   # Padding's own outputs are left unspecified (its loss is masked): only checked finite.
   w = jax.random.normal(keys[3], (B, T, H, K), jnp.float32) * (seg != 0)[:, :, None, None]
 
+  def attend(q, k, v, impl):
+    with attention.fixed_layout(layout if fixed and impl == "cudnn" else None):
+      return attention.attend(q, k, v, seg, impl)
+
   def loss(impl):
-    return lambda q, k, v: jnp.sum(attention.attend(q, k, v, seg, impl).astype(jnp.float32) * w)
+    return lambda q, k, v: jnp.sum(attend(q, k, v, impl).astype(jnp.float32) * w)
 
   # Outputs and gradients element by element; not the scalar loss, a sum of a million
   # signed terms whose bf16 rounding noise (a few percent of it) would decide the test.
   got = jax.jit(jax.grad(loss("cudnn"), argnums=(0, 1, 2)))(q, k, v)
   want = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
-  out = attention.attend(q, k, v, seg, "cudnn")
-  ref = attention.attend(q, k, v, seg, "xla")
+  out = jax.jit(attend, static_argnums=3)(q, k, v, "cudnn")
+  ref = attend(q, k, v, "xla")
   keep = np.asarray(seg != 0)
   for a, b in [(out[keep], ref[keep]), *zip(got, want)]:
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
