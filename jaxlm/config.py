@@ -95,6 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200      # a checkpoint is also written at the end
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  c.preemption_grace_s = 60.0   # SIGTERM: the checkpoint should be written within this (warned if not)
+  c.nan_policy = "stop"         # non-finite loss or gradients: "stop" (dump, then stop) | "skip" (no update)
+  c.max_skipped_steps = 10      # nan_policy "skip": this many skipped updates in a row stop the run
+  c.loss_spike_factor = 3.0     # log an event when a logged loss exceeds this x the running mean; 0: off
+  c.loss_spike_window = 20      # logged losses in that running mean
   c.init_from = ""              # a jaxlm workdir / checkpoint, or a Hugging Face model directory
   c.peak_tflops = 0.0           # per-device peak for MFU; 0: look up the device kind
   c.progress = "auto"           # "auto" (bar on a terminal) | "bar" | "log"
@@ -242,6 +247,7 @@ _CHOICES = {
     "data.text_split": ("file", "paragraph"),
     "optimizer.schedule": ("cosine", "linear", "constant", "wsd"),
     "progress": ("auto", "bar", "log"),
+    "nan_policy": ("stop", "skip"),
     "dpo.loss": ("sigmoid", "robust", "ipo", "hinge"),
     "dpo.reference": ("copy", "precomputed", "none"),
     "rl.kl_estimator": ("k1", "k3"),
@@ -252,10 +258,10 @@ _CHOICES = {
 _POSITIVE = ("steps", "log_every", "keep_checkpoints", "checkpoint_every", "model.d_model",
              "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.ffn_dim",
              "data.seq_len", "data.batch_size", "optimizer.lr", "optimizer.grad_accum_steps",
-             "model.vocab_multiple")
+             "model.vocab_multiple", "max_skipped_steps", "loss_spike_window")
 _NON_NEGATIVE = ("eval_every", "eval_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
                  "optimizer.grad_clip", "loss.z_loss", "model.vocab_size", "model.head_dim",
-                 "model.logits_chunk", "peak_tflops", "data.prefetch", "data.shards",
+                 "model.logits_chunk", "peak_tflops", "preemption_grace_s", "loss_spike_factor", "data.prefetch", "data.shards",
                  "model.rope_scaling_factor",
                  "reward.center_coef", "dpo.sft_weight", "rl.kl_coef", "rl.kl_target",
                  "rl.temperature", "rl.top_k", "rl.missing_eos_penalty", "rl.vf_coef",

@@ -138,7 +138,9 @@ def train_tokenizer(config, folder: str, log=print) -> str:
 # Fields that say how a run is watched, not what it trains: changing them (or `steps`,
 # which continues a finished run) keeps its results.
 _NOT_FINGERPRINTED = ("steps", "progress", "log_every", "eval_every", "eval_steps",
-                      "checkpoint_every", "keep_checkpoints", "async_checkpointing", "eval")
+                      "checkpoint_every", "keep_checkpoints", "async_checkpointing", "eval",
+                      "preemption_grace_s", "nan_policy", "max_skipped_steps",
+                      "loss_spike_factor", "loss_spike_window")
 
 
 def _inputs(config, name: str, workdir: str) -> dict:
