@@ -24,6 +24,7 @@ every completion to `<workdir>/samples.jsonl`.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -64,7 +65,9 @@ def perplexity(policy, spec: str, workdir: str, *, seq_len: int, batch_size: int
   from jaxlm.config import base_config  # pylint: disable=import-outside-toplevel
   from jaxlm.data import lm  # pylint: disable=import-outside-toplevel
   from jaxlm.tasks.pretrain import documents  # pylint: disable=import-outside-toplevel
-  docs = documents(spec, base_config().data, "eval.text", workdir)
+  data = base_config().data
+  data.on_error = "skip"  # an empty file among many is no reason to stop; counted
+  docs = documents(spec, data, "eval.text", workdir)
   if policy.model_config.family == "gpt2":
     seq_len = min(seq_len, policy.model_config.max_seq_len)
   ds = lm.lm_dataset(docs, policy.tokenizer.path, seq_len=seq_len, batch_size=batch_size, seed=0,
@@ -243,13 +246,16 @@ def evaluate_reward_model(e, path: str, workdir: str, log=print) -> dict:
     return {}
   rm = reward.load(path)
   prompts, chosen, rejected = [], [], []
-  skipped = 0
+  counted = sft.Examples([], collections.Counter(), {})  # for sft.summary's line
   for f in _files(e.pairs, workdir, "eval.pairs"):
-    for _, record in sft.read_records(f):
+    for where, record in sft.read_records(f):
+      counted.counts["records"] += 1
       pref = record if isinstance(record, str) else preference.to_preference(record)
-      if isinstance(pref, str):
-        skipped += 1
+      if isinstance(pref, str):  # counted with its place, as training data is
+        counted.counts[f"skipped_{pref}"] += 1
+        counted.first.setdefault(pref, where)
         continue
+      counted.counts["used"] += 1
       for c, r, _ in pref.pairs:
         messages = [{"role": a, "content": b} for a, b in pref.prompt]
         prompts.append(messages)
@@ -258,13 +264,14 @@ def evaluate_reward_model(e, path: str, workdir: str, log=print) -> dict:
   if e.max_tasks:
     prompts, chosen, rejected = (x[:e.max_tasks] for x in (prompts, chosen, rejected))
   if not prompts:
-    raise ConfigError(f"eval.pairs={e.pairs!r}: no usable pair ({skipped} records skipped)")
+    raise ConfigError(f"eval.pairs={e.pairs!r}: no usable pair "
+                      f"({sft.summary('eval.pairs', counted)})")
   rc = reward.score(rm, prompts, chosen)
   rr = reward.score(rm, prompts, rejected)
   m = {"pairwise_accuracy": float(np.mean(rc > rr)), "reward_margin": float(np.mean(rc - rr)),
        "reward_chosen": float(np.mean(rc)), "reward_rejected": float(np.mean(rr))}
-  log(f"{len(prompts)} pairs of {e.pairs}: pairwise accuracy {m['pairwise_accuracy']:.3f}"
-      + (f" ({skipped} records skipped)" if skipped else ""))
+  log(sft.summary("eval.pairs", counted))
+  log(f"{len(prompts)} pairs of {e.pairs}: pairwise accuracy {m['pairwise_accuracy']:.3f}")
   return m
 
 

@@ -121,7 +121,9 @@ def train_tokenizer(config, folder: str, log=print) -> str:
     return path
   t0 = time.perf_counter()
   if jax.process_index() == 0:
-    docs = documents(config.tokenizer.train, base_config().data, "tokenizer.train", folder)
+    data = base_config().data
+    data.on_error = "skip"  # an empty file among many is no reason to stop; counted
+    docs = documents(config.tokenizer.train, data, "tokenizer.train", folder)
     try:
       tokenizer_lib.train(docs.sample_text(config.tokenizer.sample_chars), path,
                           config.tokenizer.vocab_size)

@@ -7,6 +7,9 @@ as `fn(prompts, completions, **fields)`: the prompt texts, the completion texts 
 for every other field of the prompt records, the list of its values; it returns one
 float per completion. `config.reward.model` adds a trained jaxlm reward model with
 weight `config.reward.model_weight`. The sources' weighted sum is the reward.
+
+A built-in that reads a field says so in its `needs` (fields -> a reason, or None): a
+prompt record without it is a bad record when it is loaded, not a reward of 0 later.
 """
 
 from __future__ import annotations
@@ -51,6 +54,15 @@ def math_answer(prompts, completions, answer=None, **_):
   return out
 
 
+def _needs_answer(fields: dict) -> str | None:
+  if fields.get("answer") is None:
+    return "missing_field_answer"
+  return None if final_answer(str(fields["answer"])) is not None else "wrong_value_answer"
+
+
+math_answer.needs = _needs_answer
+
+
 def format_reward(prompts, completions, **_):
   """1 where the completion ends with a final-answer line `#### N`, else 0."""
   return [float(bool(re.search(r"####\s*-?\d[\d,]*(\.\d+)?\s*$", c.strip()))) for c in completions]
@@ -63,16 +75,27 @@ def _words(text: str) -> list[str]:
 def overlap(prompts, completions, reference=None, answer=None, output=None, **_):
   """Unigram F1 between the completion and the record's reference text (the field
   `reference`, else `answer`, else `output`): a graded, verifiable proxy for matching it."""
-  refs = reference or answer or output
-  if refs is None:
+  columns = [c for c in (reference, answer, output) if c is not None]
+  if not columns:
     raise ConfigError("reward.fn=overlap: the prompt records need a 'reference', 'answer' "
                       "or 'output' field")
+  # each record's own first field: records of one batch may name it differently
+  refs = [next((c[i] for c in columns if c[i] is not None), None)
+          for i in range(len(completions))]
   out = []
   for completion, ref in zip(completions, refs):
     got, want = _words(completion), _words(str(ref))
     common = sum((collections.Counter(got) & collections.Counter(want)).values())
     out.append(0.0 if not common else 2 * common / (len(got) + len(want)))
   return out
+
+
+def _needs_reference(fields: dict) -> str | None:
+  found = any(fields.get(k) is not None for k in ("reference", "answer", "output"))
+  return None if found else "missing_field_reference"
+
+
+overlap.needs = _needs_reference
 
 
 BUILTINS = {"math_answer": math_answer, "format": format_reward, "overlap": overlap}
@@ -117,6 +140,14 @@ class Rewards:
       self.model = reward.load(model_path)
     if not self.fns and self.model is None:
       raise ConfigError("reward.fn / reward.model: RL needs a reward source")
+
+  def check(self, fields: dict) -> str | None:
+    """Why a prompt record (its fields) can't be scored by these sources, or None."""
+    for _, fn, _ in self.fns:
+      reason = getattr(fn, "needs", lambda _: None)(fields)
+      if reason:
+        return reason
+    return None
 
   def __call__(self, prompts, completions, fields: dict, prompt_messages=None):
     """-> (rewards [N] float32, {source: mean})."""

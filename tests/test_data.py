@@ -5,8 +5,9 @@ import os
 import numpy as np
 import pytest
 
+from jaxlm.config import ConfigError
 from jaxlm.data import lm, tokenizer
-from jaxlm.data.sources import Documents
+from jaxlm.data.sources import DataError, Documents
 
 
 def test_row_to_example_masks_targets_across_documents():
@@ -20,19 +21,25 @@ def test_row_to_example_masks_targets_across_documents():
   np.testing.assert_array_equal(ex["positions"], [0, 1, 2, 3, 0, 1, 2, 0])
 
 
-def test_bad_jsonl_records_are_counted_with_file_and_line(tmp_path, caplog):
+def test_bad_jsonl_records_are_counted_with_file_and_line(tmp_path):
   path = tmp_path / "c.jsonl.gz"
   lines = ['{"text": "good one"}', "{not json", '{"body": "x"}', '{"text": 5}', '{"text": "  "}',
            "", '{"text": "good two"}']
   with gzip.open(path, "wt") as f:
     f.write("\n".join(lines) + "\n")
-  docs = Documents([str(path)], name="data.train")
+  with pytest.raises(DataError, match=f"{path}:2: invalid_json \\(data.on_error=raise"):
+    Documents([str(path)], name="data.train")
+  docs = Documents([str(path)], name="data.train", on_error="skip")
   assert [docs[i] for i in range(len(docs))] == ["good one", "good two"]
   assert docs.read == 6 and docs.read == len(docs) + docs.skipped.total
   assert docs.skipped.counts == {"invalid_json": 1, "missing_field_text": 1,
                                  "wrong_type_text": 1, "empty": 1}
   assert docs.skipped.first["invalid_json"] == f"{path}:2"
-  assert "data.train: skipped 4 of 6 records" in caplog.text
+  assert docs.report("train") == {"data/train_records": 6, "data/train_used": 2,
+                                  "data/train_skipped_invalid_json": 1,
+                                  "data/train_skipped_missing_field_text": 1,
+                                  "data/train_skipped_wrong_type_text": 1,
+                                  "data/train_skipped_empty": 1}
 
 
 def test_text_paragraphs_and_undecodable_files(tmp_path):
@@ -40,7 +47,7 @@ def test_text_paragraphs_and_undecodable_files(tmp_path):
   good.write_text("first para\nline two\n\n\nsecond para\n  \nthird\n")
   bad = tmp_path / "b.txt"
   bad.write_bytes(b"ok\n\xff\xfe broken\n")
-  docs = Documents([str(good), str(bad)], text_split="paragraph")
+  docs = Documents([str(good), str(bad)], text_split="paragraph", on_error="skip")
   assert [docs[i] for i in range(len(docs))] == ["first para\nline two", "second para", "third\n"]
   assert docs.skipped.counts == {"decode_error": 1}
   assert docs.skipped.first["decode_error"] == f"{bad}:2"
@@ -49,8 +56,8 @@ def test_text_paragraphs_and_undecodable_files(tmp_path):
 def test_no_usable_documents_is_an_error(tmp_path):
   path = tmp_path / "empty.jsonl"
   path.write_text('{"x": 1}\n')
-  with pytest.raises(ValueError, match="data.eval: no usable documents"):
-    Documents([str(path)], name="data.eval")
+  with pytest.raises(ConfigError, match="data.eval: no usable documents"):
+    Documents([str(path)], name="data.eval", on_error="skip")
 
 
 @pytest.fixture(scope="module")

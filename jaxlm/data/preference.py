@@ -8,8 +8,9 @@ Formats, detected by their fields (TRL's conventions where they exist):
     ranked     {"prompt", "responses"}: responses best first, expanded to every pair, the
                prompt kept once (InstructGPT's K-way rankings)
 
-with an optional numeric "margin" per record. A record that can't be used comes back as
-a reason string, to be raised or counted with its file and line like SFT's.
+with an optional numeric "margin" per record (finite: within float32's range). A record
+that can't be used comes back as a reason string, to be raised or counted with its file
+and line like SFT's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from jaxlm.data import sft
 
 ROLES = ("system", "user", "assistant")
+_MAX_MARGIN = float(np.finfo(np.float32).max)  # margins train as float32
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -97,6 +99,8 @@ def to_preference(record) -> Preference | str:
   margin = record.get("margin")
   if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
     return "wrong_type"
+  if margin is not None and not abs(margin) <= _MAX_MARGIN:  # NaN, inf, or past float32
+    return "wrong_value"
   if "responses" in record:
     if "prompt" not in record:
       return "missing_field"

@@ -38,7 +38,8 @@ import numpy as np
 
 from jaxlm.config import ConfigError
 from jaxlm.data import clean, dedup, tokenizer as tokenizer_lib
-from jaxlm.data.sources import TFDS_PREFIX, TfdsDocuments, file_format, text_spans
+from jaxlm.data.sources import (READ_ERRORS, TFDS_PREFIX, TfdsDocuments, file_format, is_text,
+                                text_spans)
 
 MANIFEST = "prepared.json"
 STATS = "stats.json"
@@ -184,7 +185,7 @@ def read_source(src, key: str, tfds_data_dir: str = "") -> Iterator[tuple[str, s
     docs = TfdsDocuments(src.path.strip(), src.text_field, tfds_data_dir, name=f"{key}.path",
                          field_key=f"{key}.text_field")
     for i in range(len(docs)):
-      yield f"{src.path.strip()}[{i}]", "value", docs[i]
+      yield f"{src.path.strip()}[{i}]", "value", docs.raw(i)  # checked here, by this policy
     return
   for path in _files(src.path, f"{key}.path"):
     kind = _format(path, src.format)
@@ -199,7 +200,7 @@ def read_source(src, key: str, tfds_data_dir: str = "") -> Iterator[tuple[str, s
       for record in records:
         last = record[0]
         yield record
-    except (OSError, EOFError) as e:  # a truncated gzip, an unreadable file: the rest is lost
+    except READ_ERRORS as e:  # a truncated or corrupt gzip, an unreadable file: the rest is lost
       yield f"{last} (and after)", "read_error", f"{type(e).__name__}: {e}"
 
 
@@ -237,9 +238,9 @@ def _decode(kind, payload, field):
       repaired = True
       try:
         record = json.loads(payload.decode("utf-8", errors="replace"))
-      except json.JSONDecodeError:
+      except (ValueError, RecursionError):
         return None, "invalid_json", False
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # too deep, or an integer too long: not usable JSON
       return None, "invalid_json", False
     if not isinstance(record, dict) or field not in record:
       return None, "missing_field", False
@@ -250,9 +251,7 @@ def _decode(kind, payload, field):
     return _decode("bytes", payload, field)
   if not isinstance(payload, str):
     return None, "wrong_type", False
-  try:  # JSON may carry lone surrogates ("\ud800"), which are not text
-    payload.encode("utf-8")
-  except UnicodeEncodeError:
+  if not is_text(payload):  # JSON may carry lone surrogates ("\ud800"), which are not text
     if not repair:
       return None, "decode_error", False
     payload, repaired = payload.encode("utf-8", errors="replace").decode("utf-8"), True

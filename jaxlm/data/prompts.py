@@ -3,13 +3,17 @@
 A record is JSON: `prompt` (a string, or a list of {"role", "content"} messages),
 `question` (GSM8K's name for it), or Alpaca's `instruction` (+ `input`). Every other
 field (`answer`, `output`, ...) is passed to reward functions by name. Bad records
-follow `data.on_error`, with their file and line, like SFT's.
+follow `data.on_error`, with their file and line, like SFT's; so does a record without
+a field a reward function reads (`check`). Prompts longer than the limit are cut or
+dropped, and counted.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+
+import numpy as np
 
 from jaxlm.data import sft
 
@@ -19,6 +23,7 @@ class Prompt:
   turns: list[tuple[str, str]]   # the conversation to answer
   text: str                      # its last user message (what reward functions see)
   fields: dict                   # every other field of the record
+  ids: np.ndarray | None = None  # BOS and the generation prompt (load_prompts with `tok`)
 
 
 def to_prompt(record) -> Prompt | str:
@@ -50,19 +55,44 @@ def to_prompt(record) -> Prompt | str:
   return Prompt(turns, turns[-1][1], fields)
 
 
-def load_prompts(files: list[str], *, on_error: str) -> sft.Examples:
-  """Every record of `files` -> Prompts, counted (records, used, skipped_<reason>)."""
+def fit(ids: np.ndarray, max_len: int, truncation: str) -> np.ndarray | None:
+  """Prompt ids within `max_len`: as they are, cut from the left to BOS and the last
+  max_len - 1 ids (so they still end where the reply starts), or None with "drop"."""
+  if len(ids) <= max_len:
+    return ids
+  if truncation == "drop":
+    return None
+  return np.concatenate([ids[:1], ids[len(ids) - max_len + 1:]])
+
+
+def load_prompts(files: list[str], *, on_error: str, check=None, tok=None, template=None,
+                 max_len: int = 0, truncation: str = "truncate") -> sft.Examples:
+  """Every record of `files` -> Prompts, counted (records, used, skipped_<reason>).
+
+  `check(fields)` names what a record lacks for the reward functions (a reason), or None.
+  With `tok`, each prompt's `ids` are rendered with `template` and, over `max_len`,
+  truncated (counted `truncated`) or dropped (`dropped_too_long`) as `truncation` says."""
   out = sft.Examples([], collections.Counter(), {})
   for path in files:
     for where, record in sft.read_records(path):
       out.counts["records"] += 1
       prompt = record if isinstance(record, str) else to_prompt(record)
+      if not isinstance(prompt, str) and check:
+        prompt = check(prompt.fields) or prompt
       if isinstance(prompt, str):
         if on_error == "raise":
           raise sft.DataError(f"{where}: {prompt} (data.on_error=raise; 'skip' counts and goes on)")
         out.counts[f"skipped_{prompt}"] += 1
         out.first.setdefault(prompt, where)
         continue
+      if tok is not None:
+        ids = sft.generation_prompt(prompt.turns, tok, template)
+        prompt.ids = fit(ids, max_len, truncation) if max_len else ids
+        if prompt.ids is None:
+          out.counts["dropped_too_long"] += 1
+          out.first.setdefault("dropped_too_long", where)
+          continue
+        out.counts["truncated"] += len(prompt.ids) < len(ids)
       out.counts["used"] += 1
       out.examples.append(prompt)
   return out

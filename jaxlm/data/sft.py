@@ -28,13 +28,10 @@ import grain
 import numpy as np
 
 from jaxlm.config import ConfigError
+from jaxlm.data.sources import READ_ERRORS, DataError, error_detail, is_text, parse_json
 
 FORMATS = ("auto", "alpaca", "messages", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-  """A bad record, phrased as one line starting with its file and line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,36 +152,58 @@ def _json_array(text: str, path: str):
     counted = pos
     try:
       record, pos = decoder.raw_decode(text, pos)
-    except json.JSONDecodeError as e:  # where the next record starts is lost with it
-      raise DataError(f"{path}:{line + text.count(chr(10), pos, e.pos)}: invalid JSON "
-                      f"({e.msg}); a broken .json list stops here whatever data.on_error "
-                      f"says, since the records after it can't be found") from None
+    except (ValueError, RecursionError) as e:  # where the next record starts is lost with it
+      at = line + text.count(chr(10), pos, e.pos) if isinstance(e, json.JSONDecodeError) else line
+      raise DataError(f"{path}:{at}: invalid JSON ({getattr(e, 'msg', error_detail(e))}); a "
+                      f"broken .json list stops here whatever data.on_error says, since the "
+                      f"records after it can't be found") from None
     yield line, record
 
 
 def read_records(path: str):
-  """(where, record or a reason string) for every record of a JSON or JSONL file."""
+  """(where, record or a reason string) for every record of a JSON or JSONL file.
+
+  A record is a JSON object of text (`is_text`). A JSONL file that breaks off (a
+  truncated gzip) gives a `read_error` where it broke, after the records before it."""
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
   if path.endswith((".json", ".json.gz")) and not path.endswith((".jsonl", ".jsonl.gz")):
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      line = raw.count(b"\n", 0, e.start) + 1
-      raise DataError(f"{path}:{line}: not UTF-8; a .json file must decode as a whole") from None
-    for line, record in _json_array(text, path):
-      yield f"{path}:{line}", record
+    yield from _json_records(path, opener)
     return
-  for lineno, line in enumerate(raw.split(b"\n"), 1):
-    if not line.strip():
-      continue
-    try:
-      yield f"{path}:{lineno}", json.loads(line)
-    except UnicodeDecodeError:
-      yield f"{path}:{lineno}", "decode_error"
-    except json.JSONDecodeError:
-      yield f"{path}:{lineno}", "invalid_json"
+  lineno = 0
+  try:
+    with opener(path, "rb") as f:
+      for lineno, line in enumerate(f, 1):
+        if line.strip():
+          record, reason = parse_json(line)
+          yield f"{path}:{lineno}", reason or _object(record)
+  except READ_ERRORS:  # the rest of the file is lost: one record's worth is counted
+    yield f"{path}:{lineno + 1}", "read_error"
+
+
+def _object(record):
+  """A record must be a JSON object: anything else (a string too) is `wrong_type`."""
+  return record if isinstance(record, dict) else "wrong_type"
+
+
+def _json_records(path: str, opener):
+  """The records of a .json list, which must be read and decoded as a whole."""
+  chunks = []
+  try:
+    with opener(path, "rb") as f:
+      while chunk := f.read(1 << 20):
+        chunks.append(chunk)
+  except READ_ERRORS as e:
+    line = sum(c.count(b"\n") for c in chunks) + 1
+    raise DataError(f"{path}:{line}: read_error ({error_detail(e)}); a .json file must be "
+                    f"read as a whole") from None
+  raw = b"".join(chunks)
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise DataError(f"{path}:{line}: not UTF-8; a .json file must decode as a whole") from None
+  for line, record in _json_array(text, path):
+    yield f"{path}:{line}", _object(record) if is_text(record) else "decode_error"
 
 
 def detect_format(record: dict) -> str | None:

@@ -2,8 +2,12 @@
 
 Files are indexed once (byte offsets), then documents are read on demand, so a grain
 pipeline can shuffle and resume by index. Every record that cannot be used is counted
-per reason and reported with its file and line. A `data.train`/`data.eval` value of
-`tfds:NAME[:VERSION]:SPLIT` reads a TFDS dataset already prepared on disk instead.
+per reason and reported with its file and line: `on_error="raise"` stops at the first,
+"skip" counts them. A `data.train`/`data.eval` value of `tfds:NAME[:VERSION]:SPLIT` reads
+a TFDS dataset already prepared on disk instead.
+
+The checks every reader shares (JSON that can't be parsed, text that isn't UTF-8, a gzip
+file that breaks off) live here too.
 """
 
 from __future__ import annotations
@@ -13,12 +17,68 @@ import gzip
 import json
 import logging
 import re
+import zlib
 
 from jaxlm.config import ConfigError, expand_globs
 
 log = logging.getLogger(__name__)
 
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
+
+# What reading a file can raise part way: a truncated or corrupt gzip file (EOFError,
+# zlib.error, gzip.BadGzipFile, an OSError), an unreadable file. The rest of it is lost.
+READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+class DataError(ValueError):
+  """A bad record, phrased as one line starting with its file and line."""
+
+
+def bad_record(where: str, reason: str, detail: str = "") -> DataError:
+  """The error `data.on_error="raise"` stops with at a bad record."""
+  return DataError(f"{where}: {reason}{f' ({detail})' if detail else ''} "
+                   f"(data.on_error=raise; 'skip' counts and goes on)")
+
+
+def error_detail(e: BaseException) -> str:
+  """An exception as one line: its type and the first line of its message."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def is_text(value) -> bool:
+  """Whether every string in a parsed JSON value (keys too) is text that UTF-8 can hold.
+  JSON's "\\ud800" escapes decode to lone surrogates, which it can't: tokenizers and
+  writers fail on them later, far from the record. Walked without recursion, as JSON
+  nests deeper than Python's stack."""
+  stack = [value]
+  while stack:
+    v = stack.pop()
+    if isinstance(v, str):
+      if not v.isascii():
+        try:
+          v.encode("utf-8")
+        except UnicodeEncodeError:
+          return False
+    elif isinstance(v, dict):
+      stack += [*v.keys(), *v.values()]
+    elif isinstance(v, list):
+      stack += v
+  return True
+
+
+def parse_json(raw: bytes | str, check_text: bool = True) -> tuple[object, str | None]:
+  """(value, None), or (None, why it can't be used): `invalid_json` (not JSON, nested
+  deeper than the parser goes, an integer too long to convert) or `decode_error` (not
+  UTF-8, or, with `check_text`, a lone surrogate in any string of the record; a reader
+  that uses one field can check just that field instead)."""
+  try:
+    value = json.loads(raw)
+  except UnicodeDecodeError:
+    return None, "decode_error"
+  except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+    return None, "invalid_json"
+  return (value, None) if not check_text or is_text(value) else (None, "decode_error")
 
 
 def file_format(path: str, fmt: str = "auto") -> str:
@@ -63,19 +123,51 @@ class SkipReport:
 
 
 class DocumentSource:
-  """Random access to document strings (`len`, `[i]`), what grain's MapDataset reads."""
+  """Random access to document strings (`len`, `[i]`), what grain's MapDataset reads.
+
+  `read` records were read and `skipped` counts those left out; `[i]` is None for a
+  record found bad only when read (`on_error="skip"`), which grain leaves out."""
+  read = 0
+  on_error = "raise"
 
   def __len__(self) -> int:
     raise NotImplementedError
 
-  def __getitem__(self, idx: int) -> str:
+  def __getitem__(self, idx: int) -> str | None:
     raise NotImplementedError
+
+  @property
+  def counts(self) -> collections.Counter:
+    """records, used, skipped_<reason>: the shape of SFT's counts (`sft.summary`)."""
+    out = collections.Counter(records=self.read, used=len(self))
+    out.update({f"skipped_{r}": n for r, n in self.skipped.counts.items()})
+    return out
+
+  @property
+  def first(self) -> dict:
+    return self.skipped.first
+
+  def report(self, split: str) -> dict:
+    """The counts as metrics: data/<split>_records, _used, _skipped_<reason>."""
+    return {f"data/{split}_{k}": v for k, v in sorted(self.counts.items())}
+
+  def _bad(self, where: str, reason: str, detail: str = "", late: bool = False) -> None:
+    """A record that can't be used: raised, or counted. One found `late` (while training
+    reads it) is also logged, the first of each reason."""
+    if self.on_error == "raise":
+      raise bad_record(where, reason, detail)
+    self.skipped.add(reason, where)
+    if late and self.skipped.counts[reason] == 1:
+      log.warning("%s: %s%s: skipped (data.on_error=skip); more are counted, not shown",
+                  where, reason, f" ({detail})" if detail else "")
 
   def sample_text(self, max_chars: int):
     """Documents in index order until `max_chars` characters (for tokenizer training)."""
     total = 0
     for idx in range(len(self)):
       text = self[idx]
+      if text is None:
+        continue
       yield text[: max_chars - total]
       total += len(text)
       if total >= max_chars:
@@ -86,10 +178,11 @@ class Documents(DocumentSource):
   """Documents of text and JSONL files."""
 
   def __init__(self, files: list[str], fmt: str = "auto", text_field: str = "text",
-               text_split: str = "file", name: str = "data"):
+               text_split: str = "file", name: str = "data", on_error: str = "raise"):
     self.files = list(files)
     self.skipped = SkipReport()
     self.read = 0
+    self.on_error = on_error
     # Each entry: (file index, start byte, end byte) or an in-memory string (gzip files).
     self._index: list = []
     for i, path in enumerate(self.files):
@@ -98,72 +191,99 @@ class Documents(DocumentSource):
         self._index_jsonl(i, path, text_field)
       else:
         self._index_text(i, path, text_split)
-    if self.skipped.total:
-      log.warning("%s: skipped %d of %d records: %s", name, self.skipped.total, self.read,
-                  self.skipped.summary())
     if not self._index:
-      raise ValueError(f"{name}: no usable documents in {len(self.files)} file(s)"
-                       + (f"; skipped {self.skipped.summary()}" if self.skipped.total else ""))
+      raise ConfigError(f"{name}: no usable documents in {len(self.files)} file(s)"
+                        + (f"; skipped {self.skipped.summary()}" if self.skipped.total else ""))
 
   def _index_text(self, i: int, path: str, text_split: str):
-    with open(path, "rb") as f:
-      raw = f.read()
+    try:
+      with open(path, "rb") as f:
+        raw = f.read()
+    except READ_ERRORS as e:
+      self.read += 1
+      self._bad(f"{path}:1", "read_error", error_detail(e))
+      return
     for start, end, line in text_spans(raw, text_split):
       self.read += 1
       chunk = raw[start:end]
       try:
         text = chunk.decode("utf-8")
-      except UnicodeDecodeError as e:
+      except UnicodeDecodeError as e:  # name the bad line, not the paragraph's first
         bad_line = line + chunk.count(b"\n", 0, e.start)
-        self.skipped.add("decode_error", f"{path}:{bad_line}")
+        self._bad(f"{path}:{bad_line}", "decode_error")
         continue
       if not text.strip():
-        self.skipped.add("empty", f"{path}:{line}")
+        self._bad(f"{path}:{line}", "empty")
         continue
       self._index.append((i, start, end))
 
   def _index_jsonl(self, i: int, path: str, field: str):
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-      offset = 0
-      for lineno, line in enumerate(f, 1):
-        start, offset = offset, offset + len(line)
-        if not line.strip():
-          continue
-        self.read += 1
-        where = f"{path}:{lineno}"
-        try:
-          record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-          self.skipped.add("invalid_json", where)
-          continue
-        if not isinstance(record, dict) or field not in record:
-          self.skipped.add(f"missing_field_{field}", where)
-          continue
-        text = record[field]
-        if not isinstance(text, str):
-          self.skipped.add(f"wrong_type_{field}", where)
-          continue
-        if not text.strip():
-          self.skipped.add("empty", where)
-          continue
-        # gzip has no random access: keep its documents in memory.
-        self._index.append(text if path.endswith(".gz") else (i, start, offset, field))
+    lineno = 0
+    try:
+      with opener(path, "rb") as f:
+        offset = 0
+        for lineno, line in enumerate(f, 1):
+          start, offset = offset, offset + len(line)
+          if not line.strip():
+            continue
+          self.read += 1
+          checked = self._check_jsonl(line, field)
+          if isinstance(checked, str):
+            self._bad(f"{path}:{lineno}", checked)
+          elif path.endswith(".gz"):  # gzip has no random access: keep its documents in memory
+            self._index.append(checked[0])
+          else:
+            self._index.append((i, start, offset, field))
+    except READ_ERRORS as e:  # the file broke off reading the line after the last one read
+      self.read += 1
+      self._bad(f"{path}:{lineno + 1}", "read_error", error_detail(e))
+
+  @staticmethod
+  def _check_jsonl(line: bytes, field: str) -> tuple[str] | str:
+    """(the document,) of a JSONL line, or why it can't be used."""
+    record, reason = parse_json(line, check_text=False)  # the other fields are never read
+    if reason:
+      return reason
+    if not isinstance(record, dict) or field not in record:
+      return f"missing_field_{field}"
+    if not isinstance(record[field], str):
+      return f"wrong_type_{field}"
+    if not is_text(record[field]):
+      return "decode_error"
+    if not record[field].strip():
+      return "empty"
+    return (record[field],)
 
   def __len__(self) -> int:
     return len(self._index)
 
-  def __getitem__(self, idx: int) -> str:
+  def __getitem__(self, idx: int) -> str | None:
     entry = self._index[idx]
     if isinstance(entry, str):
       return entry
     path = self.files[entry[0]]
+    try:
+      with open(path, "rb") as f:
+        f.seek(entry[1])
+        raw = f.read(entry[2] - entry[1])
+      checked = self._check_jsonl(raw, entry[3]) if len(entry) == 4 else (raw.decode("utf-8"),)
+    except (*READ_ERRORS, UnicodeDecodeError) as e:
+      checked = error_detail(e)
+    if isinstance(checked, str):  # the file changed after it was indexed
+      self._bad(_line_at(path, entry[1]), "changed_since_indexed", checked, late=True)
+      return None  # grain leaves it out
+    return checked[0]
+
+
+def _line_at(path: str, offset: int) -> str:
+  """`path:line` of the line starting at byte `offset` (counted only when needed)."""
+  try:
     with open(path, "rb") as f:
-      f.seek(entry[1])
-      raw = f.read(entry[2] - entry[1])
-    if len(entry) == 4:
-      return json.loads(raw)[entry[3]]
-    return raw.decode("utf-8")
+      line = f.read(offset).count(b"\n") + 1
+    return f"{path}:{line}"
+  except OSError:
+    return f"{path} (byte {offset})"
 
 
 TFDS_PREFIX = "tfds:"
@@ -186,12 +306,14 @@ class TfdsDocuments(DocumentSource):
   """Documents of a TFDS dataset prepared on disk in ArrayRecord format, by random access.
 
   Nothing is downloaded: prepare the dataset first (`tfds build --file_format=array_record`)
-  into `data_dir` (TFDS's default, ~/tensorflow_datasets, when empty). Records are used
-  as stored; `text_field` must be a Text feature.
+  into `data_dir` (TFDS's default, ~/tensorflow_datasets, when empty). `text_field` must
+  be a Text feature. A split may hold millions of records, so each is checked when read,
+  not up front: one that isn't UTF-8 text or is empty follows `on_error` then (named
+  `SPEC[index]`; "skip" counts it, warns once per reason, and leaves it out).
   """
 
   def __init__(self, spec: str, text_field: str = "text", data_dir: str = "",
-               name: str = "data", field_key: str = "data.text_field"):
+               name: str = "data", field_key: str = "data.text_field", on_error: str = "raise"):
     dataset, split = parse_tfds_spec(spec, name)
     try:
       import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -210,23 +332,37 @@ class TfdsDocuments(DocumentSource):
                                                     tfds.features.Text):
       raise ConfigError(f"{field_key}={text_field!r}: not a Text feature of {dataset} "
                         f"(features: {', '.join(features.keys())})")
-    self.spec, self.text_field = spec, text_field
+    self.spec, self.text_field, self.on_error = spec, text_field, on_error
     self.skipped = SkipReport()
     self.read = len(self.source)
     if not self.read:
-      raise ValueError(f"{name}: {spec} has no records")
+      raise ConfigError(f"{name}: {spec} has no records")
 
   def __len__(self) -> int:
     return len(self.source)
 
-  def __getitem__(self, idx: int) -> str:
-    text = self.source[idx][self.text_field]
-    return text.decode("utf-8") if isinstance(text, bytes) else text
+  def raw(self, idx: int) -> str | bytes:
+    """The record's text as stored, unchecked."""
+    return self.source[idx][self.text_field]
+
+  def __getitem__(self, idx: int) -> str | None:
+    text = self.raw(idx)
+    if isinstance(text, bytes):
+      try:
+        text = text.decode("utf-8")
+      except UnicodeDecodeError:
+        text = None
+    if text is not None and is_text(text) and text.strip():
+      return text
+    reason = "empty" if text is not None and is_text(text) else "decode_error"
+    self._bad(f"{self.spec}[{idx}]", reason, late=True)
+    return None  # grain leaves it out
 
 
 def open_documents(spec: str, data_cfg, key: str) -> DocumentSource:
   """The documents named by a `data.train`/`data.eval` value: globs or a TFDS split."""
   if spec.strip().startswith(TFDS_PREFIX):
-    return TfdsDocuments(spec.strip(), data_cfg.text_field, data_cfg.tfds_data_dir, name=key)
+    return TfdsDocuments(spec.strip(), data_cfg.text_field, data_cfg.tfds_data_dir, name=key,
+                         on_error=data_cfg.on_error)
   return Documents(expand_globs(spec, key), data_cfg.format, data_cfg.text_field,
-                   data_cfg.text_split, name=key)
+                   data_cfg.text_split, name=key, on_error=data_cfg.on_error)

@@ -7,7 +7,6 @@ fresh warmup.
 from __future__ import annotations
 
 import filecmp
-import json
 import logging
 import math
 import os
@@ -46,14 +45,12 @@ def adopt_init_from_architecture(config) -> None:
     return
   if hf.is_hf_dir(config.init_from):
     path = os.path.join(config.init_from, "config.json")
-    with open(path, encoding="utf-8") as f:
-      theirs = hf.model_config_from_hf(json.load(f), path).to_dict()
+    theirs = hf.model_config_from_hf(hf.read_json(path), path).to_dict()
   else:
     workdir = _init_from_workdir(config.init_from)
     if workdir is None:
       return  # no checkpoint there: the loop reports it
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      source = json.load(f)
+    source = hf.read_json(os.path.join(workdir, "config.json"))
     if (source.get("lora") or {}).get("rank", 0) > 0:
       raise ConfigError(f"init_from={config.init_from!r} is a LoRA run (adapters only); "
                         f"merge it first: tools/convert_hf.py --jaxlm {config.init_from} "
@@ -226,11 +223,15 @@ def _prepared_data(config, directory: str, key: str, *, train: bool):
 
 
 def documents(spec: str, d, key: str, workdir: str) -> DocumentSource:
-  """Globs, a TFDS split, or built-in generated text (`builtin:world_text:train`)."""
+  """Globs, a TFDS split, or built-in generated text (`builtin:world_text:train`); the
+  log says how many records were read, used and skipped (`data.on_error`)."""
   from jaxlm.data import sft  # pylint: disable=import-outside-toplevel
   if spec.strip().startswith(sft.BUILTIN_PREFIX):
     spec = ",".join(sft.resolve_builtin(spec.strip(), workdir, key))
-  return open_documents(spec, d, key)
+  docs = open_documents(spec, d, key)
+  if jax.process_index() == 0:
+    print(sft.summary(key, docs), flush=True)
+  return docs
 
 
 def build(config, workdir: str, sharder) -> loop.Task:
@@ -238,11 +239,13 @@ def build(config, workdir: str, sharder) -> loop.Task:
   d = config.data
   pid, nproc = jax.process_index(), jax.process_count()
   local_batch = d.batch_size // nproc
+  report = {}  # records read, used, skipped per split (a prepared corpus has its manifest)
   if prepare.is_prepared(d.train):
     tok = _prepared_tokenizer(config, d.train, "data.train")
     train_data = _prepared_data(config, d.train, "data.train", train=True)()
   else:
     train_docs = documents(d.train, d, "data.train", workdir)
+    report.update(train_docs.report("train"))
     tok = prepare_tokenizer(config, workdir, train_docs)
     train_data = lm.sharded(
         lambda index, count, rows, prefetch: lm.lm_dataset(
@@ -259,6 +262,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
     eval_data = _prepared_data(config, d.eval, "data.eval", train=False)
   elif d.eval:
     eval_docs = documents(d.eval, d, "data.eval", workdir)
+    report.update(eval_docs.report("eval"))
     eval_data = lambda: lm.lm_dataset(eval_docs, tok.path, seq_len=d.seq_len,  # pylint: disable=g-long-lambda
                                       batch_size=local_batch, seed=0, shuffle=False,
                                       process_index=pid, process_count=nproc)
@@ -268,6 +272,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
       eval_data=eval_data,
       summarize=summarize,
       tokens_per_batch=d.batch_size * d.seq_len,
+      data_report=report,
   )
 
 

@@ -127,19 +127,22 @@ def build(config, workdir: str, sharder) -> tuple[loop.Task, PreferenceData]:
   return task, data
 
 
-def reference_sequences(config, workdir: str, data: PreferenceData) -> tuple[list, str]:
+def reference_sequences(config, workdir: str, data: PreferenceData) -> tuple[list, str, str]:
   """The id sequences rewards are normalized on (every distinct response of each record
-  of `reward.normalize_on`), and what that set was."""
+  of `reward.normalize_on`), what that set was, and how its records were counted (the
+  summary line: read, used, skipped, truncated)."""
   spec = config.reward.normalize_on
   if spec == "eval":
-    examples, what = data.eval, f"data.eval ({config.data.eval})"
-  else:
-    examples = preference.load_groups(
-        sft.files(spec, workdir, "reward.normalize_on"), data.tok, data.template,
-        max_ids=config.data.seq_len, truncation=config.data.truncation,
-        on_error=config.data.on_error).examples
-    what = spec
-  return [ids for ex in examples for ids in ex["ids"]], what
+    return ([ids for ex in data.eval for ids in ex["ids"]], f"data.eval ({config.data.eval})",
+            "as data.eval")
+  groups = preference.load_groups(
+      sft.files(spec, workdir, "reward.normalize_on"), data.tok, data.template,
+      max_ids=config.data.seq_len, truncation=config.data.truncation,
+      on_error=config.data.on_error)
+  counted = sft_data.summary("reward.normalize_on", groups)
+  if jax.process_index() == 0:
+    print(counted, flush=True)
+  return [ids for ex in groups.examples for ids in ex["ids"]], spec, counted
 
 
 def normalize(config, workdir: str, data: PreferenceData) -> dict:
@@ -147,9 +150,10 @@ def normalize(config, workdir: str, data: PreferenceData) -> dict:
   checkpoints, where `jaxlm.reward.load` finds them (rewards then come out as
   (r - mean) / std)."""
   rm = reward.load(workdir)
-  sequences, what = reference_sequences(config, workdir, data)
+  sequences, what, counted = reference_sequences(config, workdir, data)
   if not sequences:
-    raise ConfigError(f"reward.normalize_on={config.reward.normalize_on!r}: no usable record")
+    raise ConfigError(f"reward.normalize_on={config.reward.normalize_on!r}: no usable record "
+                      f"({counted})")
   raw = reward.score_tokens(rm, sequences, batch_size=config.data.batch_size, normalize=False)
   step = checkpoint.step_of(workdir)
   stats = {"mean": float(np.mean(raw)), "std": float(max(np.std(raw), 1e-6)),

@@ -69,16 +69,24 @@ class Rollouts:
     d, r = config.data, config.rl
     self.config, self.sharder = config, sharder
     self.tok, self.template = sft.tokenizer_and_template(config, workdir)
-    loaded = prompts_lib.load_prompts(sft.files(d.train, workdir, "data.train"),
-                                      on_error=d.on_error)
+    self.rewards = rewards.Rewards(config.reward.fn, config.reward.model,
+                                   config.reward.model_weight)
+    # A prompt and its reply fit in the model's context: longer prompts are cut or dropped.
+    max_prompt = config.model.max_seq_len - r.max_new_tokens
+    if max_prompt < 2:
+      raise ConfigError(f"rl.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
+                        f"model.max_seq_len={config.model.max_seq_len}")
+    loaded = prompts_lib.load_prompts(
+        sft.files(d.train, workdir, "data.train"), on_error=d.on_error, check=self.rewards.check,
+        tok=self.tok, template=self.template, max_len=max_prompt, truncation=d.truncation)
     if jax.process_index() == 0:
       print(sft_data.summary("data.train", loaded), flush=True)
     if not loaded.examples:
       raise ConfigError(f"data.train: no usable prompt ({sft_data.summary('data.train', loaded)})")
     self.prompts, self.report = loaded.examples, loaded.report("train")
-    self.ids = [sft_data.generation_prompt(p.turns, self.tok, self.template) for p in self.prompts]
+    self.ids = [p.ids for p in self.prompts]
     longest = max(len(i) for i in self.ids)
-    self.prompt_len = generate.bucket(longest)
+    self.prompt_len = min(generate.bucket(longest), max_prompt)
     self.seq_len = self.prompt_len + r.max_new_tokens
     try:
       generate.check_length(config.model, self.prompt_len, r.max_new_tokens)
@@ -91,8 +99,6 @@ class Rollouts:
                                       stop=(self.stop,) if self.stop else ())
     self.engine = generate.Engine(config.model, eos_id=self.tok.eos_id,
                                   vocab_size=self.tok.vocab_size, sharder=sharder)
-    self.rewards = rewards.Rewards(config.reward.fn, config.reward.model,
-                                   config.reward.model_weight)
 
   def dataset(self):
     """Batches of prompt indices, shuffled and repeated, per process (checkpointable)."""
