@@ -7,8 +7,11 @@ it on the command line (`--config.optimizer.lr=3e-4`) and rejects unknown keys.
 from __future__ import annotations
 
 import glob
+import math
+import numbers
 import os
 import re
+import traceback
 
 import ml_collections
 
@@ -253,50 +256,128 @@ _CHOICES = {
     "rl.kl_estimator": ("k1", "k3"),
     "rl.advantage_scale": ("group", "batch", "none"),
     "rl.loss_agg": ("sequence", "token", "constant"),
+    "eval.chat_template": ("", "jaxlm", "chatml", "llama3", "hf"),
 }
 
+# Every numeric field of base_config has a range: > 0, >= 0, or an interval below.
+# Every float must also be finite (no key gives inf or nan a meaning), and every integer
+# must fit in 32 bits (JAX's default integer).
 _POSITIVE = ("steps", "log_every", "keep_checkpoints", "checkpoint_every", "model.d_model",
              "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.ffn_dim",
              "data.seq_len", "data.batch_size", "optimizer.lr", "optimizer.grad_accum_steps",
-             "model.vocab_multiple", "max_skipped_steps", "loss_spike_window")
+             "model.vocab_multiple", "max_skipped_steps", "loss_spike_window",
+             "model.max_seq_len", "model.rope_theta", "model.rope_low_freq_factor",
+             "model.rope_high_freq_factor", "model.rope_original_max_len", "model.init_std",
+             "data.tokenizer_vocab_size", "data.tokenizer_sample_chars", "optimizer.eps",
+             "lora.alpha", "dpo.beta", "rl.num_generations", "rl.max_new_tokens", "rl.epochs",
+             "rl.minibatches", "eval.max_new_tokens", "eval.batch_size", "eval.seq_len")
 _NON_NEGATIVE = ("eval_every", "eval_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
                  "optimizer.grad_clip", "loss.z_loss", "model.vocab_size", "model.head_dim",
                  "model.logits_chunk", "peak_tflops", "preemption_grace_s", "loss_spike_factor", "data.prefetch", "data.shards",
-                 "model.rope_scaling_factor",
+                 "model.rope_scaling_factor", "seed",
                  "reward.center_coef", "dpo.sft_weight", "rl.kl_coef", "rl.kl_target",
                  "rl.temperature", "rl.top_k", "rl.missing_eos_penalty", "rl.vf_coef",
-                 "rl.value_clip", "rl.clip_low", "rl.clip_high")
+                 "rl.value_clip", "rl.clip_high", "lora.rank", "eval.max_tasks",
+                 "eval.temperature", "eval.top_k", "eval.seed", "eval.text_batches", "eval.show")
+_RANGES = {  # interval notation: "[0, 1)" holds 0 but not 1
+    "optimizer.b1": "[0, 1)",
+    "optimizer.b2": "[0, 1)",
+    "optimizer.min_lr_ratio": "[0, 1]",
+    "optimizer.decay_fraction": "(0, 1]",
+    "model.norm_eps": "(0, 1)",
+    "lora.dropout": "[0, 1)",
+    "dpo.label_smoothing": "[0, 0.5)",
+    "rl.top_p": "(0, 1]",
+    "rl.clip_low": "[0, 1)",
+    "rl.gamma": "[0, 1]",
+    "rl.lam": "[0, 1]",
+    "eval.top_p": "(0, 1]",
+}
+_INT_LIMIT = 2**31 - 1
+
+
+def _in_interval(value, interval: str) -> bool:
+  low, high = (float(x) for x in interval[1:-1].split(","))
+  above = value > low if interval[0] == "(" else value >= low
+  below = value < high if interval[-1] == ")" else value <= high
+  return above and below
+
+
+def one_line(message) -> str:
+  """`message` as one line: line breaks (from a value or a library's text) escaped."""
+  text = str(message).strip()
+  return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def get_key(config, dotted):
   """The value at a dotted key (`optimizer.lr`), or None when the config has no such key."""
   node = config
   for part in dotted.split("."):
-    if part not in node:
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
       return None
     node = node[part]
   return node
 
 
+def _type_name(value) -> str:
+  return "None" if value is None else type(value).__name__
+
+
+def type_problem(default, value) -> str | None:
+  """Why `value` can't stand where base_config has `default`; None when it can (an int
+  stands for a float)."""
+  number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+  if isinstance(default, bool):
+    ok, want = isinstance(value, bool), "True or False"
+  elif isinstance(default, int):
+    ok, want = number and isinstance(value, numbers.Integral), "an integer"
+  elif isinstance(default, float):
+    ok, want = number, "a number"
+  elif isinstance(default, str):
+    ok, want = isinstance(value, str), "a string"
+  elif isinstance(default, (tuple, list)):
+    ok, want = isinstance(value, (tuple, list)), "a tuple"
+  elif isinstance(default, ml_collections.ConfigDict):
+    ok, want = isinstance(value, (ml_collections.ConfigDict, dict)), "a section (a dict)"
+  else:
+    return None
+  return None if ok else f"must be {want}, not {_type_name(value)}"
+
+
 def set_key(config, dotted: str, value) -> None:
   """Set an existing dotted key (`optimizer.lr`); ConfigError naming it when the config
-  has no such key. An int given for a float field is stored as a float."""
+  has no such key or the value has the wrong type. An int given for a float field is
+  stored as a float; a dict given for a section sets its keys one by one."""
   *parents, leaf = dotted.split(".")
   node = get_key(config, ".".join(parents)) if parents else config
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
     raise ConfigError(f"no config key {dotted!r}")
-  if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+  current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+    for key, sub in value.items():
+      set_key(config, f"{dotted}.{key}", sub)
+    return
+  problem = type_problem(current, value) if current is not None else None
+  if problem:
+    raise ConfigError(one_line(f"{dotted}={value!r}: {problem}"))
+  if isinstance(current, float) and isinstance(value, numbers.Integral):
     value = float(value)
-  setattr(node, leaf, value)
+  try:
+    setattr(node, leaf, value)
+  except (TypeError, ValueError, AttributeError, KeyError) as e:  # ml_collections' own checks
+    raise ConfigError(one_line(f"{dotted}={value!r}: {e}")) from None
 
 
 def expand_globs(spec: str, key: str) -> list[str]:
   """Comma-separated globs -> sorted file list; error naming `key` if one matches nothing."""
   files = []
   for pattern in [p.strip() for p in spec.split(",") if p.strip()]:
-    matched = sorted(f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
+    try:
+      matched = sorted(f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
+    except (ValueError, OSError) as e:  # a NUL byte, a path too long
+      raise ConfigError(one_line(f"{key}: can't read {pattern!r}: {e}")) from None
     if not matched:
-      raise ConfigError(f"{key}: no file matches {pattern!r}")
+      raise ConfigError(one_line(f"{key}: no file matches {pattern!r}"))
     files.extend(matched)
   return files
 
@@ -315,10 +396,140 @@ def mesh_shape(config, num_devices: int) -> dict[str, int]:
   return dict(zip(sharding.MESH_AXES, shape))
 
 
+def _structure_errors(config) -> tuple[list[str], list[str], set]:
+  """(missing, unknown or mistyped keys; non-finite or out-of-32-bit numbers; the keys
+  named), checked against base_config: a section overridden whole
+  (`--config.optimizer="{'lr': 1}"`), a sweep's None or a bool for a number all land here."""
+  shape_errors, number_errors, bad = [], [], set()
+
+  def walk(default, node, prefix):
+    for k, d in default.items():
+      key = prefix + k
+      if k not in node:
+        shape_errors.append(f"{key}: missing (a section set as a whole must keep every key)")
+        bad.add(key)
+        continue
+      v = node[k]
+      problem = type_problem(d, v)
+      if problem:
+        shape_errors.append(f"{key}={v!r}: {problem}")
+        bad.add(key)
+      elif isinstance(d, ml_collections.ConfigDict):
+        walk(d, v, key + ".")
+      elif isinstance(v, numbers.Real) and not isinstance(v, (bool, numbers.Integral)):
+        if not math.isfinite(v):
+          number_errors.append(f"{key}={v!r}: must be a finite number")
+          bad.add(key)
+      elif isinstance(v, numbers.Integral) and not isinstance(v, bool) and abs(v) > _INT_LIMIT:
+        number_errors.append(f"{key}={v}: out of range; integers must fit in 32 bits "
+                             f"(|{key}| <= {_INT_LIMIT})")
+        bad.add(key)
+    for k in node:
+      if k not in default:
+        shape_errors.append(f"{prefix}{k}: unknown key")
+        bad.add(prefix + k)
+
+  walk(base_config(), config, "")
+  return shape_errors, number_errors, bad
+
+
+def _rules_errors(rules) -> list[str]:
+  from jaxlm.sharding import MESH_AXES  # pylint: disable=import-outside-toplevel
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      return [f"sharding.rules[{i}]={rule!r}: each rule is (logical axis name, mesh axes "
+              f"or None), e.g. ('embed', 'fsdp')"]
+    axes = rule[1]
+    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if not isinstance(names, (tuple, list)) or any(a not in MESH_AXES for a in names):
+      return [f"sharding.rules[{i}]={tuple(rule)!r}: mesh axes must be None or among "
+              f"{', '.join(MESH_AXES)}"]
+  return []
+
+
+def _reward_fn_errors(spec: str) -> list[str]:
+  from jaxlm import rewards  # pylint: disable=import-outside-toplevel
+  try:
+    parsed = rewards.parse(spec)
+  except ConfigError as e:
+    return [str(e)]
+  for name, weight in parsed:
+    if not name or (name not in rewards.BUILTINS and ":" not in name):
+      return [f"reward.fn={spec!r}: {name!r} is neither a built-in "
+              f"({', '.join(rewards.BUILTINS)}) nor 'package.module:function'"]
+    if not math.isfinite(weight):
+      return [f"reward.fn={spec!r}: the weight of {name!r} must be a finite number"]
+  return []
+
+
 def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
   """Every problem in `config`, each as one line naming the key. Empty when valid."""
-  from jaxlm.data.prepare import is_prepared  # pylint: disable=import-outside-toplevel
+  shape_errors, errors, bad = _structure_errors(config)
+  if shape_errors:  # every check below reads base_config's keys and types
+    return [one_line(e) for e in shape_errors + errors]
+  return [one_line(e) for e in _semantic_errors(config, num_devices, num_processes, errors, bad)]
+
+
+def _range_errors(config, errors: list, bad: set) -> None:
+  """Choices and numeric ranges, added to `errors`; each key reported joins `bad`."""
+  def require(key, holds, rule):
+    value = get_key(config, key)
+    if key not in bad and not holds(value):
+      errors.append(f"{key}={value!r}: must be {rule}")
+      bad.add(key)
+
+  for key, choices in _CHOICES.items():
+    require(key, lambda v, choices=choices: v in choices,
+            f"one of {', '.join(c or repr(c) for c in choices)}")
+  for key in _POSITIVE:
+    require(key, lambda v: v > 0, "> 0")
+  for key in _NON_NEGATIVE:
+    require(key, lambda v: v >= 0, ">= 0")
+  for key, interval in _RANGES.items():
+    require(key, lambda v, interval=interval: _in_interval(v, interval), f"in {interval}")
+  require("loss_spike_factor", lambda v: v == 0 or v > 1,
+          "0 (off) or > 1 (a loss over this many times the running mean)")
+
+
+def _model_shape_errors(m, ok) -> list[str]:
+  """Shape rules across model keys (`ok(*keys)`: none of them is reported already)."""
   errors = []
+  if (ok("model.rope_scaling_factor", "model.rope_low_freq_factor",
+         "model.rope_high_freq_factor") and m.rope_scaling_factor > 0
+      and not m.rope_high_freq_factor > m.rope_low_freq_factor):
+    errors.append(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be > "
+                  f"model.rope_low_freq_factor={m.rope_low_freq_factor} (Llama-3 scaling)")
+  if ok("model.num_heads", "model.num_kv_heads") and m.num_heads % m.num_kv_heads:
+    errors.append(f"model.num_heads={m.num_heads} is not divisible by "
+                  f"model.num_kv_heads={m.num_kv_heads}")
+  if (ok("model.d_model", "model.num_heads", "model.head_dim") and not m.head_dim
+      and m.d_model % m.num_heads):
+    errors.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} "
+                  f"(set model.head_dim)")
+  if (ok("model.d_model", "model.num_heads", "model.head_dim", "model.family")
+      and (m.head_dim or m.d_model // m.num_heads) % 2 and m.family == "llama"):
+    errors.append("model.head_dim must be even for rotary embeddings")
+  return errors
+
+
+def model_errors(m) -> list[str]:
+  """The problems of a model section alone (`model.KEY=...`, one line each): its keys and
+  types, ranges and shape rules; for a model section read from elsewhere (a Hugging
+  Face config.json)."""
+  c = base_config()
+  c.model = m
+  shape_errors, errors, bad = _structure_errors(c)
+  errors = [e for e in shape_errors + errors if e.startswith("model.")]
+  if errors:
+    return [one_line(e) for e in errors]
+  _range_errors(c, errors, bad)
+  errors = [e for e in errors if e.startswith("model.")]
+  errors += _model_shape_errors(m, lambda *keys: not bad.intersection(keys))
+  return [one_line(e) for e in errors]
+
+
+def _semantic_errors(config, num_devices, num_processes, errors, bad) -> list[str]:
+  from jaxlm.data.prepare import is_prepared  # pylint: disable=import-outside-toplevel
 
   def check(fn):
     try:
@@ -326,31 +537,23 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
     except ConfigError as e:
       errors.append(str(e))
 
-  for key, choices in _CHOICES.items():
-    value = get_key(config, key)
-    if value is not None and value not in choices:
-      errors.append(f"{key}={value!r}: must be one of {', '.join(choices)}")
-  for key in _POSITIVE:
-    value = get_key(config, key)
-    if value is not None and not value > 0:
-      errors.append(f"{key}={value!r}: must be > 0")
-  for key in _NON_NEGATIVE:
-    value = get_key(config, key)
-    if value is not None and value < 0:
-      errors.append(f"{key}={value!r}: must be >= 0")
-  if "lora" in config and config.lora.rank:
-    if config.lora.rank < 0 or config.lora.alpha <= 0 or not 0 <= config.lora.dropout < 1:
-      errors.append(f"lora: rank={config.lora.rank}, alpha={config.lora.alpha}, dropout="
-                    f"{config.lora.dropout}: need rank >= 0, alpha > 0, 0 <= dropout < 1")
-    if not config.init_from:
-      errors.append(f"lora.rank={config.lora.rank} needs init_from: adapters tune a trained "
-                    f"base model")
-  if get_key(config, "task") == "dpo":
+  def ok(*keys):  # none of these keys is already reported: checks across them are safe
+    return not bad.intersection(keys)
+
+  _range_errors(config, errors, bad)
+  errors += _rules_errors(config.sharding.rules)
+  try:
+    re.compile(config.lora.targets)
+  except (re.error, ValueError) as e:
+    errors.append(f"lora.targets={config.lora.targets!r}: not a regular expression ({e})")
+
+  m = config.model
+  errors += _model_shape_errors(m, ok)
+  if ok("lora.rank") and config.lora.rank > 0 and not config.init_from:
+    errors.append(f"lora.rank={config.lora.rank} needs init_from: adapters tune a trained "
+                  f"base model")
+  if config.task == "dpo":
     dpo = config.dpo
-    if not dpo.beta > 0:
-      errors.append(f"dpo.beta={dpo.beta}: must be > 0")
-    if not 0.0 <= dpo.label_smoothing < 0.5:
-      errors.append(f"dpo.label_smoothing={dpo.label_smoothing}: must be in [0, 0.5)")
     if not config.init_from:
       errors.append("init_from: task='dpo' needs the model it aligns (a jaxlm run or a "
                     "Hugging Face directory); the policy starts there and, by default, "
@@ -360,53 +563,40 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
                     "with the adapters off; leave dpo.reference_from empty")
     if dpo.reference_from and not os.path.exists(dpo.reference_from):
       errors.append(f"dpo.reference_from: no such path {dpo.reference_from!r}")
-  if get_key(config, "task") in ("grpo", "ppo"):
+  if config.task in ("grpo", "ppo"):
     rl_cfg = config.rl
     if not config.init_from:
       errors.append(f"init_from: task={config.task!r} needs the policy to start from")
-    for key in ("num_generations", "max_new_tokens", "epochs", "minibatches"):
-      if not rl_cfg[key] > 0:
-        errors.append(f"rl.{key}={rl_cfg[key]}: must be > 0")
     if not config.reward.fn and not config.reward.model:
       errors.append("reward.fn / reward.model: set a reward source (e.g. reward.fn=math_answer)")
+    if config.reward.fn:
+      errors += _reward_fn_errors(config.reward.fn)
     if config.reward.model and not os.path.exists(config.reward.model):
       errors.append(f"reward.model: no such path {config.reward.model!r}")
-    if config.task == "grpo" and rl_cfg.num_generations < 2:
+    if config.task == "grpo" and ok("rl.num_generations") and rl_cfg.num_generations < 2:
       errors.append(f"rl.num_generations={rl_cfg.num_generations}: GRPO needs groups of >= 2")
-    rows = config.data.batch_size * rl_cfg.num_generations
-    if rows % rl_cfg.minibatches:
-      errors.append(f"rl.minibatches={rl_cfg.minibatches} does not divide the "
-                    f"{rows} completions of a step (data.batch_size * rl.num_generations)")
-    if not 0 < rl_cfg.top_p <= 1:
-      errors.append(f"rl.top_p={rl_cfg.top_p}: must be in (0, 1]")
-    if not rl_cfg.temperature > 0:
+    if ok("data.batch_size", "rl.num_generations", "rl.minibatches",
+          "optimizer.grad_accum_steps"):
+      rows = config.data.batch_size * rl_cfg.num_generations
+      accum = config.optimizer.grad_accum_steps
+      if rows % rl_cfg.minibatches:
+        errors.append(f"rl.minibatches={rl_cfg.minibatches} does not divide the "
+                      f"{rows} completions of a step (data.batch_size * rl.num_generations)")
+      elif (rows // rl_cfg.minibatches) % accum:
+        errors.append(f"optimizer.grad_accum_steps={accum} does not divide the "
+                      f"{rows // rl_cfg.minibatches} completions of a minibatch")
+    if ok("rl.temperature") and not rl_cfg.temperature > 0:
       errors.append(f"rl.temperature={rl_cfg.temperature}: must be > 0 (the policy's "
                     f"log-probs are taken at it)")
-    accum = max(config.optimizer.grad_accum_steps, 1)
-    if rows % rl_cfg.minibatches == 0 and (rows // rl_cfg.minibatches) % accum:
-      errors.append(f"optimizer.grad_accum_steps={accum} does not divide the "
-                    f"{rows // rl_cfg.minibatches} completions of a minibatch")
-  if get_key(config, "task") == "reward":
+  if config.task == "reward":
     spec = config.reward.normalize_on
     if spec == "eval" and not config.data.eval:
       errors.append("reward.normalize_on='eval' but data.eval is empty")
     elif spec and spec != "eval" and not spec.strip().startswith("builtin:"):
       check(lambda: expand_globs(spec, "reward.normalize_on"))
-  if not 0.0 <= config.optimizer.min_lr_ratio <= 1.0:
-    errors.append(f"optimizer.min_lr_ratio={config.optimizer.min_lr_ratio}: must be in [0, 1]")
-  if not 0.0 < config.optimizer.decay_fraction <= 1.0:
-    errors.append(f"optimizer.decay_fraction={config.optimizer.decay_fraction}: must be in (0, 1]")
 
-  m = config.model
-  if m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
-    errors.append(f"model.num_heads={m.num_heads} is not divisible by "
-                  f"model.num_kv_heads={m.num_kv_heads}")
-  if not m.head_dim and m.num_heads > 0 and m.d_model % m.num_heads:
-    errors.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads} "
-                  f"(set model.head_dim)")
-  if (m.head_dim or (m.d_model // max(m.num_heads, 1))) % 2 and m.family == "llama":
-    errors.append("model.head_dim must be even for rotary embeddings")
-  if m.family == "gpt2" and config.data.seq_len > m.max_seq_len:
+  if (ok("data.seq_len", "model.max_seq_len") and m.family == "gpt2"
+      and config.data.seq_len > m.max_seq_len):
     errors.append(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
                   f"(learned positions)")
 
@@ -415,12 +605,13 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
   except ConfigError as e:
     errors.append(str(e))
     sizes = None
-  if sizes:
+  if sizes and ok("data.batch_size", "optimizer.grad_accum_steps"):
     dp = sizes["data"] * sizes["fsdp"]
-    micro = config.data.batch_size // max(config.optimizer.grad_accum_steps, 1)
-    if config.data.batch_size % max(config.optimizer.grad_accum_steps, 1):
+    accum = config.optimizer.grad_accum_steps
+    micro = config.data.batch_size // accum
+    if config.data.batch_size % accum:
       errors.append(f"data.batch_size={config.data.batch_size} is not divisible by "
-                    f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}")
+                    f"optimizer.grad_accum_steps={accum}")
     elif micro % dp:
       errors.append(f"data.batch_size={config.data.batch_size} (per microbatch {micro}) is not "
                     f"divisible by the data-parallel size mesh.data*mesh.fsdp={dp}")
@@ -428,15 +619,15 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       errors.append(f"data.batch_size={config.data.batch_size} is not divisible by the "
                     f"{num_processes} processes")
   shards = config.data.shards
-  if shards:
-    if get_key(config, "task") not in ("pretrain", "sft"):
+  if shards and ok("data.shards", "data.batch_size"):
+    if config.task not in ("pretrain", "sft"):
       errors.append(f"data.shards={shards}: only pretrain and sft split their data into "
-                    f"shards; leave it 0 for task={get_key(config, 'task')!r}")
+                    f"shards; leave it 0 for task={config.task!r}")
     elif shards % num_processes or config.data.batch_size % shards:
       errors.append(f"data.shards={shards} must be a multiple of the {num_processes} "
                     f"process(es) and divide data.batch_size={config.data.batch_size}")
 
-  if get_key(config, "task") == "eval":
+  if config.task == "eval":
     if not config.eval.model:
       errors.append("eval.model: empty; name the checkpoint to evaluate (a jaxlm run or a "
                     "Hugging Face directory)")
@@ -444,11 +635,10 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       errors.append(f"eval.model: no such path {config.eval.model!r}")
     if not (config.eval.tasks or config.eval.text or config.eval.pairs):
       errors.append("eval.tasks / eval.text / eval.pairs: all empty; nothing to evaluate")
-  if "eval" in config:
-    errors += eval_errors(config.eval)
-  for key in ("data.train", "data.eval") if get_key(config, "task") != "eval" else ():
+  errors += _eval_path_errors(config.eval)
+  for key in ("data.train", "data.eval") if config.task != "eval" else ():
     spec = get_key(config, key)
-    if spec and is_prepared(spec):
+    if spec and _prepared(is_prepared, spec):
       pass  # a prepared corpus (tools/prepare_data.py); its sources are checked when read
     elif spec and spec.strip().startswith("builtin:"):
       pass  # generated data (jaxlm.data.sft.BUILTINS), checked when the task builds it
@@ -457,13 +647,12 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       check(lambda spec=spec, key=key: parse_tfds_spec(spec, key))
     elif spec:
       check(lambda spec=spec, key=key: expand_globs(spec, key))
-  if (not get_key(config, "data.train") and "data" in config and "train" in config.data
-      and get_key(config, "task") != "eval"):
+  if not config.data.train and config.task != "eval":
     errors.append("data.train: empty; give one or more comma-separated globs")
-  if get_key(config, "data.mixture"):
+  if config.data.mixture:
     from jaxlm.data.lm import parse_mixture  # pylint: disable=import-outside-toplevel
     check(lambda: parse_mixture(config.data.mixture))
-    if not is_prepared(config.data.train):
+    if not _prepared(is_prepared, config.data.train):
       errors.append("data.mixture: set, but data.train is not a prepared corpus (a directory "
                     "with prepared.json), so there are no sources to weigh")
   if config.data.tokenizer and not os.path.isfile(config.data.tokenizer):
@@ -473,8 +662,14 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
   return errors
 
 
-def eval_errors(e) -> list[str]:
-  """Problems of an eval section (`@stage` paths are a pipeline's, checked when it runs)."""
+def _prepared(is_prepared, spec: str) -> bool:
+  try:
+    return bool(spec) and is_prepared(spec)
+  except (ValueError, OSError):  # not a readable directory (a NUL byte, a name too long)
+    return False
+
+
+def _eval_path_errors(e) -> list[str]:
   errors = []
   for key in ("tasks", "text", "pairs"):
     spec = e[key].strip()
@@ -486,15 +681,24 @@ def eval_errors(e) -> list[str]:
   for key in ("reward_model", "baseline", "reference"):
     if e[key] and not e[key].startswith("@") and not os.path.exists(e[key]):
       errors.append(f"eval.{key}: no such path {e[key]!r}")
+  return errors
+
+
+def eval_errors(e) -> list[str]:
+  """Problems of an eval section (`@stage` paths are a pipeline's, checked when it runs)."""
+  errors = _eval_path_errors(e)
   for key in ("batch_size", "seq_len", "max_new_tokens"):
     if not e[key] > 0:
       errors.append(f"eval.{key}={e[key]}: must be > 0")
   for key in ("max_tasks", "text_batches", "temperature", "top_k", "show"):
-    if e[key] < 0:
+    if not e[key] >= 0:
       errors.append(f"eval.{key}={e[key]}: must be >= 0")
   if not 0 < e.top_p <= 1:
     errors.append(f"eval.top_p={e.top_p}: must be in (0, 1]")
-  return errors
+  if e.chat_template not in _CHOICES["eval.chat_template"]:
+    errors.append(f"eval.chat_template={e.chat_template!r}: must be one of "
+                  f"{', '.join(repr(c) for c in _CHOICES['eval.chat_template'])}")
+  return [one_line(x) for x in errors]
 
 
 def parse_arg(arg: str | None, choices: dict | None = None, **defaults):
@@ -506,35 +710,138 @@ def parse_arg(arg: str | None, choices: dict | None = None, **defaults):
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep or key not in defaults:
-      raise ConfigError(f"config arg {item!r}: expected one of "
-                        f"{', '.join(f'{k}=...' for k in defaults)}")
-    out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+      raise ConfigError(one_line(f"config arg {item!r}: expected one of "
+                                 f"{', '.join(f'{k}=...' for k in defaults)}"))
+    kind = type(defaults[key])
+    if defaults[key] is None or kind is str:
+      out[key] = value
+    elif kind is bool:
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(one_line(f"config arg {key}={value!r}: must be true or false"))
+      out[key] = value.lower() in ("true", "1")
+    else:
+      try:
+        out[key] = kind(value)
+      except (TypeError, ValueError):
+        raise ConfigError(one_line(f"config arg {key}={value!r}: must be "
+                                   f"{'an integer' if kind is int else 'a ' + kind.__name__}")) from None
   for key, allowed in (choices or {}).items():
     if out[key] not in allowed:
-      raise ConfigError(f"config arg {key}={out[key]!r}: must be one of {', '.join(allowed)}")
+      raise ConfigError(one_line(f"config arg {key}={out[key]!r}: must be one of "
+                                 f"{', '.join(map(str, allowed))}"))
   return out
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, where every problem is one line and exit status 2: a bad value,
-  an unknown flag, or an override naming a key the locked config lacks (which
-  ml_collections raises as KeyError/AttributeError, with a traceback).
-  Pass as `app.run(main, flags_parser=parse_flags)`."""
-  import sys  # pylint: disable=import-outside-toplevel
+def parse_config_flags(argv: list[str], flag_values=None) -> list[str]:
+  """absl's parsing of `argv` into `flag_values` (absl's FLAGS by default), where every
+  problem is a ConfigError of one line naming the flag, the key or the config file:
+  a bad value or an unknown flag (absl's message), an override naming a key the locked
+  config lacks (ml_collections raises KeyError/AttributeError), a config file that is
+  missing (ml_collections defers that to the config's first use) or whose loading or
+  `get_config(ARG)` fails (ml_collections embeds the whole traceback)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections.config_flags.config_flags import (  # pylint: disable=import-outside-toplevel
+      ConfigFileFlagParser)
+  fv = flags.FLAGS if flag_values is None else flag_values
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # a bad value or an unknown flag: absl's message is one line
+    rest = fv(argv)
+    for name in list(fv):  # a config file that failed to load raises on first use
+      if isinstance(fv[name].parser, ConfigFileFlagParser) and fv[name].present:
+        getattr(fv[name].value, "lock", None)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(one_line(_parse_error(e, argv))) from None
+  return rest
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """`parse_config_flags` for a command line: each problem is printed as one line,
+  `config error: ...`, and the exit status is 2. Pass as
+  `app.run(main, flags_parser=parse_flags)`."""
+  import sys  # pylint: disable=import-outside-toplevel
+  try:
+    return parse_config_flags(argv)
+  except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
-  except (KeyError, AttributeError) as e:
-    # ml_collections nests the key in quotes, sometimes with a "Did you mean" line.
-    text = str(e).encode().decode("unicode_escape")
+
+
+def _chain(e):
+  """`e` and the exceptions it was raised from or while handling, outermost first."""
+  seen = []
+  while e is not None and e not in seen:
+    seen.append(e)
+    e = e.__cause__ if e.__cause__ is not None else (
+        None if e.__suppress_context__ else e.__context__)
+  return seen
+
+
+def _config_file_load(chain):
+  """(flag name, `FILE[:ARG]`) when an exception in `chain` passed through ml_collections'
+  loading of a config file; else None."""
+  from ml_collections.config_flags.config_flags import (  # pylint: disable=import-outside-toplevel
+      ConfigFileFlagParser)
+  for exc in chain:
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+      if frame.f_code is ConfigFileFlagParser.parse.__code__:
+        parser, path = frame.f_locals.get("self"), frame.f_locals.get("path")
+        return getattr(parser, "name", "config"), str(path)
+  return None
+
+
+def _override_in_progress(chain) -> str | None:
+  """The dotted key of the override ml_collections was resolving when it raised."""
+  path = None
+  for exc in chain:
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+      if "ml_collections" in frame.f_code.co_filename:
+        found = frame.f_locals.get("field_path", frame.f_locals.get("override"))
+        path = found if isinstance(found, str) else path
+  return path
+
+
+def _parse_error(e, argv) -> str:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  chain = _chain(e)
+  loading = _config_file_load(chain)
+  if loading:
+    name, spec = loading
+    file = spec.split(":", 1)[0]
+    # ml_collections re-raises get_config's error as its own type with the traceback
+    # embedded: the innermost ConfigError (or exception) is the one that says what's wrong
+    root = next((x for x in reversed(chain) if isinstance(x, ConfigError)), chain[-1])
+    if isinstance(root, OSError) and not os.path.isfile(file):
+      why = "is a directory, not a config file" if os.path.isdir(file) else "no such file"
+      return f"--{name}={spec}: {why}"
+    if isinstance(root, ConfigError):
+      return f"--{name}={spec}: {root}"
+    where = getattr(root, "lineno", None) if isinstance(root, SyntaxError) else None
+    for frame, lineno in traceback.walk_tb(root.__traceback__):
+      if os.path.abspath(frame.f_code.co_filename) == os.path.abspath(file):
+        where = lineno
+    text = root.msg if isinstance(root, SyntaxError) else str(root)
+    text = text.strip().splitlines()[0] if text.strip() else ""
+    return (f"--{name}={spec}: {type(root).__name__}: {text}"
+            + (f" (line {where})" if where else ""))
+  if isinstance(e, flags.Error):  # a bad value or an unknown flag: absl's message
+    return str(e)
+  path = _override_in_progress(chain)
+  if isinstance(e, (KeyError, AttributeError, TypeError, IndexError)) and (
+      path or not isinstance(e, (TypeError, IndexError))):
+    # an override naming a key the config lacks: ml_collections nests the key in quotes,
+    # sometimes with a "Did you mean" line
+    text = str(e).encode().decode("unicode_escape", errors="replace")
+    lookup = re.search(r"Attempting to lookup: ([\w.]+)", text)
+    path = path or (lookup.group(1) if lookup else None)
+    flag_args = [a.split("=")[0] for a in argv[1:] if a.startswith("-")]
+    if path and (lookup or isinstance(e, (TypeError, IndexError))):  # a key below a value
+      culprit = next((a for a in flag_args if a.endswith("." + path)), f"--config.{path}")
+      return (f"{culprit}: the config has no key {path!r} ({path.rsplit('.', 1)[0]} is a "
+              f"value, not a section)")
     words = re.findall(r"[A-Za-z0-9_]+", text)
     key = words[0] if words else "?"
     hint = re.search(r'Did you mean "([^"]+)"', text)
-    culprits = [a.split("=")[0] for a in argv[1:]
-                if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-    print(f"config error: {', '.join(culprits) or 'an override'}: the config has no key "
-          f"{key!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else ""), file=sys.stderr)
-    sys.exit(2)
+    culprits = ([a for a in flag_args if a.endswith("." + path)] if path else []) or [
+        a for a in flag_args if "." in a and key in a.split(".")[1:]]
+    return (f"{', '.join(culprits) or 'an override'}: the config has no key {key!r}"
+            + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+  return (f"--config.{path}: " if path else "") + f"{type(e).__name__}: {e}"

@@ -15,12 +15,17 @@ import os
 
 import numpy as np
 
-from jaxlm.config import ConfigError, model_config
+from jaxlm.config import ConfigError, model_config, model_errors, one_line
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
-_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth",
-            "tf_model.h5", "flax_model.msgpack")
+# Weight formats jaxlm never reads. Pickle-based ones (torch.save, Meta's consolidated.*.pth,
+# joblib) can run code when loaded; the others it just doesn't read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
+OTHER_SUFFIXES = {".h5": "a TensorFlow format", ".msgpack": "a Flax format",
+                  ".gguf": "a llama.cpp format"}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# The first bytes of a pickle (protocol 2-5) and of torch.save's zip archive (a pickle inside)
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
 
 class HFError(ConfigError):
@@ -28,11 +33,47 @@ class HFError(ConfigError):
   file (a ConfigError, so the launcher prints it as one line)."""
 
 
+def refused_format(name: str) -> str | None:
+  """Why jaxlm never loads a weights file of this name (its format), or None: pickle-based
+  formats (`pytorch_model.bin`, `consolidated.00.pth`, `model.pt`, ...) and their index
+  files, TensorFlow's .h5, Flax's .msgpack, .gguf."""
+  base = name[:-len(".index.json")] if name.endswith(".index.json") else name
+  suffix = os.path.splitext(base)[1].lower()
+  if suffix in PICKLE_SUFFIXES:
+    return "a pickle-based format, which jaxlm never loads"
+  if suffix in OTHER_SUFFIXES:
+    return f"{OTHER_SUFFIXES[suffix]}, which jaxlm does not read"
+  return None
+
+
+def _refused_files(path: str) -> list[str]:
+  """The weights files in `path` jaxlm refuses, the likeliest weights first."""
+  try:
+    names = sorted(os.listdir(path))
+  except OSError:
+    return []
+  found = [n for n in names if refused_format(n) and os.path.isfile(os.path.join(path, n))]
+  return sorted(found, key=lambda n: not n.startswith(("pytorch_model", "model",
+                                                        "consolidated", "tf_model",
+                                                        "flax_model")))
+
+
 def is_hf_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and (
-      os.path.isfile(os.path.join(path, "model.safetensors"))
-      or os.path.isfile(os.path.join(path, SAFETENSORS_INDEX))
-      or any(os.path.isfile(os.path.join(path, p)) for p in _PICKLES))
+  """A folder with config.json and weights in a Hugging Face layout: safetensors, or, when
+  config.json is a Hugging Face one (it names a `model_type`; a jaxlm run's does not), a
+  format jaxlm refuses (so that the refusal, not a "no checkpoint" error, is what's said)."""
+  config = os.path.join(path, "config.json")
+  if not os.path.isfile(config):
+    return False
+  if (os.path.isfile(os.path.join(path, "model.safetensors"))
+      or os.path.isfile(os.path.join(path, SAFETENSORS_INDEX))):
+    return True
+  if not _refused_files(path):
+    return False
+  try:
+    return "model_type" in read_json(config)
+  except HFError:
+    return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -51,7 +92,23 @@ def _rope(hf: dict) -> tuple[float, dict]:
 
 
 def model_config_from_hf(hf: dict, where: str = "config.json"):
-  """A jaxlm model config (float32 compute, as stored) from a HF config.json dict."""
+  """A jaxlm model config (float32 compute, as stored) from a HF config.json dict; HFError
+  naming `where` when a field is missing, mistyped or out of range."""
+  try:
+    m = _model_config_from_hf(hf, where)
+  except HFError:
+    raise
+  except KeyError as e:
+    raise HFError(one_line(f"{where}: no {e.args[0]!r} field")) from None
+  except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type
+    raise HFError(one_line(f"{where}: {e}")) from None
+  errors = model_errors(m)
+  if errors:
+    raise HFError(f"{where}: {errors[0]} (as read from it)")
+  return m
+
+
+def _model_config_from_hf(hf: dict, where: str):
   kind = hf.get("model_type")
   if kind in LLAMA_TYPES:
     if hf.get("hidden_act", "silu") != "silu":
@@ -183,24 +240,65 @@ def _to_hf(x: np.ndarray, kind: str, hf_shape: tuple) -> np.ndarray:
 # Reading and writing
 
 
+def read_json(path: str) -> dict:
+  """A JSON object from `path`, or HFError naming the file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      out = json.load(f)
+  except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+    raise HFError(one_line(f"{path}: not a readable JSON file ({e})")) from None
+  if not isinstance(out, dict):
+    raise HFError(f"{path}: not a JSON object")
+  return out
+
+
+def open_safetensors(file: str):
+  """A safetensors file opened for reading (nothing in it is executed: a JSON header and
+  raw tensor bytes), or HFError naming it: a pickle renamed .safetensors, a truncated
+  or foreign file."""
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  why = refused_format(file)
+  if why:
+    raise HFError(f"{file}: {why}: convert it to safetensors first")
+  try:
+    with open(file, "rb") as f:
+      head = f.read(8)
+  except OSError as e:
+    raise HFError(one_line(f"{file}: can't read it ({e.strerror or e})")) from None
+  if head.startswith(_PICKLE_MAGIC):
+    raise HFError(f"{file}: not a safetensors file but a pickle (torch.save), which jaxlm "
+                  f"never loads: convert it to safetensors first")
+  try:
+    return safe_open(file, framework="numpy")
+  except Exception as e:  # pylint: disable=broad-except  (SafetensorError, OSError, ...)
+    raise HFError(one_line(f"{file}: not a readable safetensors file ({e})")) from None
+
+
 class _Tensors:
   """Lazy access to the tensors of single or sharded safetensors files."""
 
   def __init__(self, path: str):
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
     index = os.path.join(path, SAFETENSORS_INDEX)
     if os.path.isfile(index):
-      with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict) or not weight_map or not all(
+          isinstance(f, str) for f in weight_map.values()):
+        raise HFError(f"{index}: no weight_map of tensor names to files")
+      for f in set(weight_map.values()):
+        if os.path.basename(f) != f or not f.endswith(".safetensors"):
+          raise HFError(one_line(f"{index}: weight_map names {f!r}; jaxlm reads only "
+                                 f".safetensors files beside the index"))
+        if not os.path.isfile(os.path.join(path, f)):
+          raise HFError(one_line(f"{index}: names {f!r}, which is not in {path}"))
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
       weight_map = None
     else:
-      found = [p for p in _PICKLES if os.path.isfile(os.path.join(path, p))]
+      found = _refused_files(path)
       raise HFError(f"{path}: no model.safetensors or {SAFETENSORS_INDEX}"
-                    + (f"; {found[0]} is a pickle-based format, which jaxlm never loads: "
-                       f"convert it to safetensors first" if found else ""))
+                    + (f"; {found[0]} is {refused_format(found[0])}: convert it to "
+                       f"safetensors first" if found else ""))
     files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-    self.handles = {f: safe_open(os.path.join(path, f), framework="numpy") for f in files}
+    self.handles = {f: open_safetensors(os.path.join(path, f)) for f in files}
     self.where = {}
     for f, h in self.handles.items():
       for k in h.keys():
@@ -210,7 +308,11 @@ class _Tensors:
   def get(self, name: str) -> np.ndarray:
     for candidate in (name, "transformer." + name, name.removeprefix("transformer.")):
       if candidate in self.where:
-        return self.handles[self.where[candidate]].get_tensor(candidate)
+        file = os.path.join(self.path, self.where[candidate])
+        try:
+          return self.handles[self.where[candidate]].get_tensor(candidate)
+        except Exception as e:  # pylint: disable=broad-except  (a truncated file, a dtype numpy lacks)
+          raise HFError(one_line(f"{file}: can't read tensor {candidate!r} ({e})")) from None
     raise HFError(f"{self.path}: tensor {name!r} is missing")
 
 
@@ -220,8 +322,7 @@ def load_hf(path: str, param_dtype: str | None = None):
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise HFError(f"{path}: no config.json; not a Hugging Face model directory")
-  with open(config_path, encoding="utf-8") as f:
-    hf = json.load(f)
+  hf = read_json(config_path)
   m = model_config_from_hf(hf, config_path)
   tensors = _Tensors(path)
   stored = hf.get("dtype") or hf.get("torch_dtype") or "float32"
@@ -234,15 +335,23 @@ def load_hf(path: str, param_dtype: str | None = None):
     import ml_dtypes  # pylint: disable=import-outside-toplevel
     return x.astype(dtype if dtype is not None else ml_dtypes.bfloat16)
 
+  def convert(hf_name, kind, shape):
+    x = tensors.get(hf_name)
+    try:
+      return cast(_to_jaxlm(x, kind, shape))
+    except ValueError:  # the tensor's size disagrees with config.json's shape
+      raise HFError(f"{path}: tensor {hf_name!r} has shape {tuple(x.shape)}, which does not "
+                    f"fit the {tuple(shape)} that config.json implies") from None
+
   params = {}
   for name, (hf_name, kind) in names["top"].items():
-    params[name] = cast(_to_jaxlm(tensors.get(hf_name), kind, shapes[name][0]))
+    params[name] = convert(hf_name, kind, shapes[name][0])
   layers = {}
   for name, (pattern, kind) in names["layer"].items():
     if m.family == "gpt2" and name in ("wq", "wk", "wv", "bq", "bk", "bv"):
       continue
     shape = shapes["layers"][name][0][1:]
-    layers[name] = np.stack([cast(_to_jaxlm(tensors.get(pattern.format(i=i)), kind, shape))
+    layers[name] = np.stack([convert(pattern.format(i=i), kind, shape)
                              for i in range(m.num_layers)])
   if m.family == "gpt2":  # c_attn holds q, k, v side by side: [D, 3D] and [3D]
     H, K = m.num_heads, model.head_dim(m)
@@ -251,6 +360,10 @@ def load_hf(path: str, param_dtype: str | None = None):
       for i in range(m.num_layers):
         cw = tensors.get(f"h.{i}.attn.c_attn.weight")
         cb = tensors.get(f"h.{i}.attn.c_attn.bias")
+        if cw.shape != (m.d_model, 3 * H * K) or cb.shape != (3 * H * K,):
+          raise HFError(f"{path}: tensors 'h.{i}.attn.c_attn.*' have shapes "
+                        f"{tuple(cw.shape)} and {tuple(cb.shape)}, which do not fit the "
+                        f"({m.d_model}, {3 * H * K}) that config.json implies")
         ws.append(cast(cw[:, part * H * K:(part + 1) * H * K].reshape(-1, H, K)))
         bs.append(cast(cb[part * H * K:(part + 1) * H * K].reshape(H, K)))
       layers[w], layers[b] = np.stack(ws), np.stack(bs)
@@ -375,8 +488,7 @@ def load_jaxlm(jaxlm_path: str):
   workdir = find_workdir(params_dir)
   if workdir is None:
     raise HFError(f"{jaxlm_path}: no config.json in it or above it; can't tell the model shape")
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    run_config = json.load(f)
+  run_config = read_json(os.path.join(workdir, "config.json"))
   if run_config.get("task") == "reward":
     raise HFError(f"{jaxlm_path}: a reward model (a scalar head, no output projection); "
                   f"load it with jaxlm.reward.load")

@@ -102,6 +102,16 @@ def _fingerprint(examples, group: int, source: str) -> str:
   return h.hexdigest()[:16]
 
 
+def _load_npy(path: str) -> np.ndarray:
+  """A saved array of reference log-probs; never a pickle (numpy refuses those here)."""
+  try:
+    return np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"dpo.reference=precomputed: {path} is not a readable array file "
+                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete it "
+                      f"to compute it again") from None
+
+
 def precompute_reference(config, workdir: str, sharder, data: PreferenceData, source: str,
                          chunk_batches: int = 16) -> None:
   """Attach `reference_logps` (one per response) to every train and eval record.
@@ -127,7 +137,7 @@ def precompute_reference(config, workdir: str, sharder, data: PreferenceData, so
       continue
     path = os.path.join(folder, f"{split}-{_fingerprint(examples, data.group, source)}.npy")
     if os.path.isfile(path):
-      attach(examples, np.load(path, allow_pickle=False), path)
+      attach(examples, _load_npy(path), path)
       print(f"reference log-probs for {split}: {path}", flush=True)
     else:
       pending.append((split, examples, path))
@@ -149,7 +159,7 @@ def precompute_reference(config, workdir: str, sharder, data: PreferenceData, so
       end = min(begin + chunk, len(examples))
       part = os.path.join(parts, f"{begin:09d}-{end:09d}.npy")
       if os.path.isfile(part):
-        values.append(np.load(part, allow_pickle=False))
+        values.append(_load_npy(part))
         continue
       out = []
       for start in range(begin, end, rows_per_pass):
