@@ -1,9 +1,15 @@
 """orbax checkpoints of the whole train state, plus every process's data-iterator state.
 
 A checkpoint step directory holds four items: `params`, `opt_state`, `train`
-(step and RNG) and `data` (JSON: one grain iterator state per process). Parameters
-are a separate item so later stages can start from them (`init_from`) without the
-optimizer that produced them.
+(step, RNG and the count of skipped updates) and `data` (JSON: one grain iterator state
+per process). Parameters are a separate item so later stages can start from them
+(`init_from`) without the optimizer that produced them.
+
+orbax writes each step into a temporary directory and renames it when complete, so a
+write cut short never looks like a checkpoint (leftovers are removed at the next start).
+A step directory that is there but unreadable (truncated or missing files) is passed
+over on resume for the newest one that restores (`restore_latest`), and moved aside,
+never deleted.
 """
 
 from __future__ import annotations
@@ -19,6 +25,17 @@ from jax.experimental import multihost_utils
 from jaxlm.config import ConfigError
 
 ITEMS = ("params", "opt_state", "train", "data")
+TRAIN_KEYS = ("step", "rng", "skipped", "consecutive_skips")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or none could be read; one line."""
+
+
+def _reason(e: BaseException) -> str:
+  """An exception as one line: its type and the first line of its message."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _abstract(tree):
@@ -49,31 +66,55 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.saved = []  # steps this process asked to save, in order
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: dict, data_state: dict | None):
-    """Start saving `state` at `step` (returns before the write finishes when async)."""
+    """Start saving `state` at `step` (returns before the write finishes when async).
+    A failed write (a full disk) raises CheckpointError; the step directories already
+    complete are left as they were. With async saves, a failure shows at the next save,
+    `wait` or `close`."""
     data = {"processes": gather_process_states(data_state)} if data_state is not None else {}
-    self.manager.save(step, force=True, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]),
-        opt_state=ocp.args.StandardSave(state["opt_state"]),
-        train=ocp.args.StandardSave({"step": state["step"], "rng": state["rng"]}),
-        data=ocp.args.JsonSave(data)))
+    self.wait()  # the previous write's failure, if any, is reported as its own
+    try:
+      self.manager.save(step, force=True, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state["params"]),
+          opt_state=ocp.args.StandardSave(state["opt_state"]),
+          train=ocp.args.StandardSave({k: state[k] for k in TRAIN_KEYS}),
+          data=ocp.args.JsonSave(data)))
+    except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
+      self._failed(step, e)
+    self.saved.append(step)
+
+  def _failed(self, step: int, e: Exception):
+    previous = self.manager.latest_step()  # complete step directories only
+    kept = f"step {previous} is the newest complete one" if previous else "none is complete"
+    raise CheckpointError(f"writing checkpoint {self.directory}/{step} failed ({_reason(e)}); "
+                          f"{kept}, kept as it was") from e
 
   def restore(self, step: int, like_state: dict) -> tuple[dict, dict | None]:
     """Restore into the shapes and shardings of `like_state` (arrays or abstract)."""
     target = _abstract(like_state)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target["params"]),
-        opt_state=ocp.args.StandardRestore(target["opt_state"]),
-        train=ocp.args.StandardRestore({"step": target["step"], "rng": target["rng"]}),
-        data=ocp.args.JsonRestore()))
-    state = {"params": out.params, "opt_state": out.opt_state, "step": out.train["step"],
-             "rng": out.train["rng"]}
+    def restore(keys):
+      return self.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(target["params"]),
+          opt_state=ocp.args.StandardRestore(target["opt_state"]),
+          train=ocp.args.StandardRestore({k: target[k] for k in keys}),
+          data=ocp.args.JsonRestore()))
+    try:
+      out = restore(TRAIN_KEYS)
+    except Exception as e:  # pylint: disable=broad-except
+      try:  # written before the skip counters existed: they start from zero
+        out = restore(TRAIN_KEYS[:2])
+      except Exception:  # pylint: disable=broad-except
+        raise e from None
+    state = {"params": out.params, "opt_state": out.opt_state,
+             **{k: out.train.get(k, like_state[k]) for k in TRAIN_KEYS}}
     processes = (out.data or {}).get("processes")
     if processes and len(processes) != jax.process_count():
       raise ConfigError(f"checkpoint {self.directory}/{step} holds data positions for "
@@ -82,12 +123,58 @@ class Checkpointer:
     data_state = processes[jax.process_index()] if processes else None
     return state, data_state
 
+  def restore_latest(self, like_state: dict, say) -> tuple[int | None, dict, dict | None]:
+    """The newest checkpoint that restores: (step, state, data_state), or (None,
+    like_state, None) when there is none. A newer step directory that fails to restore
+    while an older one succeeds is unreadable (cut short, files missing): `say` reports
+    it in one line and it is moved aside to `<step>.unreadable`, never deleted. When no
+    step restores (a config that no longer matches them, say), nothing is moved and
+    CheckpointError names the newest's failure."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failed = []
+    for step in steps:
+      try:
+        state, data_state = self.restore(step, like_state)
+      except ConfigError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
+        failed.append((step, e))
+        say(f"checkpoint {self.directory}/{step} is unreadable ({_reason(e)})"
+            + (f"; trying step {steps[len(failed)]}" if len(failed) < len(steps) else ""))
+        continue
+      for bad, _ in failed:
+        self._move_aside(bad, say)
+      return step, state, data_state
+    if failed:
+      step, e = failed[0]
+      raise CheckpointError(f"no checkpoint under {self.directory} restores; the newest, step "
+                            f"{step}: {_reason(e)}") from e
+    return None, like_state, None
+
+  def _move_aside(self, step: int, say):
+    src = os.path.join(self.directory, str(step))
+    dst = f"{src}.unreadable"
+    if jax.process_index() == 0:
+      n = 1
+      while os.path.exists(dst):
+        dst, n = f"{src}.unreadable{n}", n + 1
+      os.rename(src, dst)
+      say(f"moved {src} aside to {dst}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"move aside checkpoint {step}")
+    self.manager.reload()
+
   def wait(self):
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(self.saved[-1] if self.saved else -1, e)
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def find_params_dir(path: str) -> str:

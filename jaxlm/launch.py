@@ -89,6 +89,8 @@ def main(argv):
   from jaxlm import sharding, tasks  # pylint: disable=import-outside-toplevel
   from jaxlm.config import ConfigError, validate  # pylint: disable=import-outside-toplevel
   from jaxlm.data.sft import DataError  # pylint: disable=import-outside-toplevel
+  from jaxlm.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+  from jaxlm.loop import TrainingError  # pylint: disable=import-outside-toplevel
 
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
@@ -142,6 +144,12 @@ def main(argv):
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
     sys.exit(2)
+  except (TrainingError, CheckpointError) as e:  # the checkpoints written so far stay
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except OSError as e:  # a full disk, a vanished mount: the file and the reason
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def run():

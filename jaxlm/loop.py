@@ -7,6 +7,7 @@ accumulation, metrics, evaluation, checkpoints and SIGTERM.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -63,7 +64,8 @@ def make_sharder(config) -> sharding.Sharder:
 
 
 def state_shardings(sharder, param_axes, abstract_state):
-  """Shardings for {params, opt_state, step, rng}: optimizer moments follow their params."""
+  """Shardings for the train state: optimizer moments follow their params; the step, RNG
+  and counters are replicated."""
   params_sh = sharder.tree(param_axes, abstract_state["params"])
   params_def = jax.tree.structure(abstract_state["params"])
   replicated = sharder.sharding(())
@@ -76,7 +78,8 @@ def state_shardings(sharder, param_axes, abstract_state):
 
   opt_sh = jax.tree.map(lambda x: params_sh if is_param_like(x) else replicated,
                         abstract_state["opt_state"], is_leaf=is_param_like)
-  return {"params": params_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
+  return {"params": params_sh, "opt_state": opt_sh,
+          **{k: replicated for k in abstract_state if k not in ("params", "opt_state")}}
 
 
 def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
@@ -87,12 +90,12 @@ def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
 
   def update(params, opt_state, count, frozen, batch, step_rng):
     def grads_and_sums(params, batch, rng):
-      (_, sums), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng,
-                                                                        frozen)
-      return grads, sums
+      (objective, sums), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+          params, batch, rng, frozen)
+      return grads, (objective, sums)
 
     if accum_steps == 1:
-      grads, sums = grads_and_sums(params, batch, step_rng)
+      grads, (objective, sums) = grads_and_sums(params, batch, step_rng)
     else:
       # Microbatch i takes rows i, i+A, i+2A, ...: every device keeps an equal share.
       def split(x):
@@ -110,13 +113,24 @@ def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
       zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32),
                            jax.eval_shape(grads_and_sums, params, jax.tree.map(lambda x: x[0], micro),
                                           step_rng))
-      (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+      (grads, (objective, sums)), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    # Each gradient's sum of squares: the norm, and which gradient went non-finite first.
+    squares = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32)))
+                         for g in jax.tree.leaves(grads)])
+    finite = jnp.isfinite(squares)
+    ok = jnp.isfinite(objective) & jnp.all(finite)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    # A non-finite loss or gradient skips the update: params and optimizer state stay.
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
+    opt_state = jax.tree.map(keep, new_opt_state, opt_state)
     out = {k: v / weight for k, v in sums.items() if k != "weight"}
-    out.update(weight=sums["weight"], grad_norm=optax.tree.norm(grads), lr=lr_schedule(count))
-    return optax.apply_updates(params, updates), opt_state, out
+    out.update(weight=sums["weight"], grad_norm=jnp.sqrt(jnp.sum(squares)), lr=lr_schedule(count),
+               nonfinite=(~ok).astype(jnp.int32),
+               nonfinite_grad=jnp.where(ok, -1, jnp.argmin(finite)).astype(jnp.int32))
+    return params, opt_state, out
 
   def step_fn(state, frozen, batch, layout=None):
     with attention.fixed_layout(layout):
@@ -147,8 +161,14 @@ def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
           body, (state["params"], state["opt_state"]), (jnp.arange(updates_per_step), order))
       out = jax.tree.map(lambda x: jnp.mean(x, axis=0), outs)
       out["weight"] = jnp.sum(outs["weight"])
+      out["nonfinite"] = jnp.max(outs["nonfinite"])  # any update skipped
+      out["nonfinite_grad"] = jnp.max(outs["nonfinite_grad"])
+    skipped = out["nonfinite"]
+    consecutive = jnp.where(skipped > 0, state["consecutive_skips"] + 1, 0)
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
-                 "rng": rng}
+                 "rng": rng, "skipped": state["skipped"] + skipped,
+                 "consecutive_skips": consecutive}
+    out.update(skipped_steps=new_state["skipped"], consecutive_skips=consecutive)
     return new_state, out
 
   return step_fn
@@ -180,12 +200,14 @@ class _StopSignal:
 
   def __init__(self):
     self.requested = False
+    self.received = None  # time.monotonic() of the signal, or of the agreed stop
     self._previous = None
     self._multi = jax.process_count() > 1
 
   def should_stop(self, step: int) -> bool:
-    if self._multi:
-      return multihost_utils.reached_preemption_sync_point(step)
+    if self._multi and multihost_utils.reached_preemption_sync_point(step):
+      self.received = self.received or time.monotonic()
+      return True
     return self.requested
 
   def __enter__(self):
@@ -199,6 +221,7 @@ class _StopSignal:
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
+    self.received = self.received or time.monotonic()
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -297,8 +320,9 @@ def setup(config, task: Task, sharder: sharding.Sharder) -> Setup:
   def init_state(rng):
     params_rng, train_rng = jax.random.split(rng)
     params = task.init_params(params_rng)
-    return {"params": params, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": train_rng}
+    zero = jnp.zeros((), jnp.int32)
+    return {"params": params, "opt_state": tx.init(params), "step": zero, "rng": train_rng,
+            "skipped": zero, "consecutive_skips": zero}
 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init_state, rng)
@@ -324,8 +348,55 @@ def setup(config, task: Task, sharder: sharding.Sharder) -> Setup:
   return Setup(state, frozen_sh, train_step, eval_step)
 
 
+class TrainingError(RuntimeError):
+  """Training cannot go on (a non-finite loss under nan_policy="stop", too many skipped
+  updates); one line naming the step."""
+
+
+def _failpoint(name: str, step: int):
+  """Fault injection for tests (tests/faults): JAXLM_FAILPOINT=name:step kills this
+  process with SIGKILL when it reaches point `name` at `step`. Points: "step" (the step
+  dispatched, still running), "checkpoint" (its save started, the write in flight) and
+  "eval" (midway through an evaluation)."""
+  if os.environ.get("JAXLM_FAILPOINT") == f"{name}:{step}":
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _dump_nonfinite(workdir, step, m, params, host_batch) -> tuple[str, dict]:
+  """What a non-finite step leaves for diagnosis, under <workdir>/nonfinite/step_<N>:
+  report.json (loss, gradient norm, the first non-finite gradient and any non-finite
+  parameters, by tree path) and this process's batch as batch_p<i>.npz."""
+  out = os.path.join(workdir, "nonfinite", f"step_{step}")
+  os.makedirs(out, exist_ok=True)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  first = int(m["nonfinite_grad"])
+  bad_params = [p for p, x in zip(paths, jax.tree.leaves(params))
+                if x.is_fully_addressable and not np.all(np.isfinite(np.asarray(x, np.float32)))]
+  report = {"step": step, "loss": _finite_or_none(m.get("loss")),
+            "grad_norm": _finite_or_none(m.get("grad_norm")),
+            "first_nonfinite_gradient": paths[first] if first >= 0 else None,
+            "nonfinite_parameters": bad_params,
+            "consecutive_skips": int(m["consecutive_skips"])}
+  if jax.process_index() == 0:
+    checkpoint.write_json(os.path.join(out, "report.json"), report)
+  if host_batch is not None:
+    arrays = {k: np.asarray(v) for k, v in host_batch.items()
+              if not isinstance(v, jax.Array) or v.is_fully_addressable}
+    np.savez(os.path.join(out, f"batch_p{jax.process_index()}.npz"), **arrays)
+  return out, report
+
+
+def _finite_or_none(x):
+  return float(x) if x is not None and np.isfinite(float(x)) else None
+
+
 def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
   """Run (or resume) training; returns the last logged metrics."""
+  with _StopSignal() as stop:  # from here on, SIGTERM ends the run with a checkpoint
+    return _train(config, workdir, task, sharder, stop)
+
+
+def _train(config, workdir, task, sharder, stop) -> dict:
   total = config.steps
   rng = jax.random.PRNGKey(config.seed)
   s = setup(config, task, sharder)
@@ -335,11 +406,13 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
                                  keep=config.keep_checkpoints,
                                  async_save=config.async_checkpointing)
   data_iter = iter(task.train_data)
-  start = ckpt.latest_step()
-  log = metrics_lib.MetricsWriter(workdir, total_steps=total, start_step=start or 0,
+  notes = []  # said once the metrics writer exists (it keeps records up to the restored step)
+  start, state, data_state = ckpt.restore_latest(state, notes.append)
+  log = metrics_lib.MetricsWriter(workdir, total_steps=total, start_step=start,
                                   progress=config.progress)
+  for note in notes:
+    log.info(note)
   if start is not None:
-    state, data_state = ckpt.restore(start, state)
     if data_state is not None:
       data_iter.set_state(data_state)
     log.info(f"resumed from {ckpt.directory}/{start}")
@@ -363,7 +436,7 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
       raise ConfigError(f"init_from: {e}") from None
     log.info(f"frozen weights loaded from {task.frozen_source}")
 
-  if task.data_report:  # records read, used, skipped, truncated: once per run start
+  if task.data_report and start == 0:  # records read, used, skipped, truncated
     log.write(start, task.data_report, console=False)
   n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
   if frozen is not None:
@@ -377,16 +450,18 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
   peak = metrics_lib.peak_flops_per_device(config.peak_tflops)
   peak_total = peak * jax.device_count() if peak else None
 
-  def evaluate(params) -> dict:
+  def evaluate(params, step) -> dict:
     if task.eval_data is None or not config.eval_steps:
       return {}
     it = iter(task.eval_data())
     sums = None
-    for _ in range(config.eval_steps):
+    for i in range(config.eval_steps):
       b = next(it)
       s = eval_step(params, frozen, device_batch(b, sharder),
                     attention_layout(config, b, jax.process_count() > 1))
       sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+      if i == 0:
+        _failpoint("eval", step)
     if hasattr(it, "close"):
       it.close()
     sums = _host(sums)
@@ -396,26 +471,63 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
   # Dispatch is asynchronous, so the host clock means something only where the host has
   # waited for the device: throughput runs from one fetched step to the next.
   synced = {"step": start, "time": time.perf_counter()}
+  # Loss spikes: a logged loss over loss_spike_factor x the mean of the last
+  # loss_spike_window logged losses that were not spikes themselves (those kept from
+  # before a resume included, so a resumed run reports the same events).
+  spiked = {step for step, _ in log.history("event/loss_spike")}
+  recent = collections.deque((v for step, v in log.history("loss") if step not in spiked),
+                             maxlen=config.loss_spike_window)
 
   def log_step(step, m):
     m = _host(m)  # waits until `step` has finished
     now = time.perf_counter()
     steps, elapsed = step - synced["step"], now - synced["time"]
     synced.update(step=step, time=now)
-    m.pop("weight", None)
+    for k in ("weight", "nonfinite", "nonfinite_grad", "consecutive_skips"):
+      m.pop(k, None)
     m = task.summarize(m)
     tps = steps * task.tokens_per_batch / elapsed if steps > 0 and elapsed > 0 else None
     m["tokens_per_s"] = tps
     m["mfu"] = (tps * task.flops_per_token / peak_total) if (peak_total and tps) else None
     log.write(step, m)
+    loss = m.get("loss")
+    if loss is not None and np.isfinite(loss):
+      if config.loss_spike_factor and len(recent) >= min(5, recent.maxlen):
+        mean = float(np.mean(recent))
+        if mean > 0 and loss > config.loss_spike_factor * mean:
+          log.info(f"step {step}: loss spike, {loss:.4f} is {loss / mean:.1f}x the mean of "
+                   f"the last {len(recent)} logged losses ({mean:.4f})")
+          log.write(step, {"event/loss_spike": loss / mean}, console=False)
+          return m
+      recent.append(loss)
     return m
 
+  def check_finite(step, m, host_batch):
+    """After each step (read one step late, so the device keeps a step queued): a skipped
+    update is counted, and ends the run under nan_policy="stop" or past
+    max_skipped_steps in a row."""
+    m = jax.device_get({k: m[k] for k in ("nonfinite", "nonfinite_grad", "consecutive_skips",
+                                          "loss", "grad_norm") if k in m})
+    if not int(m["nonfinite"]):
+      return
+    run_of = int(m["consecutive_skips"])
+    if config.nan_policy == "skip" and run_of <= config.max_skipped_steps:
+      log.info(f"step {step}: non-finite loss or gradients; update skipped "
+               f"({run_of} in a row, at most {config.max_skipped_steps})")
+      return
+    where, report = _dump_nonfinite(workdir, step, m, state["params"], host_batch)
+    name = report["first_nonfinite_gradient"] or "none (the loss itself)"
+    why = ("nan_policy=stop" if config.nan_policy == "stop" else
+           f"{run_of} skipped updates in a row, over max_skipped_steps={config.max_skipped_steps}")
+    raise TrainingError(f"step {step}: non-finite loss ({m.get('loss')}) or gradients, first "
+                        f"non-finite gradient {name}; stopped ({why}); diagnostics in {where}")
+
   last = {}
-  pending, compiled = None, {}
+  pending, compiled, unchecked = None, {}, None
   stopped_by = None
   saved_step = start
   agree_on_end = jax.process_count() > 1 and config.data.on_exhausted == "stop"
-  with _StopSignal() as stop:
+  try:
     for step in range(start, total):
       if stop.should_stop(step):
         log.info(f"SIGTERM: saving checkpoint at step {step} and exiting")
@@ -439,11 +551,15 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
         compiled[layout] = train_step.lower(state, frozen, batch, layout).compile()
         _log_memory_plan(log, compiled[layout])
       state, m = compiled[layout](state, frozen, batch)
+      done = step + 1
+      _failpoint("step", done)
+      if unchecked is not None:
+        check_finite(*unchecked)
+      unchecked = (done, m, host_batch)
       if task.rollout is not None:  # the next rollout needs these params anyway
         jax.block_until_ready(m)
         rollout_metrics["time/update_s"] = time.perf_counter() - update_started
         m = {**m, **rollout_metrics}
-      done = step + 1
       if step == start:  # first step of this process: compile, measured apart
         jax.block_until_ready(m)
         log.info(f"first step (compile + run) took {time.perf_counter() - synced['time']:.1f}s")
@@ -456,25 +572,45 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
         if task.rollout is not None:  # the step has finished (the rollout waited for it)
           last = log_step(*pending)
           pending = None
-      if config.eval_every and (done % config.eval_every == 0 or done == total):
-        if pending is not None:
-          last = log_step(*pending)
-          pending = None
-        ev = evaluate(state["params"])
+      evaluate_now = config.eval_every and (done % config.eval_every == 0 or done == total)
+      saving = done % config.checkpoint_every == 0 and done < total
+      if (evaluate_now or saving) and unchecked is not None:
+        check_finite(*unchecked)  # nothing non-finite is evaluated or saved
+        unchecked = None
+      if (evaluate_now or saving) and pending is not None:  # its record before its checkpoint
+        last = log_step(*pending)
+        pending = None
+      if evaluate_now and not stop.requested:
+        ev = evaluate(state["params"], done)
         if ev:
           log.write(done, ev)
           last.update(ev)
         jax.block_until_ready(state["step"])
         synced.update(step=done, time=time.perf_counter())  # evaluation is not training time
-      if done % config.checkpoint_every == 0 and done < total:
+      if saving:
         ckpt.save(done, state, data_iter.get_state())
         saved_step = done
+        _failpoint("checkpoint", done)
       log.advance(done)
+    if unchecked is not None:
+      check_finite(*unchecked)
     if pending is not None:
       last = log_step(*pending)
     final = int(jax.device_get(state["step"]))
     if final != saved_step:
       ckpt.save(final, state, data_iter.get_state())
+    if stopped_by == "signal":
+      ckpt.wait()
+      took = time.monotonic() - stop.received
+      note = "" if took <= config.preemption_grace_s else (
+          f"; WARNING: over preemption_grace_s={config.preemption_grace_s:g}, so a "
+          f"preemption with that notice would have cut it short")
+      log.info(f"SIGTERM: checkpoint at step {final} complete {took:.1f}s after the "
+               f"signal{note}")
+  finally:
+    ckpt.close()  # the last write completes (or its failure is raised) before any exit
+    if hasattr(data_iter, "close"):
+      data_iter.close()
   peak = _peak_device_memory()
   if peak is not None:
     log.info(f"peak device memory: {peak / 2**30:.2f} GiB (device 0)")
@@ -485,9 +621,6 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     log.info("tokens consumed per source: " + ", ".join(
         f"{n} {v:,} ({100 * v / total_tokens:.1f}%)" for n, v in consumed.items()))
     log.write(final, {f"tokens_consumed/{n}": v for n, v in consumed.items()}, console=False)
-  ckpt.close()
-  if hasattr(data_iter, "close"):
-    data_iter.close()
   log.close()
   if jax.process_index() == 0:  # what a pipeline or a sweep reads back
     summary = {"step": final, "steps": total, "finished": final >= total,

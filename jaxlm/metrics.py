@@ -43,10 +43,14 @@ def _fmt_eta(seconds: float) -> str:
 class MetricsWriter:
   """Append-only metrics for one run directory."""
 
-  def __init__(self, workdir: str, *, total_steps: int, start_step: int, progress: str = "auto"):
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int | None,
+               progress: str = "auto"):
+    """`start_step`: the step a run resumes from (its records up to there are kept), or
+    None for a fresh start (records left by an earlier attempt are dropped)."""
     self.active = jax.process_index() == 0
     self.total_steps = total_steps
-    self.start_step = start_step
+    self.start_step = start_step or 0
+    self.kept = []
     self.t0 = time.time()
     self.bar = None
     self.tb = None
@@ -54,23 +58,42 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._truncate_after(start_step)
+    self._truncate_after(-1 if start_step is None else start_step)
     self.file = open(self.path, "a", encoding="utf-8")
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # purge_step: TensorBoard hides the events of steps after the restored one.
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                            purge_step=None if start_step is None else start_step + 1)
     use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
     if use_bar:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
       self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
 
   def _truncate_after(self, step: int):
-    """On resume, drop records of steps the restored checkpoint does not include."""
+    """On resume, drop records of steps the restored checkpoint does not include (all of
+    them on a fresh start), and a last line cut short by a crash. Rewritten whole: a
+    temporary file, renamed."""
     if not os.path.exists(self.path):
       return
-    with open(self.path, encoding="utf-8") as f:
-      kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(self.path, "w", encoding="utf-8") as f:
-      f.writelines(kept)
+    with open(self.path, encoding="utf-8", errors="replace") as f:
+      lines = f.readlines()
+    for i, line in enumerate(lines):
+      try:
+        record = json.loads(line)
+      except ValueError:
+        if line.strip():
+          print(f"{self.path}:{i + 1}: dropped a record cut short ({len(line)} characters)",
+                flush=True)
+        continue
+      if record.get("step", 0) <= step:
+        self.kept.append(record)
+    with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in self.kept)
+    os.replace(self.path + ".tmp", self.path)
+
+  def history(self, key: str) -> list[tuple[int, float]]:
+    """(step, value) of `key` in the records kept from before this start, in step order."""
+    return [(r["step"], r[key]) for r in self.kept if r.get(key) is not None]
 
   def advance(self, step: int):
     if self.bar is not None:
@@ -95,10 +118,9 @@ class MetricsWriter:
 
   def _console(self, step: int, r: dict):
     parts = []
-    if "loss" in r:
-      parts.append(f"loss {r['loss']:.4f}")
-    if "eval_loss" in r:
-      parts.append(f"eval_loss {r['eval_loss']:.4f}")
+    for key in ("loss", "eval_loss"):
+      if key in r:  # None: not finite
+        parts.append(f"{key} {r[key]:.4f}" if r[key] is not None else f"{key} non-finite")
     if r.get("tokens_per_s") is not None:
       parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
     if r.get("mfu") is not None:

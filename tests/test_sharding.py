@@ -122,8 +122,9 @@ def test_gradient_accumulation_equals_the_full_batch():
   task = loop.Task(init_params=None, param_axes=None, loss_fn=lm_loss_fn(cfg, 0.0, sharder),
                    train_data=None)
   params = model.init(cfg, jax.random.PRNGKey(0))
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-           "rng": jax.random.PRNGKey(0)}
+  zero = jnp.zeros((), jnp.int32)
+  state = {"params": params, "opt_state": tx.init(params), "step": zero,
+           "rng": jax.random.PRNGKey(0), "skipped": zero, "consecutive_skips": zero}
   outs = [jax.jit(loop.make_train_step(task, tx, lr, accum, sharder))(state, None, batch)
           for accum in (1, 2, 4)]
   for new_state, m in outs[1:]:
