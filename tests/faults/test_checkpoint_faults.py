@@ -88,6 +88,7 @@ def test_resume_passes_over_a_damaged_checkpoint(tmp_path, uninterrupted, damage
   jax.tree.map(np.testing.assert_array_equal, params(tmp_path)[1], params(uninterrupted)[1])
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_is_one_error_and_nothing_is_moved(tmp_path):
   run(tmp_path, steps=4)
   ckpts = tmp_path / "checkpoints"

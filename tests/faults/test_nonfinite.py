@@ -77,6 +77,7 @@ def test_stop_policy_stops_naming_the_step_and_gradient_after_a_dump(tmp_path, m
   assert not glob.glob(str(tmp_path / "checkpoints" / "[0-9]*"))  # nothing non-finite saved
 
 
+@pytest.mark.slow
 def test_too_many_skips_in_a_row_stop_the_run(tmp_path, monkeypatch):
   poison(monkeypatch, jnp.inf, every_batch=True)
   with pytest.raises(loop.TrainingError, match=r"^step 3: .*stopped \(3 skipped updates in a "
