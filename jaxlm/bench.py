@@ -29,7 +29,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import attention, generate, loop, metrics as metrics_lib, model
@@ -283,8 +282,9 @@ def _decode(spec: Spec, c) -> dict:
     if spec.profile_dir and i == 0:
       jax.profiler.stop_trace()
   median = statistics.median(times)
-  weight_bytes = sum(int(x.size) * (4 if "norm" in str(p) else jnp.dtype(c.model.dtype).itemsize)
-                     for p, x in jax.tree_util.tree_flatten_with_path(params)[0])
+  # What each decode step reads: the weights as the engine holds them for the loop.
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+      jax.eval_shape(lambda p: generate.compute_weights(p, c.model), params)))
   return dict(step_s=median, step_s_min=min(times), step_s_max=max(times),
               compile_s=max(first_s - median, 0.0), new_tokens_per_s=B * N / median,
               ms_per_token_step=1000 * median / N, tokens_per_step=B * N,

@@ -75,11 +75,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       continue
     stage = resolve_paths(config[name], os.getcwd())
     for key, _ in _at_paths(config[name]):  # not there yet: stand in an existing path
-      node = stage
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = "" if key == "data.tokenizer" else "."
+      config_lib.set_key(stage, key, "" if key == "data.tokenizer" else ".")
     errors += [f"{name}.{e}" for e in config_lib.validate(stage, num_devices, num_processes)]
   return errors
 

@@ -19,7 +19,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from jaxlm.config import base_config, model_config  # noqa: E402
+from jaxlm.config import base_config, model_config, set_key  # noqa: E402
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -54,11 +54,7 @@ def small_config(workdir_files=None, **overrides):
   c.optimizer.lr = 3e-3
   c.optimizer.warmup_steps = 5
   for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    setattr(node, leaf, value)
+    set_key(c, key, value)
   c.lock()
   return c
 
