@@ -24,7 +24,6 @@ every completion to `<workdir>/samples.jsonl`.
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import os
@@ -173,10 +172,8 @@ def evaluate_policy(e, policy, workdir: str, log=print) -> tuple[dict, list[dict
   records = loaded.examples[:e.max_tasks or None]
   if not records:
     raise ConfigError(f"eval.tasks={e.tasks!r}: no usable prompt record ({dict(loaded.counts)})")
-  skipped = {k: v for k, v in loaded.counts.items() if k.startswith("skipped_")}
-  if skipped:
-    log(f"eval.tasks: {loaded.counts['records']} records, {sum(skipped.values())} skipped "
-        + ", ".join(f"{k[8:]}: {v} (first at {loaded.first[k[8:]]})" for k, v in skipped.items()))
+  if loaded.skipped:
+    log(sft.summary("eval.tasks", loaded))
   metrics["tasks"] = len(records)
   tok, template = policy.tokenizer, policy.template
   stop = generate.stop_ids(tok, sft.end_of_turn(template))
@@ -246,14 +243,13 @@ def evaluate_reward_model(e, path: str, workdir: str, log=print) -> dict:
     return {}
   rm = reward.load(path)
   prompts, chosen, rejected = [], [], []
-  counted = sft.Examples([], collections.Counter(), {})  # for sft.summary's line
+  counted = sft.Examples()  # for sft.summary's line
   for f in _files(e.pairs, workdir, "eval.pairs"):
     for where, record in sft.read_records(f):
       counted.counts["records"] += 1
       pref = record if isinstance(record, str) else preference.to_preference(record)
       if isinstance(pref, str):  # counted with its place, as training data is
-        counted.counts[f"skipped_{pref}"] += 1
-        counted.first.setdefault(pref, where)
+        counted.skip(where, pref, "skip")
         continue
       counted.counts["used"] += 1
       for c, r, _ in pref.pairs:

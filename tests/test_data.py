@@ -31,10 +31,10 @@ def test_bad_jsonl_records_are_counted_with_file_and_line(tmp_path):
     Documents([str(path)], name="data.train")
   docs = Documents([str(path)], name="data.train", on_error="skip")
   assert [docs[i] for i in range(len(docs))] == ["good one", "good two"]
-  assert docs.read == 6 and docs.read == len(docs) + docs.skipped.total
-  assert docs.skipped.counts == {"invalid_json": 1, "missing_field_text": 1,
-                                 "wrong_type_text": 1, "empty": 1}
-  assert docs.skipped.first["invalid_json"] == f"{path}:2"
+  assert docs.read == 6 and docs.read == len(docs) + sum(docs.skipped.values())
+  assert docs.skipped == {"invalid_json": 1, "missing_field_text": 1,
+                          "wrong_type_text": 1, "empty": 1}
+  assert docs.first["invalid_json"] == f"{path}:2"
   assert docs.report("train") == {"data/train_records": 6, "data/train_used": 2,
                                   "data/train_skipped_invalid_json": 1,
                                   "data/train_skipped_missing_field_text": 1,
@@ -49,8 +49,8 @@ def test_text_paragraphs_and_undecodable_files(tmp_path):
   bad.write_bytes(b"ok\n\xff\xfe broken\n")
   docs = Documents([str(good), str(bad)], text_split="paragraph", on_error="skip")
   assert [docs[i] for i in range(len(docs))] == ["first para\nline two", "second para", "third\n"]
-  assert docs.skipped.counts == {"decode_error": 1}
-  assert docs.skipped.first["decode_error"] == f"{bad}:2"
+  assert docs.skipped == {"decode_error": 1}
+  assert docs.first["decode_error"] == f"{bad}:2"
 
 
 def test_no_usable_documents_is_an_error(tmp_path):

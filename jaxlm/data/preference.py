@@ -15,7 +15,6 @@ and line like SFT's.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import os
@@ -193,7 +192,7 @@ def load_groups(files: list[str], tok, template, *, max_ids: int, truncation: st
   """Every record of `files` -> tokenized groups, counted like SFT's examples (records,
   used, pairs, skipped_<reason>, truncated, dropped_*), with where each reason first
   occurred."""
-  out = sft.Examples([], collections.Counter(), {})
+  out = sft.Examples()
   for path in files:
     for where, record in sft.read_records(path):
       out.counts["records"] += 1
@@ -201,15 +200,7 @@ def load_groups(files: list[str], tok, template, *, max_ids: int, truncation: st
       group = pref if isinstance(pref, str) else tokenize_group(
           pref, tok, template, max_ids=max_ids, truncation=truncation)
       if isinstance(group, str):
-        if group.startswith("dropped_"):
-          out.counts[group] += 1
-          out.first.setdefault(group, where)
-          continue
-        if on_error == "raise":
-          raise sft.DataError(f"{where}: {group} (data.on_error=raise; 'skip' counts and "
-                              f"goes on)")
-        out.counts[f"skipped_{group}"] += 1
-        out.first.setdefault(group, where)
+        out.skip(where, group, on_error)
         continue
       group, truncated = group
       out.counts["truncated"] += truncated

@@ -10,7 +10,6 @@ dropped, and counted.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import numpy as np
@@ -72,7 +71,7 @@ def load_prompts(files: list[str], *, on_error: str, check=None, tok=None, templ
   `check(fields)` names what a record lacks for the reward functions (a reason), or None.
   With `tok`, each prompt's `ids` are rendered with `template` and, over `max_len`,
   truncated (counted `truncated`) or dropped (`dropped_too_long`) as `truncation` says."""
-  out = sft.Examples([], collections.Counter(), {})
+  out = sft.Examples()
   for path in files:
     for where, record in sft.read_records(path):
       out.counts["records"] += 1
@@ -80,17 +79,13 @@ def load_prompts(files: list[str], *, on_error: str, check=None, tok=None, templ
       if not isinstance(prompt, str) and check:
         prompt = check(prompt.fields) or prompt
       if isinstance(prompt, str):
-        if on_error == "raise":
-          raise sft.DataError(f"{where}: {prompt} (data.on_error=raise; 'skip' counts and goes on)")
-        out.counts[f"skipped_{prompt}"] += 1
-        out.first.setdefault(prompt, where)
+        out.skip(where, prompt, on_error)
         continue
       if tok is not None:
         ids = sft.generation_prompt(prompt.turns, tok, template)
         prompt.ids = fit(ids, max_len, truncation) if max_len else ids
         if prompt.ids is None:
-          out.counts["dropped_too_long"] += 1
-          out.first.setdefault("dropped_too_long", where)
+          out.skip(where, "dropped_too_long", on_error)
           continue
         out.counts["truncated"] += len(prompt.ids) < len(ids)
       out.counts["used"] += 1

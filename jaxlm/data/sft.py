@@ -17,7 +17,6 @@ trained on as empty.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import gzip
 import json
@@ -28,7 +27,9 @@ import grain
 import numpy as np
 
 from jaxlm.config import ConfigError
-from jaxlm.data.sources import READ_ERRORS, DataError, error_detail, is_text, parse_json
+from jaxlm.data.sources import (READ_ERRORS, DataError, Examples, error_detail, is_text,
+                                parse_json)
+from jaxlm.data.sources import summary  # noqa: F401  # pylint: disable=unused-import  (sft.summary)
 
 FORMATS = ("auto", "alpaca", "messages", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -339,44 +340,25 @@ def end_of_turn(template: ChatTemplate) -> str:
   return template.end.strip() or template.eos_token
 
 
-@dataclasses.dataclass
-class Examples:
-  examples: list                     # dicts of inputs/targets/loss_mask arrays
-  counts: collections.Counter        # records, used, skipped_<reason>, truncated, ...
-  first: dict                        # reason -> file:line of its first case
-
-  def report(self, split: str) -> dict:
-    return {f"data/{split}_{k}": v for k, v in sorted(self.counts.items())}
-
-
 def load_examples(files: list[str], tok, template: ChatTemplate, *, fmt: str, seq_len: int,
                   loss_on: str, truncation: str, on_error: str) -> Examples:
   """Every record of `files` -> training examples of at most seq_len tokens, counted."""
-  out = Examples([], collections.Counter(), {})
+  out = Examples()
   for path in files:
     for where, record in read_records(path):
       out.counts["records"] += 1
       turns = record if isinstance(record, str) else to_turns(record, fmt)
-      if isinstance(turns, str):
-        if on_error == "raise":
-          raise DataError(f"{where}: {turns} (data.on_error=raise; 'skip' counts and goes on)")
-        out.counts[f"skipped_{turns}"] += 1
-        out.first.setdefault(turns, where)
-        continue
-      tokenized = tokenize(*turns, tok, template, loss_on)
-      if isinstance(tokenized, str):  # the model's own template refused the conversation
-        if on_error == "raise":
-          raise DataError(f"{where}: {tokenized} (data.on_error=raise; 'skip' counts and goes on)")
-        out.counts[f"skipped_{tokenized}"] += 1
-        out.first.setdefault(tokenized, where)
+      # a reason string; or the model's own template may refuse the conversation
+      tokenized = turns if isinstance(turns, str) else tokenize(*turns, tok, template, loss_on)
+      if isinstance(tokenized, str):
+        out.skip(where, tokenized, on_error)
         continue
       ids, sup = tokenized
       inputs, targets, mask = ids[:-1], ids[1:], sup[1:]
       if len(inputs) > seq_len:
         if truncation == "drop" or not mask[:seq_len].any():
-          reason = "dropped_too_long" if truncation == "drop" else "dropped_truncated_away"
-          out.counts[reason] += 1
-          out.first.setdefault(reason, where)
+          out.skip(where, "dropped_too_long" if truncation == "drop" else "dropped_truncated_away",
+                   on_error)
           continue
         inputs, targets, mask = inputs[:seq_len], targets[:seq_len], mask[:seq_len]
         out.counts["truncated"] += 1
@@ -384,17 +366,6 @@ def load_examples(files: list[str], tok, template: ChatTemplate, *, fmt: str, se
       out.examples.append({"inputs": inputs, "targets": targets,
                            "loss_mask": mask.astype(np.int32)})
   return out
-
-
-def summary(name: str, ex: Examples) -> str:
-  c = ex.counts
-  skipped = {k[len("skipped_"):]: v for k, v in c.items() if k.startswith("skipped_")}
-  line = (f"{name}: {c['records']} records, {c['used']} used, {sum(skipped.values())} skipped, "
-          f"{c['truncated']} truncated, {c['dropped_too_long'] + c['dropped_truncated_away']} "
-          f"dropped as too long")
-  if skipped:
-    line += "; skipped " + ", ".join(f"{r}: {n} (first at {ex.first[r]})" for r, n in skipped.items())
-  return line
 
 
 def _to_row(packed: dict) -> dict:

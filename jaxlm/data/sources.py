@@ -13,6 +13,7 @@ file that breaks off) live here too.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gzip
 import json
 import logging
@@ -34,10 +35,47 @@ class DataError(ValueError):
   """A bad record, phrased as one line starting with its file and line."""
 
 
-def bad_record(where: str, reason: str, detail: str = "") -> DataError:
-  """The error `data.on_error="raise"` stops with at a bad record."""
-  return DataError(f"{where}: {reason}{f' ({detail})' if detail else ''} "
-                   f"(data.on_error=raise; 'skip' counts and goes on)")
+@dataclasses.dataclass
+class Examples:
+  """What a reader kept, and its counts: records, used, skipped_<reason>, truncated,
+  dropped_too_long, dropped_truncated_away (records = used + skipped + dropped), with the
+  place (file:line) where each reason first occurred."""
+  examples: list = dataclasses.field(default_factory=list)
+  counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  first: dict = dataclasses.field(default_factory=dict)
+
+  def skip(self, where: str, reason: str, on_error: str, detail: str = "") -> None:
+    """A record that can't be used: with on_error="raise" a DataError of one line naming
+    `where`, else counted as skipped_<reason>. A `dropped_*` reason (too long for
+    data.truncation) isn't an error: it is counted as it is, whatever on_error says."""
+    if on_error == "raise" and not reason.startswith("dropped_"):
+      raise DataError(f"{where}: {reason}{f' ({detail})' if detail else ''} "
+                      f"(data.on_error=raise; 'skip' counts and goes on)")
+    self.counts[reason if reason.startswith("dropped_") else f"skipped_{reason}"] += 1
+    self.first.setdefault(reason, where)
+
+  @property
+  def skipped(self) -> dict:
+    """{reason: records skipped for it}."""
+    return {k[len("skipped_"):]: n for k, n in self.counts.items() if k.startswith("skipped_")}
+
+  def report(self, split: str) -> dict:
+    """The counts as metrics: data/<split>_records, _used, _skipped_<reason>, ..."""
+    return {f"data/{split}_{k}": v for k, v in sorted(self.counts.items())}
+
+
+def summary(name: str, ex) -> str:
+  """One line of what a reader (Examples, a DocumentSource) counted."""
+  c, skipped = ex.counts, ex.skipped
+  line = (f"{name}: {c['records']} records, {c['used']} used, {sum(skipped.values())} skipped, "
+          f"{c['truncated']} truncated, {c['dropped_too_long'] + c['dropped_truncated_away']} "
+          f"dropped as too long")
+  return line + (f"; skipped {skips(ex)}" if skipped else "")
+
+
+def skips(ex) -> str:
+  """`reason: n (first at file:line)` for each reason a record was skipped."""
+  return ", ".join(f"{r}: {n} (first at {ex.first[r]})" for r, n in ex.skipped.items())
 
 
 def error_detail(e: BaseException) -> str:
@@ -103,32 +141,17 @@ def text_spans(raw: bytes, text_split: str) -> list[tuple[int, int, int]]:
   return spans
 
 
-class SkipReport:
-  """Counts of skipped records per reason, with the first place each reason occurred."""
-
-  def __init__(self):
-    self.counts = collections.Counter()
-    self.first = {}
-
-  def add(self, reason: str, where: str):
-    self.counts[reason] += 1
-    self.first.setdefault(reason, where)
-
-  @property
-  def total(self) -> int:
-    return sum(self.counts.values())
-
-  def summary(self) -> str:
-    return "; ".join(f"{r}: {n} (first at {self.first[r]})" for r, n in sorted(self.counts.items()))
-
-
 class DocumentSource:
   """Random access to document strings (`len`, `[i]`), what grain's MapDataset reads.
 
-  `read` records were read and `skipped` counts those left out; `[i]` is None for a
-  record found bad only when read (`on_error="skip"`), which grain leaves out."""
-  read = 0
-  on_error = "raise"
+  `tally` counts records, used and skipped_<reason> (an Examples whose documents are the
+  source itself); `[i]` is None for a record found bad only when read (`on_error="skip"`),
+  which grain leaves out: it is then counted skipped instead of used, once."""
+
+  def __init__(self, on_error: str = "raise"):
+    self.on_error = on_error
+    self.tally = Examples(counts=collections.Counter(records=0, used=0))
+    self._late = set()  # records found bad when read: counted once, however often read
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -137,29 +160,38 @@ class DocumentSource:
     raise NotImplementedError
 
   @property
+  def read(self) -> int:
+    return self.tally.counts["records"]
+
+  @property
   def counts(self) -> collections.Counter:
     """records, used, skipped_<reason>: the shape of SFT's counts (`sft.summary`)."""
-    out = collections.Counter(records=self.read, used=len(self))
-    out.update({f"skipped_{r}": n for r, n in self.skipped.counts.items()})
-    return out
+    return self.tally.counts
 
   @property
   def first(self) -> dict:
-    return self.skipped.first
+    return self.tally.first
+
+  @property
+  def skipped(self) -> dict:
+    return self.tally.skipped
 
   def report(self, split: str) -> dict:
-    """The counts as metrics: data/<split>_records, _used, _skipped_<reason>."""
-    return {f"data/{split}_{k}": v for k, v in sorted(self.counts.items())}
+    return self.tally.report(split)
 
   def _bad(self, where: str, reason: str, detail: str = "", late: bool = False) -> None:
     """A record that can't be used: raised, or counted. One found `late` (while training
-    reads it) is also logged, the first of each reason."""
-    if self.on_error == "raise":
-      raise bad_record(where, reason, detail)
-    self.skipped.add(reason, where)
-    if late and self.skipped.counts[reason] == 1:
-      log.warning("%s: %s%s: skipped (data.on_error=skip); more are counted, not shown",
-                  where, reason, f" ({detail})" if detail else "")
+    reads it, after it was counted used) moves from used to skipped, and is logged, the
+    first of each reason."""
+    if where in self._late and self.on_error != "raise":
+      return  # read again (the next epoch): counted once
+    self.tally.skip(where, reason, self.on_error, detail)
+    if late:
+      self._late.add(where)
+      self.tally.counts["used"] -= 1
+      if self.tally.counts[f"skipped_{reason}"] == 1:
+        log.warning("%s: %s%s: skipped (data.on_error=skip); more are counted, not shown",
+                    where, reason, f" ({detail})" if detail else "")
 
   def sample_text(self, max_chars: int):
     """Documents in index order until `max_chars` characters (for tokenizer training)."""
@@ -179,10 +211,8 @@ class Documents(DocumentSource):
 
   def __init__(self, files: list[str], fmt: str = "auto", text_field: str = "text",
                text_split: str = "file", name: str = "data", on_error: str = "raise"):
+    super().__init__(on_error)
     self.files = list(files)
-    self.skipped = SkipReport()
-    self.read = 0
-    self.on_error = on_error
     # Each entry: (file index, start byte, end byte) or an in-memory string (gzip files).
     self._index: list = []
     for i, path in enumerate(self.files):
@@ -191,20 +221,21 @@ class Documents(DocumentSource):
         self._index_jsonl(i, path, text_field)
       else:
         self._index_text(i, path, text_split)
+    self.tally.counts["used"] = len(self._index)
     if not self._index:
       raise ConfigError(f"{name}: no usable documents in {len(self.files)} file(s)"
-                        + (f"; skipped {self.skipped.summary()}" if self.skipped.total else ""))
+                        + (f"; skipped {skips(self.tally)}" if self.skipped else ""))
 
   def _index_text(self, i: int, path: str, text_split: str):
     try:
       with open(path, "rb") as f:
         raw = f.read()
     except READ_ERRORS as e:
-      self.read += 1
+      self.tally.counts["records"] += 1
       self._bad(f"{path}:1", "read_error", error_detail(e))
       return
     for start, end, line in text_spans(raw, text_split):
-      self.read += 1
+      self.tally.counts["records"] += 1
       chunk = raw[start:end]
       try:
         text = chunk.decode("utf-8")
@@ -227,7 +258,7 @@ class Documents(DocumentSource):
           start, offset = offset, offset + len(line)
           if not line.strip():
             continue
-          self.read += 1
+          self.tally.counts["records"] += 1
           checked = self._check_jsonl(line, field)
           if isinstance(checked, str):
             self._bad(f"{path}:{lineno}", checked)
@@ -236,7 +267,7 @@ class Documents(DocumentSource):
           else:
             self._index.append((i, start, offset, field))
     except READ_ERRORS as e:  # the file broke off reading the line after the last one read
-      self.read += 1
+      self.tally.counts["records"] += 1
       self._bad(f"{path}:{lineno + 1}", "read_error", error_detail(e))
 
   @staticmethod
@@ -332,9 +363,9 @@ class TfdsDocuments(DocumentSource):
                                                     tfds.features.Text):
       raise ConfigError(f"{field_key}={text_field!r}: not a Text feature of {dataset} "
                         f"(features: {', '.join(features.keys())})")
-    self.spec, self.text_field, self.on_error = spec, text_field, on_error
-    self.skipped = SkipReport()
-    self.read = len(self.source)
+    super().__init__(on_error)
+    self.spec, self.text_field = spec, text_field
+    self.tally.counts.update(records=len(self.source), used=len(self.source))
     if not self.read:
       raise ConfigError(f"{name}: {spec} has no records")
 

@@ -258,7 +258,7 @@ def test_pretrain_text(tok, paragraphs, split):
       return
     bad = [(place, want) for place, want in zip(places, wants) if want != "valid"]
     assert docs.counts["records"] == len(raws) and docs.counts["used"] == len(raws) - len(bad)
-    assert docs.skipped.counts == collections.Counter(want for _, want in bad)
+    assert docs.skipped == collections.Counter(want for _, want in bad)
     assert docs.first == {want: place for place, want in reversed(bad)}  # each reason's first
     texts = [docs[i].rstrip("\n") for i in range(len(docs))]
     assert texts == [r.decode() for r, want in zip(raws, wants) if want == "valid"]
@@ -389,7 +389,8 @@ def test_documents_changed_after_indexing_follow_on_error(tmp_path):
   docs, strict = Documents([str(path)], on_error="skip"), Documents([str(path)])
   path.write_text('{"text": "one"}\n{"txt": "two"}\n')
   assert docs[0] == "one" and docs[1] is None
-  assert docs.skipped.counts == {"changed_since_indexed": 1}
+  assert docs.skipped == {"changed_since_indexed": 1} and docs.counts["used"] == 1
+  assert docs[1] is None and docs.skipped == {"changed_since_indexed": 1}  # counted once
   assert docs.first["changed_since_indexed"] == f"{path}:2"
   with pytest.raises(DataError, match=re.escape(f"{path}:2: changed_since_indexed")):
     strict[1]  # pylint: disable=pointless-statement
@@ -411,10 +412,12 @@ class _FakeTfds:
 def test_tfds_records_follow_on_error_when_read():
   docs = object.__new__(sources.TfdsDocuments)  # without TFDS: its record access only
   docs.source = _FakeTfds([b"good", b"\xff", "\ud800", b" "])
-  docs.spec, docs.text_field, docs.on_error = "tfds:x:train", "text", "skip"
-  docs.skipped, docs.read = sources.SkipReport(), 4
+  sources.DocumentSource.__init__(docs, on_error="skip")
+  docs.spec, docs.text_field = "tfds:x:train", "text"
+  docs.tally.counts.update(records=4, used=4)
   assert [docs[i] for i in range(4)] == ["good", None, None, None]
-  assert docs.skipped.counts == {"decode_error": 2, "empty": 1}
+  assert docs.skipped == {"decode_error": 2, "empty": 1}
+  assert docs.counts["records"] == 4 and docs.counts["used"] == 1  # records = used + skipped
   assert docs.first["decode_error"] == "tfds:x:train[1]"
   docs.on_error = "raise"
   with pytest.raises(DataError, match=re.escape("tfds:x:train[3]: empty (data.on_error=raise")):
