@@ -259,27 +259,30 @@ _CHOICES = {
     "eval.chat_template": ("", "jaxlm", "chatml", "llama3", "hf"),
 }
 
-# Every numeric field of base_config has a range: > 0, >= 0, or an interval below.
+# Every numeric field of base_config has a range: > 0, >= 0, or a narrower interval.
 # Every float must also be finite (no key gives inf or nan a meaning), and every integer
 # must fit in 32 bits (JAX's default integer).
-_POSITIVE = ("steps", "log_every", "keep_checkpoints", "checkpoint_every", "model.d_model",
-             "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.ffn_dim",
-             "data.seq_len", "data.batch_size", "optimizer.lr", "optimizer.grad_accum_steps",
-             "model.vocab_multiple", "max_skipped_steps", "loss_spike_window",
-             "model.max_seq_len", "model.rope_theta", "model.rope_low_freq_factor",
-             "model.rope_high_freq_factor", "model.rope_original_max_len", "model.init_std",
-             "data.tokenizer_vocab_size", "data.tokenizer_sample_chars", "optimizer.eps",
-             "lora.alpha", "dpo.beta", "rl.num_generations", "rl.max_new_tokens", "rl.epochs",
-             "rl.minibatches", "eval.max_new_tokens", "eval.batch_size", "eval.seq_len")
-_NON_NEGATIVE = ("eval_every", "eval_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
-                 "optimizer.grad_clip", "loss.z_loss", "model.vocab_size", "model.head_dim",
-                 "model.logits_chunk", "peak_tflops", "preemption_grace_s", "loss_spike_factor", "data.prefetch", "data.shards",
-                 "model.rope_scaling_factor", "seed",
-                 "reward.center_coef", "dpo.sft_weight", "rl.kl_coef", "rl.kl_target",
-                 "rl.temperature", "rl.top_k", "rl.missing_eos_penalty", "rl.vf_coef",
-                 "rl.value_clip", "rl.clip_high", "lora.rank", "eval.max_tasks",
-                 "eval.temperature", "eval.top_k", "eval.seed", "eval.text_batches", "eval.show")
 _RANGES = {  # interval notation: "[0, 1)" holds 0 but not 1
+    **dict.fromkeys(("steps", "log_every", "keep_checkpoints", "checkpoint_every", "model.d_model",
+                      "model.num_layers", "model.num_heads", "model.num_kv_heads",
+                      "model.ffn_dim", "data.seq_len", "data.batch_size", "optimizer.lr",
+                      "optimizer.grad_accum_steps", "model.vocab_multiple",
+                      "max_skipped_steps", "loss_spike_window", "model.max_seq_len",
+                      "model.rope_theta", "model.rope_low_freq_factor",
+                      "model.rope_high_freq_factor", "model.rope_original_max_len",
+                      "model.init_std", "data.tokenizer_vocab_size",
+                      "data.tokenizer_sample_chars", "optimizer.eps", "lora.alpha", "dpo.beta",
+                      "rl.num_generations", "rl.max_new_tokens", "rl.epochs", "rl.minibatches",
+                      "eval.max_new_tokens", "eval.batch_size", "eval.seq_len"), "(0, inf)"),
+    **dict.fromkeys(("eval_every", "eval_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
+                      "optimizer.grad_clip", "loss.z_loss", "model.vocab_size",
+                      "model.head_dim", "model.logits_chunk", "peak_tflops",
+                      "preemption_grace_s", "loss_spike_factor", "data.prefetch",
+                      "data.shards", "model.rope_scaling_factor", "seed", "reward.center_coef",
+                      "dpo.sft_weight", "rl.kl_coef", "rl.kl_target", "rl.temperature",
+                      "rl.top_k", "rl.missing_eos_penalty", "rl.vf_coef", "rl.value_clip",
+                      "rl.clip_high", "lora.rank", "eval.max_tasks", "eval.temperature",
+                      "eval.top_k", "eval.seed", "eval.text_batches", "eval.show"), "[0, inf)"),
     "optimizer.b1": "[0, 1)",
     "optimizer.b2": "[0, 1)",
     "optimizer.min_lr_ratio": "[0, 1]",
@@ -294,6 +297,13 @@ _RANGES = {  # interval notation: "[0, 1)" holds 0 but not 1
     "eval.top_p": "(0, 1]",
 }
 _INT_LIMIT = 2**31 - 1
+
+
+def _rule(interval: str) -> str:
+  """What an interval requires, as the error says it: "> 0", ">= 0", "in [0, 1)"."""
+  if interval.endswith(", inf)"):
+    return f"{'>' if interval[0] == '(' else '>='} {interval[1:-len(', inf)')]}"
+  return f"in {interval}"
 
 
 def _in_interval(value, interval: str) -> bool:
@@ -481,12 +491,8 @@ def _range_errors(config, errors: list, bad: set) -> None:
   for key, choices in _CHOICES.items():
     require(key, lambda v, choices=choices: v in choices,
             f"one of {', '.join(c or repr(c) for c in choices)}")
-  for key in _POSITIVE:
-    require(key, lambda v: v > 0, "> 0")
-  for key in _NON_NEGATIVE:
-    require(key, lambda v: v >= 0, ">= 0")
   for key, interval in _RANGES.items():
-    require(key, lambda v, interval=interval: _in_interval(v, interval), f"in {interval}")
+    require(key, lambda v, interval=interval: _in_interval(v, interval), _rule(interval))
   require("loss_spike_factor", lambda v: v == 0 or v > 1,
           "0 (off) or > 1 (a loss over this many times the running mean)")
 
@@ -512,20 +518,25 @@ def _model_shape_errors(m, ok) -> list[str]:
   return errors
 
 
-def model_errors(m) -> list[str]:
-  """The problems of a model section alone (`model.KEY=...`, one line each): its keys and
-  types, ranges and shape rules; for a model section read from elsewhere (a Hugging
-  Face config.json)."""
+def section_errors(name: str, section, rules=None) -> list[str]:
+  """The problems of one section alone (`NAME.KEY=...`, one line each), for a section
+  read from elsewhere (a model's from a Hugging Face config.json, an eval's from
+  tools/eval.py's flags): its keys and types, then ranges and choices, then
+  `rules(section, ok)` across keys (`ok(*keys)`: none of them is reported already)."""
   c = base_config()
-  c.model = m
+  c[name] = section
   shape_errors, errors, bad = _structure_errors(c)
-  errors = [e for e in shape_errors + errors if e.startswith("model.")]
-  if errors:
-    return [one_line(e) for e in errors]
-  _range_errors(c, errors, bad)
-  errors = [e for e in errors if e.startswith("model.")]
-  errors += _model_shape_errors(m, lambda *keys: not bad.intersection(keys))
+  errors = [e for e in shape_errors + errors if e.startswith(f"{name}.")]
+  if not errors:
+    _range_errors(c, errors, bad)
+    errors = [e for e in errors if e.startswith(f"{name}.")]
+    errors += rules(section, lambda *keys: not bad.intersection(keys)) if rules else []
   return [one_line(e) for e in errors]
+
+
+def model_errors(m) -> list[str]:
+  """The problems of a model section alone: `section_errors` and the shape rules."""
+  return section_errors("model", m, _model_shape_errors)
 
 
 def _semantic_errors(config, num_devices, num_processes, errors, bad) -> list[str]:
@@ -638,7 +649,7 @@ def _semantic_errors(config, num_devices, num_processes, errors, bad) -> list[st
   errors += _eval_path_errors(config.eval)
   for key in ("data.train", "data.eval") if config.task != "eval" else ():
     spec = get_key(config, key)
-    if spec and _prepared(is_prepared, spec):
+    if is_prepared(spec):
       pass  # a prepared corpus (tools/prepare_data.py); its sources are checked when read
     elif spec and spec.strip().startswith("builtin:"):
       pass  # generated data (jaxlm.data.sft.BUILTINS), checked when the task builds it
@@ -652,7 +663,7 @@ def _semantic_errors(config, num_devices, num_processes, errors, bad) -> list[st
   if config.data.mixture:
     from jaxlm.data.lm import parse_mixture  # pylint: disable=import-outside-toplevel
     check(lambda: parse_mixture(config.data.mixture))
-    if not _prepared(is_prepared, config.data.train):
+    if not is_prepared(config.data.train):
       errors.append("data.mixture: set, but data.train is not a prepared corpus (a directory "
                     "with prepared.json), so there are no sources to weigh")
   if config.data.tokenizer and not os.path.isfile(config.data.tokenizer):
@@ -660,13 +671,6 @@ def _semantic_errors(config, num_devices, num_processes, errors, bad) -> list[st
   if config.init_from and not os.path.exists(config.init_from):
     errors.append(f"init_from: no such path {config.init_from!r}")
   return errors
-
-
-def _prepared(is_prepared, spec: str) -> bool:
-  try:
-    return bool(spec) and is_prepared(spec)
-  except (ValueError, OSError):  # not a readable directory (a NUL byte, a name too long)
-    return False
 
 
 def _eval_path_errors(e) -> list[str]:
@@ -686,19 +690,7 @@ def _eval_path_errors(e) -> list[str]:
 
 def eval_errors(e) -> list[str]:
   """Problems of an eval section (`@stage` paths are a pipeline's, checked when it runs)."""
-  errors = _eval_path_errors(e)
-  for key in ("batch_size", "seq_len", "max_new_tokens"):
-    if not e[key] > 0:
-      errors.append(f"eval.{key}={e[key]}: must be > 0")
-  for key in ("max_tasks", "text_batches", "temperature", "top_k", "show"):
-    if not e[key] >= 0:
-      errors.append(f"eval.{key}={e[key]}: must be >= 0")
-  if not 0 < e.top_p <= 1:
-    errors.append(f"eval.top_p={e.top_p}: must be in (0, 1]")
-  if e.chat_template not in _CHOICES["eval.chat_template"]:
-    errors.append(f"eval.chat_template={e.chat_template!r}: must be one of "
-                  f"{', '.join(repr(c) for c in _CHOICES['eval.chat_template'])}")
-  return [one_line(x) for x in errors]
+  return [one_line(x) for x in _eval_path_errors(e)] + section_errors("eval", e)
 
 
 def parse_arg(arg: str | None, choices: dict | None = None, **defaults):
@@ -745,7 +737,8 @@ def parse_config_flags(argv: list[str], flag_values=None) -> list[str]:
   fv = flags.FLAGS if flag_values is None else flag_values
   try:
     rest = fv(argv)
-    for name in list(fv):  # a config file that failed to load raises on first use
+    for name in list(fv):  # a config file that failed to load raises on first use: its
+      # value is ml_collections' _ErrorConfig, which raises on an attribute, not before
       if isinstance(fv[name].parser, ConfigFileFlagParser) and fv[name].present:
         getattr(fv[name].value, "lock", None)
   except Exception as e:  # pylint: disable=broad-except

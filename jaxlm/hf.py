@@ -46,16 +46,14 @@ def refused_format(name: str) -> str | None:
   return None
 
 
-def _refused_files(path: str) -> list[str]:
-  """The weights files in `path` jaxlm refuses, the likeliest weights first."""
+def _refused_file(path: str) -> str | None:
+  """A weights file in `path` jaxlm refuses (the first by name), or None."""
   try:
     names = sorted(os.listdir(path))
   except OSError:
-    return []
-  found = [n for n in names if refused_format(n) and os.path.isfile(os.path.join(path, n))]
-  return sorted(found, key=lambda n: not n.startswith(("pytorch_model", "model",
-                                                        "consolidated", "tf_model",
-                                                        "flax_model")))
+    return None
+  return next((n for n in names if refused_format(n) and os.path.isfile(os.path.join(path, n))),
+              None)
 
 
 def is_hf_dir(path: str) -> bool:
@@ -68,7 +66,7 @@ def is_hf_dir(path: str) -> bool:
   if (os.path.isfile(os.path.join(path, "model.safetensors"))
       or os.path.isfile(os.path.join(path, SAFETENSORS_INDEX))):
     return True
-  if not _refused_files(path):
+  if not _refused_file(path):
     return False
   try:
     return "model_type" in read_json(config)
@@ -257,9 +255,6 @@ def open_safetensors(file: str):
   raw tensor bytes), or HFError naming it: a pickle renamed .safetensors, a truncated
   or foreign file."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  why = refused_format(file)
-  if why:
-    raise HFError(f"{file}: {why}: convert it to safetensors first")
   try:
     with open(file, "rb") as f:
       head = f.read(8)
@@ -293,9 +288,9 @@ class _Tensors:
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
       weight_map = None
     else:
-      found = _refused_files(path)
+      found = _refused_file(path)
       raise HFError(f"{path}: no model.safetensors or {SAFETENSORS_INDEX}"
-                    + (f"; {found[0]} is {refused_format(found[0])}: convert it to "
+                    + (f"; {found} is {refused_format(found)}: convert it to "
                        f"safetensors first" if found else ""))
     files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
     self.handles = {f: open_safetensors(os.path.join(path, f)) for f in files}

@@ -619,4 +619,6 @@ def read_manifest(directory: str) -> dict:
 
 
 def is_prepared(spec: str) -> bool:
-  return os.path.isfile(os.path.join(spec.strip(), MANIFEST))
+  """Whether `spec` is a prepared corpus's directory. False for an empty spec, and for one
+  that is no readable path (os.path.isfile is False on a NUL byte, a name too long)."""
+  return bool(spec.strip()) and os.path.isfile(os.path.join(spec.strip(), MANIFEST))

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import checkpoint, lora as lora_lib, loop, losses, model, sharding
 from jaxlm.config import ConfigError
+from jaxlm.data.sources import error_detail
 from jaxlm.tasks import pretrain
 from jaxlm.tasks.reward import PreferenceData, flat, pair_sums
 
@@ -108,8 +109,7 @@ def _load_npy(path: str) -> np.ndarray:
     return np.load(path, allow_pickle=False)
   except (OSError, ValueError) as e:
     raise ConfigError(f"dpo.reference=precomputed: {path} is not a readable array file "
-                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); delete it "
-                      f"to compute it again") from None
+                      f"({error_detail(e)}); delete it to compute it again") from None
 
 
 def precompute_reference(config, workdir: str, sharder, data: PreferenceData, source: str,

@@ -67,14 +67,12 @@ def load(config_file, *overrides):
 
 def out_of_range(key, value) -> bool:
   """An independent statement of which numbers no key accepts, plus the config module's
-  own tables (> 0, intervals, choices), whose wiring is what is under test."""
+  own tables (intervals, choices), whose wiring is what is under test."""
   if not math.isfinite(value):
     return True
   if isinstance(LEAVES[key], int) and abs(value) > 2**31 - 1:
     return True
   if value < (-1 if key.startswith("mesh.") else 0) and key not in NEGATIVE_OK:
-    return True
-  if key in config_lib._POSITIVE and value <= 0:
     return True
   if key in config_lib._RANGES and not config_lib._in_interval(value, config_lib._RANGES[key]):
     return True
@@ -199,7 +197,7 @@ def test_set_key_is_one_line_or_validate_reports_the_key(key, value):
 
 
 def test_every_numeric_key_has_a_range():
-  ranged = set(config_lib._POSITIVE) | set(config_lib._NON_NEGATIVE) | set(config_lib._RANGES)
+  ranged = set(config_lib._RANGES)
   assert NUMERIC - ranged == NEGATIVE_OK, sorted(NUMERIC - ranged - NEGATIVE_OK)
   assert ranged <= NUMERIC, sorted(ranged - NUMERIC)  # no table names a key that's gone
 
