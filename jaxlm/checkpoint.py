@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, error_detail
 
 ITEMS = ("params", "opt_state", "train", "data")
 TRAIN_KEYS = ("step", "rng", "skipped", "consecutive_skips")
@@ -30,12 +30,6 @@ TRAIN_KEYS = ("step", "rng", "skipped", "consecutive_skips")
 
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written or none could be read; one line."""
-
-
-def _reason(e: BaseException) -> str:
-  """An exception as one line: its type and the first line of its message."""
-  lines = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _abstract(tree):
@@ -94,8 +88,8 @@ class Checkpointer:
   def _failed(self, step: int, e: Exception):
     previous = self.manager.latest_step()  # complete step directories only
     kept = f"step {previous} is the newest complete one" if previous else "none is complete"
-    raise CheckpointError(f"writing checkpoint {self.directory}/{step} failed ({_reason(e)}); "
-                          f"{kept}, kept as it was") from e
+    raise CheckpointError(f"writing checkpoint {self.directory}/{step} failed "
+                          f"({error_detail(e)}); {kept}, kept as it was") from e
 
   def restore(self, step: int, like_state: dict) -> tuple[dict, dict | None]:
     """Restore into the shapes and shardings of `like_state` (arrays or abstract)."""
@@ -139,7 +133,7 @@ class Checkpointer:
         raise
       except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
         failed.append((step, e))
-        say(f"checkpoint {self.directory}/{step} is unreadable ({_reason(e)})"
+        say(f"checkpoint {self.directory}/{step} is unreadable ({error_detail(e)})"
             + (f"; trying step {steps[len(failed)]}" if len(failed) < len(steps) else ""))
         continue
       for bad, _ in failed:
@@ -148,7 +142,7 @@ class Checkpointer:
     if failed:
       step, e = failed[0]
       raise CheckpointError(f"no checkpoint under {self.directory} restores; the newest, step "
-                            f"{step}: {_reason(e)}") from e
+                            f"{step}: {error_detail(e)}") from e
     return None, like_state, None
 
   def _move_aside(self, step: int, say):

@@ -319,6 +319,12 @@ def one_line(message) -> str:
   return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def error_detail(e: BaseException) -> str:
+  """An exception as one line: its type and the first line of its message."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def get_key(config, dotted):
   """The value at a dotted key (`optimizer.lr`), or None when the config has no such key."""
   node = config

@@ -20,7 +20,7 @@ import logging
 import re
 import zlib
 
-from jaxlm.config import ConfigError, expand_globs
+from jaxlm.config import ConfigError, error_detail, expand_globs
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,6 @@ def summary(name: str, ex) -> str:
 def skips(ex) -> str:
   """`reason: n (first at file:line)` for each reason a record was skipped."""
   return ", ".join(f"{r}: {n} (first at {ex.first[r]})" for r, n in ex.skipped.items())
-
-
-def error_detail(e: BaseException) -> str:
-  """An exception as one line: its type and the first line of its message."""
-  lines = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def is_text(value) -> bool:

@@ -27,8 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm import checkpoint, lora as lora_lib, loop, losses, model, sharding
-from jaxlm.config import ConfigError
-from jaxlm.data.sources import error_detail
+from jaxlm.config import ConfigError, error_detail
 from jaxlm.tasks import pretrain
 from jaxlm.tasks.reward import PreferenceData, flat, pair_sums
 

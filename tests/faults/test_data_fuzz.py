@@ -187,14 +187,15 @@ def check_counts(path: str, entries, counts, first, packing: str) -> int | None:
   assert counts["truncated"] <= counts["used"]
   for where in first.values():
     assert re.fullmatch(re.escape(path) + r":\d+", where), where
-  return stop
+  return stop if broke else None
 
 
-def check_raise(path: str, entries, stop: int, load):
+def check_raise(path: str, entries, stop: int | None, load):
   """with "raise": the first bad record (or the break in a gzip file) stops the load with
   a DataError of one line that starts with its file:line."""
-  bad = [n for n, (_, want) in enumerate(entries, 1) if want not in (None, "valid") and n < stop]
-  line = bad[0] if bad else (stop if stop <= len(entries) else None)
+  end = stop or len(entries) + 1
+  bad = [n for n, (_, want) in enumerate(entries, 1) if want not in (None, "valid") and n < end]
+  line = bad[0] if bad else stop  # a gzip break after the last line is an error too
   if line is None:
     load()
     return
@@ -220,7 +221,7 @@ def test_pretrain_jsonl(tok, drawn):
     stop = check_counts(path, entries, docs.counts, docs.first, packing)
     texts = [docs[i] for i in range(len(docs))]
     assert texts == [json.loads(line)["text"] for n, (line, want) in enumerate(entries, 1)
-                     if want == "valid" and n < stop]
+                     if want == "valid" and n < (stop or len(entries) + 1)]
     for text in texts:  # what grain's tokenize step will do with them
       tok.encode(text)
     check_raise(path, entries, stop, lambda: load("raise"))
