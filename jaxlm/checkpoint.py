@@ -63,7 +63,7 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
-    self.saved = []  # steps this process asked to save, in order
+    self.last_saved = -1  # the step of the newest write this process started
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -83,7 +83,7 @@ class Checkpointer:
           data=ocp.args.JsonSave(data)))
     except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
       self._failed(step, e)
-    self.saved.append(step)
+    self.last_saved = step
 
   def _failed(self, step: int, e: Exception):
     previous = self.manager.latest_step()  # complete step directories only
@@ -162,7 +162,7 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      self._failed(self.saved[-1] if self.saved else -1, e)
+      self._failed(self.last_saved, e)
 
   def close(self):
     try:

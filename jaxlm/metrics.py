@@ -67,7 +67,8 @@ class MetricsWriter:
     use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
     if use_bar:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-      self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
+      self.bar = tqdm(total=total_steps, initial=self.start_step, dynamic_ncols=True,
+                      unit="step")
 
   def _truncate_after(self, step: int):
     """On resume, drop records of steps the restored checkpoint does not include (all of

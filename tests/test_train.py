@@ -108,3 +108,13 @@ def test_init_from_starts_from_the_checkpoint(uninterrupted, tmp_path):
   fresh_first = train_losses(uninterrupted)[1]
   continued_first = train_losses(tmp_path)[1]
   assert continued_first < fresh_first - 1.0
+
+
+def test_progress_bar_on_a_fresh_start_and_a_resume(tmp_path):
+  from jaxlm.metrics import MetricsWriter  # pylint: disable=import-outside-toplevel
+  for start in (None, 2):  # None: no checkpoint yet
+    log = MetricsWriter(str(tmp_path), total_steps=4, start_step=start, progress="bar")
+    log.write(3, {"loss": 1.0})
+    log.advance(3)
+    log.close()
+  assert [r["step"] for r in read_metrics(tmp_path)] == [3]  # resumed at 2: step 3 once
