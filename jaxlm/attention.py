@@ -134,6 +134,13 @@ def segment_runs(segment_ids_BT, max_segments: int):
   return lengths, offsets, count
 
 
+def saveable(prim, *_, **__) -> bool:
+  """A remat policy: keep cuDNN flash attention's forward outputs (the output and the
+  softmax statistics, which its backward kernel reads). Otherwise the backward pass runs
+  the forward kernel again: 7% of the TinyLlama 1.1B step on an H200, for 1.4 GiB kept."""
+  return prim.name == "dot_product_attention_fwd_wrapper"  # jax._src.cudnn's primitive
+
+
 def _packed_supported() -> bool:
   d = jax.devices()[0]
   return float(getattr(d, "compute_capability", "0") or 0) >= 9.0  # cuDNN: Hopper and later

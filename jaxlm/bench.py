@@ -284,7 +284,7 @@ def _decode(spec: Spec, c) -> dict:
   median = statistics.median(times)
   # What each decode step reads: the weights as the engine holds them for the loop.
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
-      jax.eval_shape(lambda p: generate.compute_weights(p, c.model), params)))
+      jax.eval_shape(lambda p: model.compute_weights(p, c.model), params)))
   return dict(step_s=median, step_s_min=min(times), step_s_max=max(times),
               compile_s=max(first_s - median, 0.0), new_tokens_per_s=B * N / median,
               ms_per_token_step=1000 * median / N, tokens_per_step=B * N,
@@ -298,7 +298,8 @@ def run(spec: Spec) -> dict:
   result = {"preset": spec.preset, "task": spec.task, "batch": spec.batch or
             (c.data.batch_size * (2 if spec.task == "dpo" else 1)), "seq": c.data.seq_len,
             "remat": c.model.remat, "attention": c.model.attention,
-            "logits_chunk": c.model.logits_chunk, "overrides": list(spec.overrides)}
+            "logits_chunk": c.model.logits_chunk, "scan_layers": c.model.scan_layers,
+            "overrides": list(spec.overrides)}
   if spec.task == "dpo":
     result["reference"] = spec.reference
   if spec.task == "decode":

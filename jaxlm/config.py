@@ -77,9 +77,11 @@ def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict
   m.init_std = 0.02
   m.dtype = "bfloat16"          # compute dtype
   m.param_dtype = "float32"     # storage dtype of parameters and optimizer state
-  m.remat = "minimal"           # "none" | "minimal" (save projection outputs) | "full"
+  m.remat = "minimal"           # "none" | "minimal" (save projections, attention) | "full"
   m.attention = "auto"          # "auto" | "xla" | "cudnn" | "splash"
   m.logits_chunk = 0            # > 0: the loss takes logits this many positions at a time
+  m.scan_layers = False         # True: one lax.scan over the layers (compile time and peak
+                                # memory independent of depth); False: the layers unrolled
   for k, v in {**MODEL_PRESETS[preset], **overrides}.items():
     setattr(m, k, v)
   return m

@@ -15,9 +15,11 @@ gradients and AdamW moments sharded over fsdp x tensor (replicated over data), p
 activations the remat policy keeps for the backward pass and the float32 logits. It
 leaves out XLA's temporaries and fragmentation, attention scores (a fused attention
 kernel is assumed), the runtime's own reserve and communication buffers, so treat a
-"fits" near 100% as "does not fit". As a check: TinyLlama 1.1B at 8 x 2048 on one H100
-(vocabulary 8192) gives 28.9 GiB under `minimal` and 16.8 GiB under `full`, where the run
-peaked at 31.3 and 20.0 GiB (BENCHMARKS.md): expect the real peak 10-20% higher.
+"fits" near 100% as "does not fit". As a check: TinyLlama 1.1B at 8 x 2048 (vocabulary
+32000) gives 33.2 GiB under `minimal`; on an H200 the step peaked at 31.7 GiB with
+`model.scan_layers=True` and 37.3 GiB with the layers unrolled (the default), whose
+program keeps more buffers live at once (BENCHMARKS.md): expect the real peak up to 20%
+higher.
 
 Importing this module does not import jax; the functions that count parameters or
 FLOPs import jaxlm.model (and so jax) when first called. No device is needed.
@@ -229,7 +231,9 @@ def activation_bytes_per_token_layer(cfg, remat: str) -> float:
   """Bytes one layer keeps per token for the backward pass under `remat`, unsharded.
 
   full: the layer input (bf16). minimal: that plus the projection outputs saved by name
-  (q, k, v, the attention output projection, gate (llama), up, down; bf16). none: minimal
+  (q, k, v, the attention output projection, gate (llama), up, down; bf16) and cuDNN
+  attention's forward outputs (its output, bf16, and softmax statistics, float32, one per
+  head; kept on GPUs, counted everywhere). none: minimal
   plus the elementwise intermediates, approximated as the ffn activations again
   (2 * ffn * 2 bytes) and the two norms' outputs in float32 (2 * d * 4 bytes).
   """
@@ -242,7 +246,8 @@ def activation_bytes_per_token_layer(cfg, remat: str) -> float:
     return layer_input
   gates = 1 if cfg.family == "gpt2" else 2  # up only, or gate and up
   projections = (cfg.num_heads * k + 2 * cfg.num_kv_heads * k + d + gates * f + d) * 2
-  minimal = layer_input + projections
+  attention_outputs = cfg.num_heads * (k * 2 + 4)
+  minimal = layer_input + projections + attention_outputs
   if remat == "minimal":
     return minimal
   return minimal + 2 * f * 2 + 2 * d * 4

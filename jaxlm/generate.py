@@ -53,24 +53,10 @@ def filter_logits(logits_BV, top_k: int, top_p: float):
   return logits_BV
 
 
-def compute_weights(params, cfg):
-  """Matmul weights in the compute dtype, once: each decode step then reads bf16 weights
-  instead of reading float32 ones and converting them again. The layers convert them the
-  same way, so results do not change; norm scales and biases stay as they are (the
-  norms compute in float32)."""
-  dt = jnp.dtype(cfg.dtype)
-
-  def cast(path, x):
-    if "norm" in path[-1].key or not jnp.issubdtype(x.dtype, jnp.floating):
-      return x
-    return x.astype(dt)
-  return jax.tree_util.tree_map_with_path(cast, params)
-
-
 def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, eos_id: int,
               vocab_size: int, sharder, lora):
   B, P = prompt_BP.shape
-  params = model.unstack_layers(compute_weights(params, cfg))
+  params = model.unstack_layers(model.compute_weights(params, cfg))
   N = sampling.max_new_tokens
   slots = P + N
   cache = model.init_cache(cfg, B, slots, sharder)

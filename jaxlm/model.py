@@ -164,11 +164,28 @@ def apply_rope(x_BTHK, positions_BT, inv_freq):
   return out.astype(x_BTHK.dtype)
 
 
+def compute_weights(params, cfg):
+  """Matmul weights and biases in the compute dtype, cast once: the layers would cast them
+  the same way (so results do not change), but inside the scan that happens in every
+  layer's forward, again in its rematerialized forward, and fused into each matmul; a
+  decode step would read float32 weights each token. Norm scales stay as they are (the
+  norms compute in float32)."""
+  dt = jnp.dtype(cfg.dtype)
+
+  def cast(path, x):
+    if "norm" in path[-1].key or not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return x.astype(dt)
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 # "minimal" keeps each projection's output (named "proj" in _project, LoRA update
-# included) and recomputes the rest. Saving every matmul output instead would keep a LoRA
-# update beside the weight's product: 8 GiB more at TinyLlama 1.1B, 8 x 2048.
+# included) and cuDNN attention's forward outputs, and recomputes the rest. Saving every
+# matmul output instead would keep a LoRA update beside the weight's product: 8 GiB more
+# at TinyLlama 1.1B, 8 x 2048.
 _REMAT_POLICIES = {
-    "minimal": jax.checkpoint_policies.save_only_these_names("proj"),
+    "minimal": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names("proj"), attention.saveable),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
@@ -292,7 +309,11 @@ def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
 
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, (params["layers"], adapters, drop_rngs))
+  # scan_layers=False unrolls the scan into one program: XLA then schedules and fuses
+  # across layers and slices each layer's weights at fixed offsets.
+  layers = compute_weights(params["layers"], cfg)
+  x, _ = jax.lax.scan(body, x, (layers, adapters, drop_rngs),
+                      unroll=1 if cfg.scan_layers else True)
   return _final_norm(params, x, cfg)
 
 
@@ -389,17 +410,54 @@ def unembed(params, h_BTD, cfg, sharder: Sharder | None = None):
   return logits
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head_stats(h_BTD, w_DV, targets_BT, constrain):
+  """`losses.token_stats` of the logits h @ w (float32), differentiable in h and w.
+
+  The backward pass is written out: the logits' gradient, g_logZ * softmax + g_target *
+  onehot(target), is one elementwise pass over the saved float32 logits that writes h's
+  dtype (no scatter for the target, no float32 gradient of the whole logits), and both of
+  its matmuls run on bf16 operands, as autocast's do."""
+  return _head_stats_fwd(h_BTD, w_DV, targets_BT, constrain)[0]
+
+
+def _head_stats_fwd(h_BTD, w_DV, targets_BT, constrain):
+  logits = constrain(jnp.einsum("btd,dv->btv", h_BTD, w_DV, preferred_element_type=jnp.float32))
+  stats = losses.token_stats(logits, targets_BT)
+  return stats, (h_BTD, w_DV, targets_BT, logits, stats[0])
+
+
+def _head_stats_bwd(constrain, res, g):
+  h_BTD, w_DV, targets_BT, logits, log_z_BT = res
+  g_z, g_target, _ = g  # the argmax hit has no gradient
+  onehot = targets_BT[..., None] == jnp.arange(logits.shape[-1], dtype=targets_BT.dtype)
+  g_BTV = (g_z[..., None] * jnp.exp(logits - log_z_BT[..., None])
+           + jnp.where(onehot, g_target[..., None], 0.0)).astype(h_BTD.dtype)
+  g_BTV = constrain(g_BTV)
+  dh = jnp.einsum("btv,dv->btd", g_BTV, w_DV, preferred_element_type=jnp.float32)
+  dw = jnp.einsum("btd,btv->dv", h_BTD, g_BTV, preferred_element_type=jnp.float32)
+  return dh.astype(h_BTD.dtype), dw.astype(w_DV.dtype), None
+
+
+_head_stats.defvjp(_head_stats_fwd, _head_stats_bwd)
+
+
 def token_stats(params, h_BTD, targets_BT, cfg, sharder: Sharder | None = None):
   """`losses.token_stats` (log Z, target logit, argmax hit; [B, T] float32 each) of the
-  logits of hidden states `h_BTD`, without holding the float32 logits of the whole batch.
+  logits of hidden states `h_BTD`, with the output projection and the loss's gradient
+  fused (`_head_stats`).
 
   With `cfg.logits_chunk` = C > 0 and T > C, positions go C at a time through a scan
   whose body is rematerialized: a chunk's logits [B, C, V] exist only while its stats
   are taken, and again in the backward pass (the output projection runs twice)."""
   B, T, D = h_BTD.shape
+  dt = _dtype(cfg.dtype)
+  w_DV = params["embed"].astype(dt).T if cfg.tie_embeddings else params["lm_head"].astype(dt)
+  constrain = ((lambda x: sharder.constrain(x, ("batch", "length", "vocab")))
+               if sharder is not None else (lambda x: x))
   C = cfg.logits_chunk
   if not C or T <= C:
-    return losses.token_stats(unembed(params, h_BTD, cfg, sharder), targets_BT)
+    return _head_stats(h_BTD, w_DV, targets_BT, constrain)
   n = -(-T // C)
   pad = n * C - T
   h = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))) if pad else h_BTD
@@ -409,7 +467,7 @@ def token_stats(params, h_BTD, targets_BT, cfg, sharder: Sharder | None = None):
 
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
   def chunk(h_BCD, t_BC):
-    return losses.token_stats(unembed(params, h_BCD, cfg, sharder), t_BC)
+    return _head_stats(h_BCD, w_DV, t_BC, constrain)
 
   _, stats = jax.lax.scan(lambda _, xs: (None, chunk(*xs)), None, (h_NBCD, t_NBC))
   return tuple(jnp.swapaxes(x, 0, 1).reshape(B, n * C)[:, :T] for x in stats)

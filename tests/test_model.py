@@ -59,18 +59,18 @@ def test_llama3_rope_scaling_matches_reference_formula():
   assert got[-1] < inv[-1] and got[0] == pytest.approx(inv[0], rel=1e-6)
 
 
-def test_remat_policies_give_the_same_gradients():
+def test_remat_policies_and_scanned_layers_give_the_same_gradients():
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 512)
 
-  def grads(remat):
-    cfg = _f32(remat=remat)
+  def grads(remat, scan_layers=False):
+    cfg = _f32(remat=remat, scan_layers=scan_layers)
     params = model.init(cfg, jax.random.PRNGKey(0))
     return jax.grad(lambda p: model.forward(p, tokens, cfg).mean())(params)
 
   ref = grads("none")
-  for policy in ("minimal", "full"):
+  for policy, scan in [("minimal", False), ("full", False), ("none", True), ("minimal", True)]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 ref, grads(policy))
+                 ref, grads(policy, scan))
 
 
 def test_qkv_bias_and_tied_embeddings_change_the_parameter_set():
