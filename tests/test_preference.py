@@ -1,7 +1,5 @@
 """Preference records: every format, every bad case, and the real HH-RLHF sample."""
 
-import gzip
-import json
 import os
 
 import pytest

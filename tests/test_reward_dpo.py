@@ -4,7 +4,6 @@ the real HH-RLHF sample."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import rule_records, small_config, write_jsonl
-from jaxlm import checkpoint, losses, model, reward, tasks
+from jaxlm import checkpoint, model, reward, tasks
 from jaxlm.config import validate
 from jaxlm.data import preference, sft, tokenizer
 from jaxlm.tasks import dpo as dpo_task, reward as reward_task
