@@ -298,7 +298,7 @@ def run(spec: Spec) -> dict:
   result = {"preset": spec.preset, "task": spec.task, "batch": spec.batch or
             (c.data.batch_size * (2 if spec.task == "dpo" else 1)), "seq": c.data.seq_len,
             "remat": c.model.remat, "attention": c.model.attention,
-            "logits_chunk": c.model.logits_chunk, "scan_layers": c.model.scan_layers,
+            "logits_chunk": c.model.logits_chunk, "layer_loop": c.model.layer_loop,
             "overrides": list(spec.overrides)}
   if spec.task == "dpo":
     result["reference"] = spec.reference

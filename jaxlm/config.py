@@ -80,8 +80,8 @@ def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict
   m.remat = "minimal"           # "none" | "minimal" (save projections, attention) | "full"
   m.attention = "auto"          # "auto" | "xla" | "cudnn" | "splash"
   m.logits_chunk = 0            # > 0: the loss takes logits this many positions at a time
-  m.scan_layers = False         # True: one lax.scan over the layers (compile time and peak
-                                # memory independent of depth); False: the layers unrolled
+  m.layer_loop = "auto"         # "scan" | "unroll" | "auto": unroll when every device holds
+                                # the whole weights (no fsdp or tensor sharding), else scan
   for k, v in {**MODEL_PRESETS[preset], **overrides}.items():
     setattr(m, k, v)
   return m
@@ -241,6 +241,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "minimal", "full"),
+    "model.layer_loop": ("auto", "scan", "unroll"),
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "data.format": ("auto", "text", "jsonl"),
     "data.on_exhausted": ("repeat", "stop"),

@@ -16,10 +16,10 @@ activations the remat policy keeps for the backward pass and the float32 logits.
 leaves out XLA's temporaries and fragmentation, attention scores (a fused attention
 kernel is assumed), the runtime's own reserve and communication buffers, so treat a
 "fits" near 100% as "does not fit". As a check: TinyLlama 1.1B at 8 x 2048 (vocabulary
-32000) gives 33.2 GiB under `minimal`; on an H200 the step peaked at 31.7 GiB with
-`model.scan_layers=True` and 37.3 GiB with the layers unrolled (the default), whose
-program keeps more buffers live at once (BENCHMARKS.md): expect the real peak up to 20%
-higher.
+32000) gives 33.2 GiB under `minimal`; on an H200 the step peaked at 31.7 GiB with the
+layers scanned (`model.layer_loop=scan`) and 37.3 GiB unrolled, whose program keeps more
+buffers live (BENCHMARKS.md): expect the real peak up to 20% higher scanned and up to 30%
+unrolled.
 
 Importing this module does not import jax; the functions that count parameters or
 FLOPs import jaxlm.model (and so jax) when first called. No device is needed.

@@ -288,6 +288,16 @@ def _final_norm(params, x, cfg):
   return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
 
+def unrolls_layers(cfg, sharder: Sharder | None) -> bool:
+  """Whether `model.layer_loop` unrolls the layers. `auto` unrolls only where each device
+  holds the whole weights: sharded over fsdp or tensor, the loop keeps each layer's
+  gathered weights and activations to one layer at a time."""
+  if cfg.layer_loop != "auto":
+    return cfg.layer_loop == "unroll"
+  shape = sharder.mesh.shape if sharder is not None else {}
+  return shape.get("fsdp", 1) * shape.get("tensor", 1) == 1
+
+
 def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
                   sharder: Sharder | None = None, lora: Lora | None = None):
   """Final-normed hidden states [B, T, D] in the compute dtype."""
@@ -309,11 +319,11 @@ def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
 
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-  # scan_layers=False unrolls the scan into one program: XLA then schedules and fuses
-  # across layers and slices each layer's weights at fixed offsets.
+  # Unrolled, the scan is one program: XLA slices each layer's weights at fixed offsets
+  # and schedules and fuses across layers (README, "Scan or unroll").
   layers = compute_weights(params["layers"], cfg)
   x, _ = jax.lax.scan(body, x, (layers, adapters, drop_rngs),
-                      unroll=1 if cfg.scan_layers else True)
+                      unroll=True if unrolls_layers(cfg, sharder) else 1)
   return _final_norm(params, x, cfg)
 
 
@@ -410,33 +420,41 @@ def unembed(params, h_BTD, cfg, sharder: Sharder | None = None):
   return logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _head_stats(h_BTD, w_DV, targets_BT, constrain):
-  """`losses.token_stats` of the logits h @ w (float32), differentiable in h and w.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _head_stats(h_BTD, w, targets_BT, constrain, tied):
+  """`losses.token_stats` of the logits h @ w (float32), differentiable in h and w. `w`
+  is the output head [D, V], or with `tied` the embedding table [V, D], in its stored
+  dtype; it is cast to h's dtype here and its gradient goes back in the stored dtype (so
+  chunks of positions add their parts in float32).
 
   The backward pass is written out: the logits' gradient, g_logZ * softmax + g_target *
   onehot(target), is one elementwise pass over the saved float32 logits that writes h's
   dtype (no scatter for the target, no float32 gradient of the whole logits), and both of
   its matmuls run on bf16 operands, as autocast's do."""
-  return _head_stats_fwd(h_BTD, w_DV, targets_BT, constrain)[0]
+  return _head_stats_fwd(h_BTD, w, targets_BT, constrain, tied)[0]
 
 
-def _head_stats_fwd(h_BTD, w_DV, targets_BT, constrain):
-  logits = constrain(jnp.einsum("btd,dv->btv", h_BTD, w_DV, preferred_element_type=jnp.float32))
+def _head_stats_fwd(h_BTD, w, targets_BT, constrain, tied):
+  w_c = w.astype(h_BTD.dtype)  # [V, D] tied, else [D, V]; no transposed copy
+  logits = constrain(jnp.einsum("btd,vd->btv" if tied else "btd,dv->btv", h_BTD, w_c,
+                                preferred_element_type=jnp.float32))
   stats = losses.token_stats(logits, targets_BT)
-  return stats, (h_BTD, w_DV, targets_BT, logits, stats[0])
+  # A scalar zero carries the stored dtype to the backward pass (residuals are arrays).
+  return stats, (h_BTD, w_c, targets_BT, logits, stats[0], jnp.zeros((), w.dtype))
 
 
-def _head_stats_bwd(constrain, res, g):
-  h_BTD, w_DV, targets_BT, logits, log_z_BT = res
+def _head_stats_bwd(constrain, tied, res, g):
+  h_BTD, w_c, targets_BT, logits, log_z_BT, w_dtype = res
   g_z, g_target, _ = g  # the argmax hit has no gradient
   onehot = targets_BT[..., None] == jnp.arange(logits.shape[-1], dtype=targets_BT.dtype)
   g_BTV = (g_z[..., None] * jnp.exp(logits - log_z_BT[..., None])
            + jnp.where(onehot, g_target[..., None], 0.0)).astype(h_BTD.dtype)
   g_BTV = constrain(g_BTV)
-  dh = jnp.einsum("btv,dv->btd", g_BTV, w_DV, preferred_element_type=jnp.float32)
-  dw = jnp.einsum("btd,btv->dv", h_BTD, g_BTV, preferred_element_type=jnp.float32)
-  return dh.astype(h_BTD.dtype), dw.astype(w_DV.dtype), None
+  f32 = jnp.float32
+  dh = jnp.einsum("btv,vd->btd" if tied else "btv,dv->btd", g_BTV, w_c, preferred_element_type=f32)
+  dw = (jnp.einsum("btv,btd->vd", g_BTV, h_BTD, preferred_element_type=f32) if tied else
+        jnp.einsum("btd,btv->dv", h_BTD, g_BTV, preferred_element_type=f32))
+  return dh.astype(h_BTD.dtype), dw.astype(w_dtype.dtype), None
 
 
 _head_stats.defvjp(_head_stats_fwd, _head_stats_bwd)
@@ -451,13 +469,12 @@ def token_stats(params, h_BTD, targets_BT, cfg, sharder: Sharder | None = None):
   whose body is rematerialized: a chunk's logits [B, C, V] exist only while its stats
   are taken, and again in the backward pass (the output projection runs twice)."""
   B, T, D = h_BTD.shape
-  dt = _dtype(cfg.dtype)
-  w_DV = params["embed"].astype(dt).T if cfg.tie_embeddings else params["lm_head"].astype(dt)
+  w = params["embed"] if cfg.tie_embeddings else params["lm_head"]  # cast in _head_stats
   constrain = ((lambda x: sharder.constrain(x, ("batch", "length", "vocab")))
                if sharder is not None else (lambda x: x))
   C = cfg.logits_chunk
   if not C or T <= C:
-    return _head_stats(h_BTD, w_DV, targets_BT, constrain)
+    return _head_stats(h_BTD, w, targets_BT, constrain, cfg.tie_embeddings)
   n = -(-T // C)
   pad = n * C - T
   h = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))) if pad else h_BTD
@@ -467,7 +484,7 @@ def token_stats(params, h_BTD, targets_BT, cfg, sharder: Sharder | None = None):
 
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
   def chunk(h_BCD, t_BC):
-    return _head_stats(h_BCD, w_DV, t_BC, constrain)
+    return _head_stats(h_BCD, w, t_BC, constrain, cfg.tie_embeddings)
 
   _, stats = jax.lax.scan(lambda _, xs: (None, chunk(*xs)), None, (h_NBCD, t_NBC))
   return tuple(jnp.swapaxes(x, 0, 1).reshape(B, n * C)[:, :T] for x in stats)

@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm import checkpoint, generate, model, sharding
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, model_config
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def load(path: str, *, mesh: dict | None = None) -> RewardModel:
   if run.get("task") != "reward":
     raise ConfigError(f"reward model {path}: {workdir} is a {run.get('task')!r} run, not a "
                       f"reward model")
-  cfg = ml_collections.ConfigDict(run["model"])
+  cfg = model_config("tiny", **run["model"])  # keys added since that run take their defaults
   tok_path = hf.tokenizer_file(workdir)
   if tok_path is None:
     raise ConfigError(f"reward model {path}: no tokenizer in {workdir}")

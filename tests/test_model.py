@@ -62,13 +62,14 @@ def test_llama3_rope_scaling_matches_reference_formula():
 def test_remat_policies_and_scanned_layers_give_the_same_gradients():
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 512)
 
-  def grads(remat, scan_layers=False):
-    cfg = _f32(remat=remat, scan_layers=scan_layers)
+  def grads(remat, layer_loop="unroll"):
+    cfg = _f32(remat=remat, layer_loop=layer_loop)
     params = model.init(cfg, jax.random.PRNGKey(0))
     return jax.grad(lambda p: model.forward(p, tokens, cfg).mean())(params)
 
   ref = grads("none")
-  for policy, scan in [("minimal", False), ("full", False), ("none", True), ("minimal", True)]:
+  for policy, scan in [("minimal", "unroll"), ("full", "unroll"), ("none", "scan"),
+                       ("minimal", "scan")]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  ref, grads(policy, scan))
 

@@ -172,6 +172,15 @@ def test_reward_model_learns_the_rule_and_scores(world, tmp_path):
   # A conversation prompt is the same text as a plain one.
   as_messages = reward.score(rm, [[{"role": "user", "content": prompts[0]}]], [held_out[0]["chosen"]])
   np.testing.assert_allclose(as_messages, chosen[:1], rtol=1e-5)
+  # A run written before a model key existed still loads; the key takes its default.
+  path = os.path.join(workdir, "config.json")
+  with open(path, encoding="utf-8") as f:
+    run = json.load(f)
+  del run["model"]["layer_loop"]
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(run, f)
+  again = reward.score(reward.load(workdir), prompts[:3], [r["chosen"] for r in held_out[:3]])
+  np.testing.assert_allclose(again, chosen[:3], rtol=1e-5)
 
   out = tmp_path / "scored.jsonl"
   inputs = write_jsonl(tmp_path / "in.jsonl", held_out[:8] + [{"nothing": 1}] + [

@@ -132,3 +132,17 @@ def test_gradient_accumulation_equals_the_full_batch():
     assert float(m["grad_norm"]) == pytest.approx(float(outs[0][1]["grad_norm"]), rel=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  new_state["params"], outs[0][0]["params"])
+
+
+def test_layer_loop_auto_unrolls_only_where_each_device_holds_the_whole_weights():
+  cfg = small_config().model
+  shapes = {(8, 1, 1): True, (1, 8, 1): False, (1, 1, 8): False, (4, 2, 1): False}
+  for (data, fsdp, tensor), unrolled in shapes.items():
+    mesh = sharding.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor})
+    sharder = sharding.Sharder(mesh, DEFAULT_RULES)
+    assert model.unrolls_layers(cfg, sharder) is unrolled, (data, fsdp, tensor)
+  assert model.unrolls_layers(cfg, None)
+  cfg.layer_loop = "scan"
+  assert not model.unrolls_layers(cfg, None)
+  cfg.layer_loop = "unroll"
+  assert model.unrolls_layers(cfg, sharding.Sharder(mesh, DEFAULT_RULES))

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 # Model fields a run keeps from its own config when its architecture comes from init_from.
-_TRAINING_FIELDS = ("dtype", "param_dtype", "remat", "attention", "logits_chunk", "scan_layers",
+_TRAINING_FIELDS = ("dtype", "param_dtype", "remat", "attention", "logits_chunk", "layer_loop",
                     "vocab_multiple", "init_std")
 
 
