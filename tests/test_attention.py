@@ -149,3 +149,13 @@ def test_chunked_head_gradient_adds_chunks_in_float32(tied):
   err = lambda g: float(jnp.linalg.norm(g - ref) / jnp.linalg.norm(ref))  # noqa: E731
   whole, chunked = err(grad(0)), err(grad(16))
   assert chunked < 1.5 * whole, (chunked, whole)
+
+
+def test_remat_keeps_the_primitive_cudnn_attention_runs_forward():
+  """`attention.saveable` matches JAX's cuDNN forward primitive by name; a rename in a JAX
+  upgrade would make remat `minimal` rerun the kernel again, silently, on GPUs."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=import-outside-toplevel
+  from jax.extend.core import Primitive  # pylint: disable=import-outside-toplevel
+  prims = [v for v in vars(cudnn).values() if isinstance(v, Primitive)]
+  kept = [p.name for p in prims if attention.saveable(p)]
+  assert kept == ["dot_product_attention_fwd_wrapper"], sorted(p.name for p in prims)
