@@ -279,14 +279,20 @@ def _next_batch(data_iter, agree: bool):
   return batch
 
 
+_device_layout_index = jax.jit(attention.layout_index)
+
+
 def attention_layout(config, batch: dict, agree: bool) -> str | None:
-  """The cuDNN attention kernel a host batch needs (`attention.LAYOUTS`), so the step is
-  compiled for it alone; None (the kernel is then chosen on the device) for the other
-  attention implementations or batches without segment ids. With `agree`, every process
-  takes the most general layout any process's share needs: all run the same program."""
+  """The cuDNN attention kernel a batch needs (`attention.LAYOUTS`), so the step is
+  compiled for it alone; None for the other attention implementations or batches without
+  segment ids. A host batch is read on the host; with `agree`, every process takes the
+  most general layout any process's share needs, so all run the same program. A batch
+  that exists only on the devices (RL rollouts) is read there: one scalar comes back."""
   m = config.model
   if attention.resolve_impl(m.attention, m.dtype) != "cudnn" or "segment_ids" not in batch:
     return None
+  if isinstance(batch["segment_ids"], jax.Array):  # global: the same answer everywhere
+    return attention.LAYOUTS[int(_device_layout_index(batch["segment_ids"]))]
   index = int(attention.layout_index(np.asarray(batch["segment_ids"]), np))
   if agree:
     index = int(np.max(multihost_utils.process_allgather(np.array([index], np.int32))))
@@ -339,7 +345,8 @@ def setup(config, task: Task, sharder: sharding.Sharder) -> Setup:
   # The frozen tree keeps its sharding and is not donated: every step reads it again.
   step_fn = make_train_step(task, tx, lr_schedule, config.optimizer.grad_accum_steps, sharder)
   # `layout` (static: one compilation each) names the cuDNN attention kernel the batch
-  # needs, read from its host copy by `attention_layout`; None leaves it to the device.
+  # needs, read by `attention_layout` (from the host copy, or for RL rollouts from the
+  # device batch); None leaves it to the device.
   train_step = jax.jit(step_fn, in_shardings=(shardings, frozen_sh, None),
                        out_shardings=(shardings, None), donate_argnums=0,
                        static_argnums=3)
@@ -538,10 +545,11 @@ def _train(config, workdir, task, sharder, stop) -> dict:
         log.info(f"training data exhausted after step {step}: stopping")
         stopped_by = "data"
         break
-      rollout_metrics, layout = {}, None
+      rollout_metrics = {}
       if task.rollout is not None:  # generate, score: the batch this step trains on
         batch, rollout_metrics = task.rollout(state["params"], frozen, host_batch, step)
         update_started = time.perf_counter()
+        layout = attention_layout(config, batch, False)
       else:
         batch = device_batch(host_batch, sharder)
         layout = attention_layout(config, host_batch, jax.process_count() > 1)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import small_config
 from jaxlm import attention, losses, model
 from jaxlm.config import model_config
 
@@ -57,6 +58,19 @@ def test_layout_picks_the_kernel_each_batch_needs_on_host_and_device():
   with pytest.raises(ValueError, match="unknown attention layout 'ragged'"):
     with attention.fixed_layout("ragged"):
       pass
+
+
+def test_the_loop_reads_the_layout_of_host_batches_and_of_device_only_batches():
+  """RL rollouts exist only on the devices: their layout is read there, so their update
+  step is compiled for one kernel as every other task's is (no lax.switch)."""
+  from jaxlm import loop  # pylint: disable=import-outside-toplevel
+  config = small_config()
+  config.model.attention = "cudnn"
+  for name, seg in layouts(4, 512).items():
+    assert loop.attention_layout(config, {"segment_ids": np.asarray(seg)}, False) == name
+    assert loop.attention_layout(config, {"segment_ids": seg}, False) == name
+  config.model.attention = "xla"
+  assert loop.attention_layout(config, {"segment_ids": seg}, False) is None
 
 
 # On a GPU machine: JAX_PLATFORMS=cuda python -m pytest tests/test_attention.py
