@@ -388,11 +388,28 @@ def forward_cached(params, tokens_BT, cfg, cache: Cache, index, *, positions, va
   return logits, Cache(tuple(ks), tuple(vs), valid)
 
 
+def _head_logits(h_BTD, w, tied=False):
+  """h @ w with float32 output; `w` in h's dtype, [V, D] when `tied` (the embedding table,
+  read without a transposed copy), else [D, V]."""
+  return jnp.einsum("btd,vd->btv" if tied else "btd,dv->btv", h_BTD, w,
+                    preferred_element_type=jnp.float32)
+
+
+def _head_grads(g_BTV, h_BTD, w, tied=False):
+  """The output head's two backward matmuls, from the logits' gradient in h's dtype
+  (bf16 operands, float32 results): dh [B, T, D] and dw in w's layout."""
+  f32 = jnp.float32
+  dh = jnp.einsum("btv,vd->btd" if tied else "btv,dv->btd", g_BTV, w, preferred_element_type=f32)
+  dw = (jnp.einsum("btv,btd->vd", g_BTV, h_BTD, preferred_element_type=f32) if tied else
+        jnp.einsum("btd,btv->dv", h_BTD, g_BTV, preferred_element_type=f32))
+  return dh, dw
+
+
 @jax.custom_vjp
 def _logits(h_BTD, w_DV):
   """h @ w with float32 output; the backward pass takes the logits' gradient in h's
   dtype, so both of its matmuls run on bf16 operands (as autocast does), not float32."""
-  return jnp.einsum("btd,dv->btv", h_BTD, w_DV, preferred_element_type=jnp.float32)
+  return _head_logits(h_BTD, w_DV)
 
 
 def _logits_fwd(h_BTD, w_DV):
@@ -401,9 +418,7 @@ def _logits_fwd(h_BTD, w_DV):
 
 def _logits_bwd(res, g_BTV):
   h_BTD, w_DV = res
-  g = g_BTV.astype(h_BTD.dtype)
-  dh = jnp.einsum("btv,dv->btd", g, w_DV, preferred_element_type=jnp.float32)
-  dw = jnp.einsum("btd,btv->dv", h_BTD, g, preferred_element_type=jnp.float32)
+  dh, dw = _head_grads(g_BTV.astype(h_BTD.dtype), h_BTD, w_DV)
   return dh.astype(h_BTD.dtype), dw.astype(w_DV.dtype)
 
 
@@ -436,8 +451,7 @@ def _head_stats(h_BTD, w, targets_BT, constrain, tied):
 
 def _head_stats_fwd(h_BTD, w, targets_BT, constrain, tied):
   w_c = w.astype(h_BTD.dtype)  # [V, D] tied, else [D, V]; no transposed copy
-  logits = constrain(jnp.einsum("btd,vd->btv" if tied else "btd,dv->btv", h_BTD, w_c,
-                                preferred_element_type=jnp.float32))
+  logits = constrain(_head_logits(h_BTD, w_c, tied))
   stats = losses.token_stats(logits, targets_BT)
   # A scalar zero carries the stored dtype to the backward pass (residuals are arrays).
   return stats, (h_BTD, w_c, targets_BT, logits, stats[0], jnp.zeros((), w.dtype))
@@ -449,11 +463,7 @@ def _head_stats_bwd(constrain, tied, res, g):
   onehot = targets_BT[..., None] == jnp.arange(logits.shape[-1], dtype=targets_BT.dtype)
   g_BTV = (g_z[..., None] * jnp.exp(logits - log_z_BT[..., None])
            + jnp.where(onehot, g_target[..., None], 0.0)).astype(h_BTD.dtype)
-  g_BTV = constrain(g_BTV)
-  f32 = jnp.float32
-  dh = jnp.einsum("btv,vd->btd" if tied else "btv,dv->btd", g_BTV, w_c, preferred_element_type=f32)
-  dw = (jnp.einsum("btv,btd->vd", g_BTV, h_BTD, preferred_element_type=f32) if tied else
-        jnp.einsum("btd,btv->dv", h_BTD, g_BTV, preferred_element_type=f32))
+  dh, dw = _head_grads(constrain(g_BTV), h_BTD, w_c, tied)
   return dh.astype(h_BTD.dtype), dw.astype(w_dtype.dtype), None
 
 
