@@ -88,6 +88,15 @@ def write_jsonl(path, records):
   return str(path)
 
 
+def word_tokenizer(folder, words: str):
+  """A 320-piece SentencePiece model trained in `folder` on 300 seeded lines of 12 of
+  `words` each, every line ending ". 2 and 3 is 5?"."""
+  from jaxlm.data import tokenizer  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  text = [" ".join(rng.choice(words.split(), 12)) + ". 2 and 3 is 5?" for _ in range(300)]
+  return tokenizer.train(text, str(folder / "t.model"), 320)
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
   """Rule data, a tokenizer, and an SFT model that saw both kinds of reply equally."""

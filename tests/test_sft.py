@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_config, small_model
+from conftest import small_config, small_model, word_tokenizer
 from jaxlm import model, tasks
 from jaxlm.config import ConfigError
 from jaxlm.data import sft, tokenizer
@@ -30,10 +30,8 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  words = "the sky is blue green name a colour another add numbers hello there be brief".split()
-  rng = np.random.default_rng(0)
-  text = [" ".join(rng.choice(words, 12)) + ". 2 and 3 is 5?" for _ in range(300)]
-  return tokenizer.train(text, str(tmp_path_factory.mktemp("tok") / "t.model"), 320)
+  return word_tokenizer(tmp_path_factory.mktemp("tok"), "the sky is blue green name a colour "
+                        "another add numbers hello there be brief")
 
 
 def supervised_text(record, tok, template="jaxlm"):

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import small_config
+from conftest import small_config, word_tokenizer
 from jaxlm import rewards, tasks
 from jaxlm.config import ConfigError
-from jaxlm.data import preference, prompts, sft, sources, tokenizer
+from jaxlm.data import preference, prompts, sft, sources
 from jaxlm.data.sources import DataError, Documents
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
@@ -32,10 +32,8 @@ BAD = "@@BAD@@"  # where a malformed value goes into a record's main field
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  words = "sure no the sky is blue green name a colour hello there answer".split()
-  rng = np.random.default_rng(0)
-  text = [" ".join(rng.choice(words, 12)) + ". 2 and 3 is 5?" for _ in range(300)]
-  return tokenizer.train(text, str(tmp_path_factory.mktemp("tok") / "t.model"), 320)
+  return word_tokenizer(tmp_path_factory.mktemp("tok"),
+                        "sure no the sky is blue green name a colour hello there answer")
 
 
 # ---------------------------------------------------------------------------------------
