@@ -6,7 +6,6 @@ it on the command line (`--config.optimizer.lr=3e-4`) and rejects unknown keys.
 
 from __future__ import annotations
 
-import glob
 import math
 import numbers
 import os
@@ -14,6 +13,8 @@ import re
 import traceback
 
 import ml_collections
+
+from jaxlm import fileio
 
 
 # Model shapes shared by configs, benchmarks and the cost estimator.
@@ -388,13 +389,15 @@ def set_key(config, dotted: str, value) -> None:
 
 
 def expand_globs(spec: str, key: str) -> list[str]:
-  """Comma-separated globs -> sorted file list; error naming `key` if one matches nothing."""
+  """Comma-separated globs or directories -> sorted file list (the rules are
+  `fileio.expand`'s: `**` recurses, a directory means every file under it); an error
+  naming `key` if one matches nothing."""
+  try:
+    expanded = fileio.expand(spec)
+  except ValueError as e:  # a NUL byte, a path too long
+    raise ConfigError(one_line(f"{key}: {e}")) from None
   files = []
-  for pattern in [p.strip() for p in spec.split(",") if p.strip()]:
-    try:
-      matched = sorted(f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
-    except (ValueError, OSError) as e:  # a NUL byte, a path too long
-      raise ConfigError(one_line(f"{key}: can't read {pattern!r}: {e}")) from None
+  for pattern, matched in expanded:
     if not matched:
       raise ConfigError(one_line(f"{key}: no file matches {pattern!r}"))
     files.extend(matched)
