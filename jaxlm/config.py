@@ -146,6 +146,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.packing = True         # pack whole examples into rows (first fit); else pad each
   c.data.truncation = "truncate"  # examples over seq_len: "truncate" | "drop"
   c.data.on_error = "raise"     # bad records: "raise" (file:line) | "skip" (counted)
+  c.data.max_record_bytes = 1 << 24  # a document, line or record over this is `too_long`
+                                # (under data.on_error); memory stays bounded by it
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 3e-4
@@ -275,7 +277,8 @@ _RANGES = {  # interval notation: "[0, 1)" holds 0 but not 1
                       "model.rope_theta", "model.rope_low_freq_factor",
                       "model.rope_high_freq_factor", "model.rope_original_max_len",
                       "model.init_std", "data.tokenizer_vocab_size",
-                      "data.tokenizer_sample_chars", "optimizer.eps", "lora.alpha", "dpo.beta",
+                      "data.tokenizer_sample_chars", "data.max_record_bytes", "optimizer.eps",
+                      "lora.alpha", "dpo.beta",
                       "rl.num_generations", "rl.max_new_tokens", "rl.epochs", "rl.minibatches",
                       "eval.max_new_tokens", "eval.batch_size", "eval.seq_len"), "(0, inf)"),
     **dict.fromkeys(("eval_every", "eval_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
