@@ -6,6 +6,7 @@ asked, validates every field before anything compiles, and dispatches on `config
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -82,6 +83,30 @@ def _sweep(config, num_devices: int, num_processes: int) -> int:
   return 1 if failed else 0
 
 
+@contextlib.contextmanager
+def _locked(workdir: str):
+  """The workdir's lock, held by process 0 for the whole run; every process of a
+  multi-process job stops if process 0 could not take it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxlm import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lib.lock(workdir))
+      except workdir_lib.WorkdirError as e:
+        error = e
+    if jax.process_count() > 1:
+      import numpy as np  # pylint: disable=import-outside-toplevel
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      held = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+      if not held and error is None:
+        error = workdir_lib.WorkdirError(f"--workdir {workdir}: process 0 could not lock it")
+    if error is not None:
+      raise error
+    yield
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -91,6 +116,7 @@ def main(argv):
   from jaxlm.data.sft import DataError  # pylint: disable=import-outside-toplevel
   from jaxlm.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   from jaxlm.loop import TrainingError  # pylint: disable=import-outside-toplevel
+  from jaxlm import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
 
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
@@ -137,7 +163,12 @@ def main(argv):
       print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
   try:
-    tasks.run(config, _WORKDIR.value)
+    workdir_lib.check(config, _WORKDIR.value, resolved=False)  # before anything is written
+    with _locked(_WORKDIR.value):
+      tasks.run(config, _WORKDIR.value)
+  except workdir_lib.WorkdirError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   except (ConfigError, sharding.ShardingError) as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)

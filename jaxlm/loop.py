@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -23,6 +22,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from jaxlm import attention, checkpoint, metrics as metrics_lib, optimizer, sharding
+from jaxlm import workdir as workdir_lib
 from jaxlm.config import ConfigError, mesh_shape
 
 # loss_fn(params, batch, rng, frozen) -> (loss_sum, sums): `sums` is a dict of summed
@@ -481,9 +481,14 @@ def _train(config, workdir, task, sharder, stop) -> dict:
   # Loss spikes: a logged loss over loss_spike_factor x the mean of the last
   # loss_spike_window logged losses that were not spikes themselves (those kept from
   # before a resume included, so a resumed run reports the same events).
+  # The window starts with the first step's loss (the model as initialized), so a
+  # divergence shows from the first logged step on.
   spiked = {step for step, _ in log.history("event/loss_spike")}
-  recent = collections.deque((v for step, v in log.history("loss") if step not in spiked),
+  kept = dict(log.history("initial_loss"))
+  kept.update((step, v) for step, v in log.history("loss") if step not in spiked)
+  recent = collections.deque((kept[step] for step in sorted(kept)),
                              maxlen=config.loss_spike_window)
+  diverged = None  # (step, loss, mean) while the last logged loss is a spike
 
   def log_step(step, m):
     m = _host(m)  # waits until `step` has finished
@@ -499,15 +504,35 @@ def _train(config, workdir, task, sharder, stop) -> dict:
     log.write(step, m)
     loss = m.get("loss")
     if loss is not None and np.isfinite(loss):
-      if config.loss_spike_factor and len(recent) >= min(5, recent.maxlen):
+      nonlocal diverged
+      if config.loss_spike_factor and recent:
         mean = float(np.mean(recent))
         if mean > 0 and loss > config.loss_spike_factor * mean:
           log.info(f"step {step}: loss spike, {loss:.4f} is {loss / mean:.1f}x the mean of "
                    f"the last {len(recent)} logged losses ({mean:.4f})")
           log.write(step, {"event/loss_spike": loss / mean}, console=False)
+          diverged = (step, loss, mean)
           return m
+      diverged = None
       recent.append(loss)
     return m
+
+  def may_save(step) -> bool:
+    """Whether `step` may be checkpointed: not while the last logged loss is a spike, so
+    a diverged model never takes the place of the last healthy checkpoint. Under
+    nan_policy="stop" the run ends there, as it does on a non-finite loss."""
+    if diverged is None:
+      return True
+    at, loss, mean = diverged
+    what = (f"the loss diverged at step {at} ({loss:.4g}, {loss / mean:.1f}x the mean of the "
+            f"last {len(recent)} logged losses; loss_spike_factor={config.loss_spike_factor:g})")
+    kept = (f"the newest checkpoint, step {saved_step}, is kept as it was" if saved_step
+            else "no checkpoint was written")
+    if config.nan_policy == "stop":
+      raise TrainingError(f"step {step}: {what}; stopped before checkpointing it "
+                          f"(nan_policy=stop); {kept}")
+    log.info(f"step {step}: not checkpointed, {what}; {kept}")
+    return False
 
   def check_finite(step, m, host_batch):
     """After each step (read one step late, so the device keeps a step queued): a skipped
@@ -572,6 +597,11 @@ def _train(config, workdir, task, sharder, stop) -> dict:
         jax.block_until_ready(m)
         log.info(f"first step (compile + run) took {time.perf_counter() - synced['time']:.1f}s")
         synced.update(step=done, time=time.perf_counter())
+        if start == 0 and done % config.log_every and done != total:
+          first_loss = float(jax.device_get(m["loss"]))  # the spike window's first entry
+          if np.isfinite(first_loss):
+            log.write(done, {"initial_loss": first_loss}, console=False)
+            recent.append(first_loss)
       if pending is not None:  # fetch the previous log step only after dispatching this one
         last = log_step(*pending)
         pending = None
@@ -595,7 +625,7 @@ def _train(config, workdir, task, sharder, stop) -> dict:
           last.update(ev)
         jax.block_until_ready(state["step"])
         synced.update(step=done, time=time.perf_counter())  # evaluation is not training time
-      if saving:
+      if saving and may_save(done):
         ckpt.save(done, state, data_iter.get_state())
         saved_step = done
         _failpoint("checkpoint", done)
@@ -605,7 +635,7 @@ def _train(config, workdir, task, sharder, stop) -> dict:
     if pending is not None:
       last = log_step(*pending)
     final = int(jax.device_get(state["step"]))
-    if final != saved_step:
+    if final != saved_step and may_save(final):
       ckpt.save(final, state, data_iter.get_state())
     if stopped_by == "signal":
       ckpt.wait()
@@ -639,9 +669,6 @@ def _train(config, workdir, task, sharder, stop) -> dict:
 
 
 def write_config(config, workdir: str):
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
-
+  """config.json, once the workdir is checked against what it holds (workdir.check)."""
+  if jax.process_index() == 0:
+    workdir_lib.write_config(config, workdir)

@@ -10,12 +10,11 @@ import filecmp
 import logging
 import math
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 
-from jaxlm import checkpoint, hf, lora as lora_lib, loop, losses, model
+from jaxlm import checkpoint, fileio, hf, lora as lora_lib, loop, losses, model
 from jaxlm.config import ConfigError
 from jaxlm.data import lm, prepare, tokenizer as tokenizer_lib
 from jaxlm.data.sources import DocumentSource, open_documents
@@ -104,21 +103,33 @@ def keep_tokenizer(tok, workdir: str) -> None:
   """Copy the tokenizer (and the files beside it: tokenizer_config.json, ...) into the
   workdir, so the run is self-contained: a later init_from or an export finds it. Of a
   tokenizer.model / tokenizer.json pair (HF models ship both) only the one in use is
-  kept."""
+  kept. A workdir that already holds another tokenizer (an earlier run's, when init_from
+  now brings a different one) is an error naming both: sampling and export would pair
+  the wrong one with the model."""
   source = os.path.dirname(os.path.abspath(tok.path))
-  if jax.process_index() != 0 or source == os.path.abspath(workdir):
+  if source == os.path.abspath(workdir):
+    return
+  held = [n for n in ("tokenizer.model", "tokenizer.json")
+          if os.path.exists(os.path.join(workdir, n))]
+  if held:
+    kept = os.path.join(workdir, held[0])
+    if (os.path.basename(tok.path).endswith(".json") != held[0].endswith(".json")
+        or not filecmp.cmp(tok.path, kept, shallow=False)):
+      raise ConfigError(f"--workdir {workdir} holds the tokenizer {kept}, which differs from "
+                        f"the one this run trains with ({tok.path}); token ids would not "
+                        f"agree. Use a new --workdir, or the same tokenizer")
+    return
+  if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  if not any(os.path.exists(os.path.join(workdir, n)) for n in ("tokenizer.model",
-                                                                 "tokenizer.json")):
-    copied = hf.copy_tokenizer(source, workdir)
-    name = os.path.basename(tok.path)
-    kept = "tokenizer.json" if name.endswith(".json") else "tokenizer.model"
-    if name not in copied:  # a file named otherwise, e.g. data.tokenizer=my_sp.model
-      shutil.copyfile(tok.path, os.path.join(workdir, kept))
-    other = "tokenizer.model" if kept == "tokenizer.json" else "tokenizer.json"
-    if other in copied:  # only the one in use: later stages must read the same ids
-      os.remove(os.path.join(workdir, other))
+  copied = hf.copy_tokenizer(source, workdir)
+  name = os.path.basename(tok.path)
+  kept = "tokenizer.json" if name.endswith(".json") else "tokenizer.model"
+  if name not in copied:  # a file named otherwise, e.g. data.tokenizer=my_sp.model
+    fileio.atomic_copy(tok.path, os.path.join(workdir, kept))
+  other = "tokenizer.model" if kept == "tokenizer.json" else "tokenizer.json"
+  if other in copied:  # only the one in use: later stages must read the same ids
+    os.remove(os.path.join(workdir, other))
 
 
 def set_vocab_size(config, tok: tokenizer_lib.Tokenizer):

@@ -87,19 +87,34 @@ def test_too_many_skips_in_a_row_stop_the_run(tmp_path, monkeypatch):
 
 def test_loss_spikes_are_logged_as_events(tmp_path, monkeypatch, capsys):
   poison(monkeypatch, 1000.0)
-  run(tmp_path, steps=16, loss_spike_factor=3.0, **{"optimizer.grad_clip": 1.0})
+  run(tmp_path, steps=16, loss_spike_factor=3.0, nan_policy="skip",
+      **{"optimizer.grad_clip": 1.0})
   rs = records(tmp_path)
   steps = [r["step"] for r in rs if "loss" in r]
   spikes = [r["step"] for r in rs if "loss" in r and r["loss"] > 100]  # the poisoned steps
   events = [r["step"] for r in rs if "event/loss_spike" in r]
-  # Every poisoned step once five losses are in the running mean (it needs a history), and
-  # no other step; a detected spike does not enter the mean, an undetected one does.
+  # Every poisoned step after the first logged one (the mean needs a loss), and no other
+  # step; a detected spike does not enter the mean, an undetected one does.
   want, in_mean = [], 0
   for step in steps:
-    if step in spikes and in_mean >= 5:
+    if step in spikes and in_mean >= 1:
       want.append(step)
     else:
       in_mean += 1
   assert len(want) >= 2 and events == want
   out = capsys.readouterr().out
   assert sum("loss spike" in line for line in out.splitlines()) == len(events)
+
+
+def test_a_divergence_in_the_first_logged_step_stops_before_it_is_checkpointed(tmp_path):
+  """lr=3 without clipping: the loss is ~13x its first value at step 4, the first logged
+  step. The window starts with step 1's loss, so that is a spike, and under nan_policy=stop
+  the run ends there instead of checkpointing the dead model."""
+  with pytest.raises(loop.TrainingError, match=r"^step 4: the loss diverged at step 4 .*"
+                     r"stopped before checkpointing it \(nan_policy=stop\); no checkpoint"):
+    run(tmp_path, steps=8, log_every=4, checkpoint_every=4,
+        **{"optimizer.lr": 3.0, "optimizer.warmup_steps": 0, "optimizer.grad_clip": 0.0})
+  rs = records(tmp_path)
+  assert [r["step"] for r in rs if "initial_loss" in r] == [1]
+  assert [r["step"] for r in rs if "event/loss_spike" in r] == [4]
+  assert not glob.glob(str(tmp_path / "checkpoints" / "[0-9]*"))
