@@ -19,12 +19,15 @@ selects a subset; a selected stage whose input stage is absent is an error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import time
 
 import ml_collections
 
+from jaxlm import fileio
 from jaxlm.config import ConfigError
 from jaxlm.checkpoint import read_json, write_json
 
@@ -213,16 +216,18 @@ def run_stage(config, name: str, workdir: str, log=print) -> None:
   else:
     log(f"[{name}] {stage.task}, {stage.steps} steps -> {stage_dir}")
     t0 = time.perf_counter()
+    # The inputs are recorded before the stage starts: after a kill at any point (SIGKILL
+    # included), a changed config is refused instead of resuming the old checkpoints.
+    record = record or {"seconds": 0.0, "attempts": 0}
+    if jax.process_index() == 0:
+      fileio.atomic_write_json(os.path.join(stage_dir, STAGE_FILE), {**record, "inputs": inputs})
     try:
       tasks.run(stage, stage_dir)
     finally:
       if jax.process_index() == 0:
-        record = read_json(os.path.join(stage_dir, STAGE_FILE)) or {"seconds": 0.0,
-                                                                     "attempts": 0}
         record.update(seconds=record["seconds"] + time.perf_counter() - t0,
                       attempts=record["attempts"] + 1, inputs=inputs)
-        os.makedirs(stage_dir, exist_ok=True)
-        write_json(os.path.join(stage_dir, STAGE_FILE), record)
+        fileio.atomic_write_json(os.path.join(stage_dir, STAGE_FILE), record)
       _barrier(f"pipeline {name} trained")
     if not finished(stage_dir, stage.steps):
       summary = read_json(os.path.join(stage_dir, "summary.json")) or {}
@@ -251,6 +256,28 @@ class StageIncomplete(RuntimeError):
   pass
 
 
+class Interrupted(BaseException):
+  """SIGTERM outside a stage's training (which stops at a checkpoint on its own)."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+  """SIGTERM raises Interrupted wherever the pipeline is (a tokenizer, an evaluation, the
+  report), so that unit is abandoned whole: each writes its result atomically at its end,
+  and the next run redoes it. The training loop installs its own handler while it runs."""
+  def handle(signum, frame):  # pylint: disable=unused-argument
+    raise Interrupted()
+  try:
+    previous = signal.signal(signal.SIGTERM, handle)
+  except ValueError:  # not the main thread: signals are not ours to take
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def run(config, workdir: str) -> dict:
   from jaxlm import loop, report  # pylint: disable=import-outside-toplevel
   names = selected(config)
@@ -258,16 +285,24 @@ def run(config, workdir: str) -> dict:
   loop.write_config(config, workdir)
   t0 = time.perf_counter()
   log = lambda m: print(m, flush=True)  # noqa: E731
+  phase = "start"
   try:
-    for name in names:
-      if name == "tokenizer":
-        train_tokenizer(config, os.path.join(workdir, "tokenizer"), log)
-      else:
-        run_stage(config, name, workdir, log)
+    with _sigterm_interrupts():
+      for name in names:
+        phase = f"the {name} stage"
+        if name == "tokenizer":
+          train_tokenizer(config, os.path.join(workdir, "tokenizer"), log)
+        else:
+          run_stage(config, name, workdir, log)
+      phase = "the report"
+      result = report.write(config, workdir)
   except StageIncomplete as e:
     log(str(e))
     return {}
-  result = report.write(config, workdir)
+  except Interrupted:
+    log(f"SIGTERM: stopped during {phase}; what it had not finished is redone by the next "
+        f"run; re-run the same command to resume")
+    return {}
   log(f"pipeline: {', '.join(names)} in {time.perf_counter() - t0:.0f}s; report: "
       f"{os.path.join(workdir, report.REPORT_MD)}")
   return result

@@ -7,8 +7,11 @@ one line (or bar) each. Used by the pipeline's report and by tools/plot.py.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+
+from jaxlm import fileio
 
 STAGE_LABELS = {"pretrain": "base", "sft": "sft", "reward": "reward", "dpo": "dpo", "rl": "rl"}
 
@@ -51,8 +54,10 @@ def _pyplot():
 
 def _save(plt, fig, path: str) -> str:
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, dpi=110, format="png")
   plt.close(fig)
+  fileio.atomic_write(path, png.getvalue())
   return path
 
 

@@ -18,7 +18,7 @@ import platform
 import subprocess
 import sys
 
-from jaxlm import plots
+from jaxlm import fileio, plots
 from jaxlm.checkpoint import read_json, write_json
 
 REPORT_MD = "report.md"
@@ -127,8 +127,8 @@ def write(config, workdir: str) -> dict:
     return result
   plot_files = plots.plot_all({"": workdir}, os.path.join(workdir, "plots"))
   write_json(os.path.join(workdir, REPORT_JSON), result)
-  with open(os.path.join(workdir, REPORT_MD), "w", encoding="utf-8") as f:
-    f.write(_markdown(result, stages, plot_files, workdir, tok, r.samples))
+  fileio.atomic_write(os.path.join(workdir, REPORT_MD),
+                      _markdown(result, stages, plot_files, workdir, tok, r.samples))
   return result
 
 
