@@ -415,3 +415,49 @@ def format_text(r: Mapping[str, Any]) -> str:
   lines = [f"{k:<{width}}  {v}" for k, v in rows]
   lines += [f"note: {n}" for n in r["notes"]]
   return "\n".join(lines)
+
+
+def device_memory_bytes() -> int | None:
+  """What one local device can hold: its allocator's limit (GPU, TPU), or on the CPU the
+  host's physical memory shared by its local devices; None when unknown."""
+  import jax  # pylint: disable=import-outside-toplevel
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  (backends differ; some do not tell)
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if device.platform == "cpu":
+    try:
+      total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+      return None
+    return total // max(jax.local_device_count(), 1)
+  return None
+
+
+def memory_errors(config, mesh: Mapping[str, int], limit: int | None) -> list[str]:
+  """One line when the estimator's memory per device for this training config exceeds
+  `limit` bytes: the run could only fail, after its data was read and its state was
+  allocated. The estimate leaves out XLA's temporaries, so it is a floor."""
+  if not limit or config.task not in ("pretrain", "sft", "dpo", "reward"):
+    return []
+  cfg = ml_collections.ConfigDict(config.model.to_dict())
+  if not cfg.vocab_size:  # taken from the tokenizer later: the size it will have at least
+    cfg.vocab_size = config.data.tokenizer_vocab_size
+  rows = config.data.batch_size * (2 if config.task in ("dpo", "reward") else 1)
+  try:
+    n_params = count_params(cfg)
+    m = memory(cfg, n_params=n_params, mesh=mesh, batch=rows, seq_len=config.data.seq_len,
+               remat=cfg.remat, grad_accum=config.optimizer.grad_accum_steps)
+  except (EstimateError, ValueError, KeyError, TypeError):
+    return []  # a shape the estimator does not model: XLA's own error stays the check
+  need = m["gib"]["total"] * GIB
+  if need <= limit:
+    return []
+  return [f"data.seq_len={config.data.seq_len}, data.batch_size={config.data.batch_size}: "
+          f"the estimated {need / GIB:,.1f} GiB per device (tools/estimate.py; params, "
+          f"gradients, optimizer, activations, logits) exceed the {limit / GIB:,.1f} GiB one "
+          f"device holds; lower them, raise optimizer.grad_accum_steps or model.remat, or "
+          f"shard over more devices"]

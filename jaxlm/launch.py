@@ -112,7 +112,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax  # pylint: disable=import-outside-toplevel
   from jaxlm import sharding, tasks  # pylint: disable=import-outside-toplevel
-  from jaxlm.config import ConfigError, validate  # pylint: disable=import-outside-toplevel
+  from jaxlm.config import ConfigError, mesh_shape, validate  # pylint: disable=import-outside-toplevel
   from jaxlm.data.sft import DataError  # pylint: disable=import-outside-toplevel
   from jaxlm.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
   from jaxlm.loop import TrainingError  # pylint: disable=import-outside-toplevel
@@ -156,6 +156,10 @@ def main(argv):
     errors = pipeline.validate(config, jax.device_count(), jax.process_count())
   else:
     errors = validate(config, jax.device_count(), jax.process_count())
+    if not errors:  # lengths the devices can't hold fail here, not after minutes of work
+      from jaxlm import estimate  # pylint: disable=import-outside-toplevel
+      errors = estimate.memory_errors(config, mesh_shape(config, jax.device_count()),
+                                      estimate.device_memory_bytes())
   if config.task not in tasks.REGISTRY:
     errors.insert(0, f"task={config.task!r}: unknown; one of {', '.join(sorted(tasks.REGISTRY))}")
   if errors:

@@ -29,15 +29,17 @@ def snapshot(folder):
           if os.path.isfile(os.path.join(folder, p))}
 
 
-def test_the_launcher_refuses_a_locked_workdir_and_a_hugging_face_folder(tmp_path):
-  """Both refusals come before anything runs: exit 2, one line, nothing changed."""
+def test_the_launcher_refuses_a_locked_workdir_a_hugging_face_folder_and_a_huge_seq_len(
+    tmp_path):
+  """Each refusal comes before anything runs: exit 2, one line, nothing changed."""
   busy, hf_dir = tmp_path / "busy", tmp_path / "hf"
   hf_dir.mkdir()
   (hf_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
   (hf_dir / "model.safetensors").write_bytes(b"weights")
   before = snapshot(hf_dir)
   with workdir.lock(str(busy)) as holder:
-    procs = [launch(busy), launch(hf_dir)]
+    procs = [launch(busy), launch(hf_dir),
+             launch(tmp_path / "long", "--config.data.seq_len=100000000")]
     outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 2, err
@@ -45,6 +47,9 @@ def test_the_launcher_refuses_a_locked_workdir_and_a_hugging_face_folder(tmp_pat
   assert f"another run holds it (pid {holder['pid']} on {holder['host']}" in outs[0][1]
   assert "holds a Hugging Face model" in outs[1][1] and "nothing was changed" in outs[1][1]
   assert snapshot(hf_dir) == before
+  assert outs[2][1].startswith("config error: data.seq_len=100000000, data.batch_size=16: the "
+                               "estimated ")
+  assert "GiB one device holds" in outs[2][1] and not os.path.exists(tmp_path / "long")
   assert not os.path.exists(busy / workdir.LOCK)  # released when the block ended
 
 
