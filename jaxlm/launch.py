@@ -10,9 +10,10 @@ import contextlib
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from jaxlm import console
 from jaxlm.config import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
@@ -118,8 +119,7 @@ def main(argv):
   from jaxlm.loop import TrainingError  # pylint: disable=import-outside-toplevel
   from jaxlm import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
 
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
-    logging.set_verbosity(logging.WARNING)
+  console.quiet()  # orbax's INFO lines and async tracebacks, unless --verbosity
   config = _CONFIG.value
   if _TPU.value:  # nothing runs here: gcloud starts it on the slice
     from jaxlm import tpu  # pylint: disable=import-outside-toplevel

@@ -20,7 +20,9 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from jaxlm import console
 
 _MODEL = flags.DEFINE_string("model", None, "The checkpoint: a jaxlm run or a HF directory.")
 _OUT = flags.DEFINE_string("out", None, "Folder for eval.json and samples.jsonl.")
@@ -44,8 +46,7 @@ flags.mark_flags_as_required(["model", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  console.quiet()  # orbax's INFO lines and async tracebacks, unless --verbosity
   from jaxlm import evaluate  # pylint: disable=import-outside-toplevel
   from jaxlm.config import ConfigError, base_config, eval_errors  # pylint: disable=import-outside-toplevel
   e = base_config().eval

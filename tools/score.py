@@ -17,9 +17,9 @@ import collections
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from jaxlm import reward
+from jaxlm import console, reward
 from jaxlm.config import ConfigError
 from jaxlm.data import preference, sft
 
@@ -64,8 +64,7 @@ def to_items(record):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every restore at INFO
-    logging.set_verbosity(logging.WARNING)
+  console.quiet()  # orbax's INFO lines and async tracebacks, unless --verbosity
   try:
     rm = reward.load(_MODEL.value)
     records, items, skipped, first = [], [], collections.Counter(), {}

@@ -139,3 +139,30 @@ def test_a_full_disk_fails_the_write_in_one_line_and_keeps_the_previous_checkpoi
   run(tmp_path)
   assert losses(tmp_path) == losses(uninterrupted)
   assert not [d for d in os.listdir(ckpts) if "tmp" in d]
+
+
+def test_a_full_disk_under_the_launcher_is_one_line_on_stderr(tmp_path):
+  """The launcher itself, with files capped at 64 KiB from the start (so the first
+  checkpoint cannot be written): orbax's thread tracebacks and the late "Event loop is
+  closed" errors stay out of the terminal, one line says what failed, and it exits 1."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from conftest import STDLIB  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  launcher = " ".join([
+      sys.executable, "-m", "jaxlm.launch", "--config", "configs/pretrain_tiny.py",
+      "--workdir", str(tmp_path / "run"), "--config.steps=1", "--config.eval_every=0",
+      "--config.data.eval=", "--config.data.tokenizer_vocab_size=512",
+      "--config.data.tokenizer_sample_chars=50000", f"'--config.data.train={STDLIB}/[a-b]*.py'",
+      "--config.data.seq_len=32", "--config.data.batch_size=4", "--config.model.d_model=32",
+      "--config.model.num_layers=1", "--config.model.ffn_dim=64"])
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  # SIGXFSZ ignored (inherited), then files capped at 64 KiB
+  out = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 64; exec {launcher}"], cwd=root,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr[-3000:]
+  assert out.stderr.startswith(f"error: writing checkpoint {tmp_path / 'run'}/checkpoints/1 "
+                               f"failed (")
+  assert "File too large" in out.stderr and "none is complete" in out.stderr
