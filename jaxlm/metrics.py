@@ -14,6 +14,8 @@ import time
 
 import jax
 
+from jaxlm import fileio
+
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
 PEAK_TFLOPS = (
     ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0), ("L4", 121.0),
@@ -88,9 +90,7 @@ class MetricsWriter:
         continue
       if record.get("step", 0) <= step:
         self.kept.append(record)
-    with open(self.path + ".tmp", "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in self.kept)
-    os.replace(self.path + ".tmp", self.path)
+    fileio.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
 
   def history(self, key: str) -> list[tuple[int, float]]:
     """(step, value) of `key` in the records kept from before this start, in step order."""

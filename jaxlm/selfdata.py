@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jaxlm import generate
+from jaxlm import fileio, generate
 from jaxlm.data import sft
 
 _MODE = flags.DEFINE_enum("mode", None, ["best_of_n", "pairs", "constitution"], "What to make.")
@@ -215,9 +215,7 @@ def main(argv):
   for path, records in ((_OUT.value, written), (_PAIRS_OUT.value, pairs_written)):
     if not path:
       continue
-    with open(path, "w", encoding="utf-8") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
+    fileio.atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
   counts["written"] = len(written)
   line = f"{mode}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {_OUT.value}"
   if _PAIRS_OUT.value:

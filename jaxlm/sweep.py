@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import sys
 
 import ml_collections
 
+from jaxlm import fileio
 from jaxlm.config import ConfigError, set_key, validate
 
 
@@ -131,10 +133,10 @@ def run(trials: list[dict], workdir: str, dry_run: bool = False) -> int:
       failed += 1
       print(f"[{i}/{len(trials)}] {t['name']}: exit status {code}", flush=True)
     t["exit_status"] = code
-  with open(os.path.join(workdir, "sweep.json"), "w", encoding="utf-8") as f:
-    json.dump([{"name": t["name"], "overrides": t["overrides"], "workdir": t["workdir"],
-                "command": shlex.join(t["command"]), "exit_status": t.get("exit_status")}
-               for t in trials], f, indent=2, default=str)
+  fileio.atomic_write_json(os.path.join(workdir, "sweep.json"), [
+      {"name": t["name"], "overrides": t["overrides"], "workdir": t["workdir"],
+       "command": shlex.join(t["command"]), "exit_status": t.get("exit_status")}
+      for t in trials], default=str)
   return failed
 
 
@@ -200,15 +202,15 @@ def report(directory: str, metric: str = "eval_loss", mode: str = "min") -> list
     o = ", ".join(f"{k}={_value_text(v)}" for k, v in r["overrides"].items() if k != "name")
     lines.append(f"| {i} | {r['trial']} | {o} | {r['step']} | {'yes' if r['finished'] else 'no'} "
                  f"| {fmt(r['best'])} | {r['best_step'] or ''} | {fmt(r['final'])} |")
-  with open(os.path.join(directory, "sweep_report.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(directory, "sweep_report.csv"), "w", encoding="utf-8", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["rank", "trial", "overrides", "steps", "finished", f"best_{metric}",
-                "best_step", f"final_{metric}"])
-    for i, r in enumerate(rows, 1):
-      w.writerow([i, r["trial"], json.dumps(r["overrides"], default=str), r["step"],
-                  r["finished"], r["best"], r["best_step"], r["final"]])
+  fileio.atomic_write(os.path.join(directory, "sweep_report.md"), "\n".join(lines) + "\n")
+  table = io.StringIO(newline="")
+  w = csv.writer(table)
+  w.writerow(["rank", "trial", "overrides", "steps", "finished", f"best_{metric}",
+              "best_step", f"final_{metric}"])
+  for i, r in enumerate(rows, 1):
+    w.writerow([i, r["trial"], json.dumps(r["overrides"], default=str), r["step"],
+                r["finished"], r["best"], r["best_step"], r["final"]])
+  fileio.atomic_write(os.path.join(directory, "sweep_report.csv"), table.getvalue())
   _plot(rows, metric, os.path.join(directory, "sweep_report.png"))
   return rows
 

@@ -28,6 +28,8 @@ import tempfile
 
 from absl import app, flags
 
+from jaxlm import fileio
+
 _PRESET = flags.DEFINE_string("preset", "tiny", "Model preset(s), comma-separated.")
 _TASK = flags.DEFINE_string("task", "pretrain", "pretrain | sft | dpo | decode, comma-separated.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Rows a step (DPO: sequences = 2 x pairs; decode: "
@@ -93,8 +95,7 @@ def main(argv):
   for r in results:
     print(json.dumps(r, sort_keys=True))
   if _JSON.value:
-    with open(_JSON.value, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=1, sort_keys=True)
+    fileio.atomic_write_json(_JSON.value, results, indent=1, sort_keys=True)
   if any(r.get("error") for r in results):
     sys.exit(1)
 

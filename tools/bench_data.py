@@ -20,6 +20,7 @@ import time
 
 from absl import app, flags
 
+from jaxlm import fileio
 from jaxlm.data import lm, prepare
 
 _INPUT = flags.DEFINE_multi_string("input", None, "Globs to prepare (default: the standard "
@@ -76,8 +77,7 @@ def main(argv):
     shutil.rmtree(out)
   print(json.dumps(result, indent=2))
   if _JSON.value:
-    with open(_JSON.value, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2)
+    fileio.atomic_write_json(_JSON.value, result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags
 
-from jaxlm import console, reward
+from jaxlm import console, fileio, reward
 from jaxlm.config import ConfigError
 from jaxlm.data import preference, sft
 
@@ -90,18 +90,19 @@ def main(argv):
   flat = [s for _, sequences in items for s in sequences]
   scores = reward.score_tokens(rm, flat, batch_size=_BATCH.value, normalize=not _RAW.value)
   pos, correct, pairs = 0, 0, 0
-  with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-    for record, (kind, sequences) in zip(records, items):
-      mine = [float(x) for x in scores[pos:pos + len(sequences)]]
-      pos += len(sequences)
-      if kind == "pair":
-        record.update(reward_chosen=mine[0], reward_rejected=mine[1])
-        correct, pairs = correct + (mine[0] > mine[1]), pairs + 1
-      elif kind == "ranked":
-        record["rewards"] = mine
-      else:
-        record["reward"] = mine[0]
-      f.write(json.dumps(record) + "\n")
+  lines = []
+  for record, (kind, sequences) in zip(records, items):
+    mine = [float(x) for x in scores[pos:pos + len(sequences)]]
+    pos += len(sequences)
+    if kind == "pair":
+      record.update(reward_chosen=mine[0], reward_rejected=mine[1])
+      correct, pairs = correct + (mine[0] > mine[1]), pairs + 1
+    elif kind == "ranked":
+      record["rewards"] = mine
+    else:
+      record["reward"] = mine[0]
+    lines.append(json.dumps(record) + "\n")
+  fileio.atomic_write(_OUTPUT.value, "".join(lines))
   line = f"scored {len(records)} records ({len(flat)} responses) -> {_OUTPUT.value}"
   if flat:
     line += f"; reward mean {scores.mean():.4f}, std {scores.std():.4f}"
