@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from jaxlm import fileio
+
 
 @dataclasses.dataclass
 class Policy:
@@ -20,7 +22,6 @@ class Policy:
 
 def load(path: str, chat_template: str = "") -> Policy:
   """A jaxlm run or a Hugging Face directory -> Policy (params on the default device)."""
-  import json  # pylint: disable=import-outside-toplevel
   from jaxlm import hf  # pylint: disable=import-outside-toplevel
   from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
   from jaxlm.data import sft, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
@@ -28,7 +29,7 @@ def load(path: str, chat_template: str = "") -> Policy:
     cfg, params = hf.load_hf(path)
     folder, default = path, "hf"
     config_path = os.path.join(path, "tokenizer_config.json")
-    if not (os.path.isfile(config_path) and "chat_template" in json.load(open(config_path))):
+    if not (os.path.isfile(config_path) and "chat_template" in fileio.read_json(config_path)):
       default = "jaxlm"
   else:
     cfg, params, folder, run = hf.load_jaxlm(path)

@@ -164,7 +164,7 @@ def encode(rm: RewardModel, prompt, response: str) -> np.ndarray:
   tokenized = sft.tokenize(_as_turns(prompt) + [("assistant", response, True)], True,
                            rm.tokenizer, rm.template, "completion")
   if isinstance(tokenized, str):
-    raise ValueError(f"the chat template can't render this conversation: {tokenized}")
+    raise sft.DataError(f"the chat template can't render this conversation: {tokenized}")
   return tokenized[0]
 
 

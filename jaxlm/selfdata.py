@@ -23,9 +23,9 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from jaxlm import fileio, generate
+from jaxlm import console, fileio, generate
 from jaxlm.data import sft
 
 _MODE = flags.DEFINE_enum("mode", None, ["best_of_n", "pairs", "constitution"], "What to make.")
@@ -113,8 +113,16 @@ def _messages(turns):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  console.quiet()  # orbax's INFO lines and async tracebacks, unless --verbosity
+  from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
+  try:
+    _main()
+  except (ConfigError, sft.DataError, OSError, ValueError) as e:  # a file, a record, a key
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _main():
   from jaxlm import policy as policy_lib, rewards  # pylint: disable=import-outside-toplevel
   from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
   from jaxlm.data import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
@@ -156,7 +164,8 @@ def main(argv):
       fields = {k: [p.fields.get(k) for p in prompts for _ in range(n)]
                 for k in sorted({k for p in prompts for k in p.fields})}
       scores, _ = source([p.text for p in prompts for _ in range(n)], texts, fields,
-                         [_messages(p.turns) for p in prompts for _ in range(n)])
+                         [_messages(p.turns) for p in prompts for _ in range(n)],
+                         where=[p.where for p in prompts for _ in range(n)])
     for i, p in enumerate(prompts):
       group = texts[i * n:(i + 1) * n]
       keep = [j for j, t in enumerate(group) if t]
