@@ -84,6 +84,8 @@ def check(config, workdir: str, resolved: bool = True) -> None:
         "that is not a jaxlm run's")
     raise WorkdirError(f"--workdir {workdir}: holds {what} ({path}); nothing was changed. Give "
                        f"it as init_from and choose a new --workdir")
+  if config.task == "eval":
+    return  # an evaluation writes eval.json and samples.jsonl only, beside any run
   if theirs["task"] != config.task:
     raise WorkdirError(f"--workdir {workdir}: holds a task={theirs['task']!r} run, and this "
                        f"config is task={config.task!r}; nothing was changed. Choose another "
