@@ -15,20 +15,27 @@ the workers tokenize the text shards into token shards. The output directory:
     <source>/eval-...                            when eval_fraction > 0
 
 Every document read is kept or removed for exactly one reason: read = kept + removed.
+
+Preparation writes only the files it names above and removes only files an earlier
+preparation wrote (those its manifest lists, or a stopped run's .prepare-pending.json);
+the output may not overlap an input. prepared.json is written last, atomically, so a
+killed run never leaves a manifest pointing at partial shards.
 """
 
 from __future__ import annotations
 
 import collections
-import glob
+import contextlib
+import ctypes
 import gzip
 import hashlib
 import json
 import multiprocessing
 import os
 import re
-import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -36,16 +43,19 @@ from concurrent import futures
 import ml_collections
 import numpy as np
 
-from jaxlm.config import ConfigError
+from jaxlm import fileio
+from jaxlm.config import ConfigError, expand_globs
 from jaxlm.data import clean, dedup, tokenizer as tokenizer_lib
-from jaxlm.data.sources import (READ_ERRORS, TFDS_PREFIX, TfdsDocuments, file_format, is_text,
-                                text_spans)
+from jaxlm.data.sources import (READ_ERRORS, TFDS_PREFIX, TfdsDocuments, bounded_lines,
+                                file_format, is_text, text_documents, too_long)
 
 MANIFEST = "prepared.json"
 STATS = "stats.json"
+PENDING = ".prepare-pending.json"  # the files a preparation in progress writes; gone when done
 # Reasons that mean the record itself is broken (as opposed to filtered or duplicated);
 # with on_error="fail" the first of these stops the run.
-RECORD_ERRORS = ("decode_error", "invalid_json", "missing_field", "wrong_type", "read_error")
+RECORD_ERRORS = ("decode_error", "invalid_json", "missing_field", "wrong_type", "read_error",
+                 "too_long")
 _SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".py": "text",
              ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".ndjson": "jsonl",
              ".parquet": "parquet"}
@@ -78,6 +88,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0                    # MinHash permutations and the held-out split
   c.keep_text = False           # also keep the cleaned text shards (<source>/text-*)
   c.tfds_data_dir = ""          # where tfds: sources are prepared; empty: TFDS's default
+  c.max_record_bytes = 1 << 24  # a document (JSONL line, text file or paragraph, Parquet or
+                                # TFDS value) over this is removed as too_long, never read whole
 
   c.normalize = ml_collections.ConfigDict()
   c.normalize.nfc = True        # Unicode NFC
@@ -121,27 +133,6 @@ def default_config() -> ml_collections.ConfigDict:
 # Reading: every source as a stream of (where, kind, payload) records.
 
 
-def _files(spec: str, key: str) -> list[str]:
-  files = []
-  for pattern in [p.strip() for p in spec.split(",") if p.strip()]:
-    pattern = os.path.expanduser(pattern)
-    if os.path.isdir(pattern):
-      matched = sorted(_walk(pattern))
-    else:
-      matched = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
-    if not matched:
-      raise ConfigError(f"{key}: no file matches {pattern!r}")
-    files.extend(matched)
-  return files
-
-
-def _walk(directory: str):
-  """Every file under `directory`, leaving out hidden files and folders and __pycache__."""
-  for root, dirs, names in os.walk(directory):
-    dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
-    yield from (os.path.join(root, f) for f in names if not f.startswith("."))
-
-
 def _format(path: str, fmt: str) -> str:
   if fmt != "auto":
     return fmt
@@ -151,22 +142,23 @@ def _format(path: str, fmt: str) -> str:
   return file_format(path)
 
 
-def _text_records(path: str, split: str):
+def _text_records(path: str, split: str, max_bytes: int):
   with open(path, "rb") as f:
-    raw = f.read()
-  for start, end, line in text_spans(raw, split):
-    yield f"{path}:{line}", "bytes", raw[start:end]
+    for _, _, line, raw in text_documents(f, split, max_bytes):
+      yield f"{path}:{line}", "bytes" if raw is not None else "too_long", raw
 
 
-def _jsonl_records(path: str):
+def _jsonl_records(path: str, max_bytes: int):
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rb") as f:
-    for lineno, line in enumerate(f, 1):
-      if line.strip():
+    for lineno, (_, _, line) in enumerate(bounded_lines(f, max_bytes), 1):
+      if line is None:
+        yield f"{path}:{lineno}", "too_long", None
+      elif line.strip():
         yield f"{path}:{lineno}", "json", line
 
 
-def _parquet_records(path: str, field: str):
+def _parquet_records(path: str, field: str, max_bytes: int):
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   pf = pq.ParquetFile(path)
   if field not in pf.schema_arrow.names:
@@ -176,27 +168,34 @@ def _parquet_records(path: str, field: str):
   for batch in pf.iter_batches(columns=[field], batch_size=1024):
     for value in batch.column(0).to_pylist():
       row += 1
-      yield f"{path}:row {row}", "value", value
+      yield f"{path}:row {row}", *_value(value, max_bytes)
 
 
-def read_source(src, key: str, tfds_data_dir: str = "") -> Iterator[tuple[str, str, object]]:
-  """(where, kind, payload) for every record of a source, streamed in a fixed order."""
+def _value(value, max_bytes: int) -> tuple[str, object]:
+  """(kind, payload) of a value read whole by its library (Parquet, TFDS)."""
+  return ("too_long", None) if too_long(value, max_bytes) else ("value", value)
+
+
+def read_source(src, key: str, tfds_data_dir: str = "",
+                max_bytes: int = 1 << 24) -> Iterator[tuple[str, str, object]]:
+  """(where, kind, payload) for every record of a source, streamed in a fixed order; a
+  record over `max_bytes` is ("too_long", None), never read whole where the format allows."""
   if src.path.strip().startswith(TFDS_PREFIX):
     docs = TfdsDocuments(src.path.strip(), src.text_field, tfds_data_dir, name=f"{key}.path",
                          field_key=f"{key}.text_field")
-    for i in range(len(docs)):
-      yield f"{src.path.strip()}[{i}]", "value", docs.raw(i)  # checked here, by this policy
+    for i in range(len(docs)):  # checked here, by this policy
+      yield f"{src.path.strip()}[{i}]", *_value(docs.raw(i), max_bytes)
     return
-  for path in _files(src.path, f"{key}.path"):
+  for path in expand_globs(src.path, f"{key}.path"):
     kind = _format(path, src.format)
     last = f"{path}:1"
     try:
       if kind == "jsonl":
-        records = _jsonl_records(path)
+        records = _jsonl_records(path, max_bytes)
       elif kind == "parquet":
-        records = _parquet_records(path, src.text_field)
+        records = _parquet_records(path, src.text_field, max_bytes)
       else:
-        records = _text_records(path, src.text_split)
+        records = _text_records(path, src.text_split, max_bytes)
       for record in records:
         last = record[0]
         yield record
@@ -211,15 +210,41 @@ _WORKER: dict = {}
 
 
 def _init_worker(settings: dict):
+  _die_with_parent(settings["parent"])
   _WORKER.clear()
   _WORKER.update(settings)
   _WORKER["perms"] = dedup.permutations(settings["num_perm"], settings["seed"])
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+  """A worker of a parent killed with SIGKILL (whose pool never shuts down) dies too: on
+  Linux the kernel sends it SIGKILL; elsewhere a thread watches the parent's pid."""
+  armed = False
+  if sys.platform.startswith("linux"):
+    try:
+      libc = ctypes.CDLL(None, use_errno=True)
+      armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+      pass
+  if os.getppid() != parent:  # the parent died before that was armed
+    os._exit(1)
+  if not armed:
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+  while os.getppid() == parent:
+    time.sleep(1.0)
+  os._exit(1)
+
+
 def _decode(kind, payload, field):
   """-> (text, None, repaired) or (None, reason, False)."""
-  if kind == "read_error":
-    return None, "read_error", False
+  if kind in ("read_error", "too_long"):
+    return None, kind, False
   repair = _WORKER["on_decode_error"] == "repair"
   repaired = False
   if kind == "bytes":
@@ -286,6 +311,8 @@ def _process(item):
 
 
 def _process_chunk(items):
+  if os.environ.get("JAXLM_FAILPOINT") == "prepare:worker":  # tests/faults: a worker that is
+    time.sleep(3600)                                         # busy until its parent dies
   return [_process(item) for item in items]
 
 
@@ -355,8 +382,9 @@ class _Stats:
             "repaired": self.repaired, "first_at": dict(sorted(self.first.items()))}
 
 
-def check_config(c) -> None:
-  """One-line ConfigErrors naming the key, before anything is read."""
+def check_config(c, output: str | None = None) -> None:
+  """One-line ConfigErrors naming the key, before anything is read; with `output`, also
+  that the output overlaps no input (`check_output`)."""
   if not c.sources:
     raise ConfigError("sources: empty; add one (--input GLOB, or sources.NAME.path in a config)")
   choices = {"on_error": ("skip", "fail"), "on_decode_error": ("skip", "repair"),
@@ -387,6 +415,8 @@ def check_config(c) -> None:
     raise ConfigError(f"eval_fraction={c.eval_fraction}: must be in [0, 1)")
   if c.shards < 1 or c.workers < 0:
     raise ConfigError("shards must be >= 1 and workers >= 0")
+  if not c.max_record_bytes >= 1:
+    raise ConfigError(f"max_record_bytes={c.max_record_bytes}: must be >= 1")
   if not 0.0 < c.dedup.threshold <= 1.0:
     raise ConfigError(f"dedup.threshold={c.dedup.threshold}: must be in (0, 1]")
   for key in ("dedup.ngram", "dedup.num_perm", "tokenizer.vocab_size"):
@@ -395,9 +425,35 @@ def check_config(c) -> None:
       raise ConfigError(f"{key}={value}: must be >= 1")
   for name, s in c.sources.items():  # every path resolves before anything is read
     if not s.path.strip().startswith(TFDS_PREFIX):
-      _files(s.path, f"sources.{name}.path")
+      expand_globs(s.path, f"sources.{name}.path")
   if c.tokenizer.path and not os.path.isfile(c.tokenizer.path):
     raise ConfigError(f"tokenizer.path: no such file {c.tokenizer.path!r}")
+  if output is not None:
+    check_output(c, output)
+
+
+def check_output(c, output: str) -> None:
+  """The output may not be an input folder (a directory given, or the folder a `**`
+  pattern recurses from), a parent or a child of one, nor hold an input file: preparing
+  writes there, and --overwrite removes. A one-line ConfigError naming the key."""
+  def refuse(key, what):
+    raise ConfigError(f"--output {output}: {what} ({key}); preparing writes there and "
+                      f"--overwrite removes there: choose an --output apart from the inputs")
+  for name, s in c.sources.items():
+    key = f"sources.{name}.path"
+    if s.path.strip().startswith(TFDS_PREFIX):
+      if c.tfds_data_dir and fileio.overlaps(c.tfds_data_dir, output):
+        refuse("tfds_data_dir", f"overlaps the TFDS folder {c.tfds_data_dir}")
+      continue
+    for pattern in [p.strip() for p in s.path.split(",") if p.strip()]:
+      root = fileio.glob_roots(pattern)
+      if root is not None and fileio.overlaps(root, output):
+        refuse(key, f"overlaps the input folder {root}")
+    for path in expand_globs(s.path, key):
+      if fileio.is_within(path, output):
+        refuse(key, f"holds the input file {path}")
+  if c.tokenizer.path and fileio.is_within(c.tokenizer.path, output):
+    refuse("tokenizer.path", f"holds the input file {c.tokenizer.path}")
 
 
 def _is_heldout(digest: bytes, fraction: float, seed: int) -> bool:
@@ -416,28 +472,115 @@ def _token_shard(text_shard: str) -> str:
   return os.path.join(folder, base[len("text-"):])
 
 
-def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = None) -> dict:
-  """Run the whole preparation; returns the stats that also go to `output/stats.json`."""
-  from array_record.python import array_record_module as ar  # pylint: disable=import-outside-toplevel
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  check_config(c)
-  if os.path.exists(output) and not os.path.isdir(output):
-    raise ConfigError(f"--output {output}: exists and is not a directory")
+def _shard(split: str, i: int, n: int) -> str:
+  return f"{split}-{i:05d}-of-{n:05d}.array_record"
+
+
+def _planned(c) -> set[str]:
+  """The files (relative to the output) this preparation will write."""
+  splits = ("train", "eval") if c.eval_fraction > 0 else ("train",)
+  files = {MANIFEST, STATS, "tokenizer.model"}
+  if not c.tokenizer.path:
+    files |= {"tokenizer.vocab", "tokenizer.model.tmp"}  # tokenizer.train's own layout
+  for name in c.sources:
+    for sp in splits:
+      for i in range(c.shards):
+        files |= {f"{name}/{_shard(sp, i, c.shards)}", f"{name}/text-{_shard(sp, i, c.shards)}"}
+  return files
+
+
+def _manifest_files(manifest: dict) -> set[str]:
+  """The files (relative to the output) the preparation that wrote `manifest` wrote:
+  its shards and their text shards (kept or not), the tokenizer, stats and itself."""
+  tokenizer = manifest["tokenizer"]
+  files = {MANIFEST, STATS, tokenizer, os.path.splitext(tokenizer)[0] + ".vocab"}
+  for name, source in manifest["sources"].items():
+    for split in source["splits"].values():
+      files |= {f"{name}/{f}" for shard in split["shards"] for f in (shard, f"text-{shard}")}
+  return files
+
+
+def _pending_files(path: str) -> set[str]:
+  """What a stopped preparation said it would write (its .prepare-pending.json)."""
+  try:
+    record = fileio.read_json(path)
+    files = record["files"] if isinstance(record, dict) else None
+    if not isinstance(files, list):
+      raise ValueError(f"{path}: no list of files")
+    for rel in files:
+      parts = rel.split("/") if isinstance(rel, str) else [rel]
+      if len(parts) > 2:
+        raise ValueError(f"{path}: {rel!r} is not a file a preparation writes")
+      for part in parts:
+        fileio.check_name(part, f"{path}: a file")
+  except ValueError as e:
+    raise ConfigError(f"{e}; remove it and what it lists by hand") from None
+  return set(files)
+
+
+def _clear(output: str, owned: set[str]) -> None:
+  """Remove the files of `owned` (an earlier preparation's), then each of its source
+  folders that is left empty; nothing else, and nothing outside `output`."""
+  for rel in sorted(owned):
+    path = os.path.join(output, rel)
+    if os.path.isdir(path) and not os.path.islink(path):
+      raise ConfigError(f"--output {output}: {path} is a folder where a preparation writes a "
+                        f"file; move it away")
+    if os.path.lexists(path):
+      fileio.remove_inside(path, output)
+  for folder in sorted({rel.split("/")[0] for rel in owned if "/" in rel}):
+    path = os.path.join(output, folder)
+    if (os.path.isdir(path) and not os.path.islink(path) and fileio.is_within(path, output)
+        and not os.listdir(path)):
+      os.rmdir(path)
+
+
+def _make_room(c, output: str, overwrite: bool) -> set[str]:
+  """Check that this preparation replaces only files an earlier one wrote, remove those,
+  and record what it will write (PENDING). Returns the files it will write."""
+  owned = set()  # what earlier preparations here wrote: the only files that may go
   if os.path.exists(os.path.join(output, MANIFEST)):
     if not overwrite:
       raise ConfigError(f"--output {output}: already holds a prepared corpus; pass --overwrite "
                         f"or choose another directory")
-    previous = read_manifest(output)
-    for name in previous["sources"]:  # only what an earlier preparation wrote
-      shutil.rmtree(os.path.join(output, name), ignore_errors=True)
-    for name in (MANIFEST, STATS, "tokenizer.model", "tokenizer.vocab"):
-      if os.path.exists(os.path.join(output, name)):
-        os.remove(os.path.join(output, name))
+    owned |= _manifest_files(read_manifest(output))
+  if os.path.exists(os.path.join(output, PENDING)):  # a run that was stopped part way
+    owned |= _pending_files(os.path.join(output, PENDING)) | {PENDING}
+  planned = _planned(c)
+  owned_folders = {rel.split("/")[0] for rel in owned if "/" in rel}
+  for name in c.sources:
+    folder = os.path.join(output, name)
+    if os.path.lexists(folder) and name not in owned_folders and (
+        not os.path.isdir(folder) or os.listdir(folder)):
+      raise ConfigError(f"--output {output}: {folder} exists and was not written by a "
+                        f"preparation; choose another --output or source name")
+  for rel in sorted(planned):
+    path = os.path.join(output, rel)
+    if not fileio.is_within(path, output):  # a link out of the output
+      raise ConfigError(f"--output {output}: {path} leads outside it")
+    if os.path.lexists(path) and rel not in owned:
+      raise ConfigError(f"--output {output}: {path} exists and was not written by a "
+                        f"preparation; move it away or choose another directory")
+  _clear(output, owned - {PENDING})
+  fileio.atomic_write_json(os.path.join(output, PENDING), {"version": 1,
+                                                           "files": sorted(planned)})
+  return planned
+
+
+def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = None) -> dict:
+  """Run the whole preparation; returns the stats that also go to `output/stats.json`."""
+  from array_record.python import array_record_module as ar  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  check_config(c, output)
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise ConfigError(f"--output {output}: exists and is not a directory")
   os.makedirs(output, exist_ok=True)
+  _make_room(c, output, overwrite)
   workers = c.workers or os.cpu_count() or 1
   settings = {"normalize": c.normalize.to_dict(), "filters": c.filters.to_dict(),
               "pii": c.pii.to_dict(), "ngram": c.dedup.ngram, "num_perm": c.dedup.num_perm,
-              "seed": c.seed, "near": c.dedup.near, "on_decode_error": c.on_decode_error}
+              "seed": c.seed, "near": c.dedup.near, "on_decode_error": c.on_decode_error,
+              "parent": os.getpid()}
   exact_seen: set[bytes] = set()
   near_index = dedup.NearDuplicateIndex(c.dedup.num_perm, c.dedup.threshold)
   total_weight = sum(s.weight for s in c.sources.values()) or 1.0
@@ -456,7 +599,7 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
       st = stats[name] = _Stats()
       filter_names = clean.parse_filter_names(src.filters, f"sources.{name}.filters")
       os.makedirs(os.path.join(output, name), exist_ok=True)
-      paths = {sp: [os.path.join(output, name, f"text-{sp}-{i:05d}-of-{c.shards:05d}.array_record")
+      paths = {sp: [os.path.join(output, name, f"text-{_shard(sp, i, c.shards)}")
                     for i in range(c.shards)] for sp in splits}
       text_shards[name] = paths
       writers = {sp: [ar.ArrayRecordWriter(p, "group_size:1") for p in paths[sp]] for sp in splits}
@@ -465,7 +608,8 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
       sampled = 0
       bar = tqdm(desc=f"{name}", unit=" docs", disable=not progress if progress is not None
                  else None, dynamic_ncols=True)
-      chunks = _chunks(read_source(src, f"sources.{name}", c.tfds_data_dir), src, filter_names)
+      records = read_source(src, f"sources.{name}", c.tfds_data_dir, c.max_record_bytes)
+      chunks = _chunks(records, src, filter_names)
       for results in _ordered_map(pool, _process_chunk, chunks, 4 * workers):
         for where, reason, text, digest, signature, pii_counts, repaired in results:
           st.read += 1
@@ -501,7 +645,7 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
     t0 = time.perf_counter()
     tok_path = os.path.join(output, "tokenizer.model")
     if c.tokenizer.path:
-      shutil.copyfile(c.tokenizer.path, tok_path)
+      fileio.atomic_copy(c.tokenizer.path, tok_path)
       tok = tokenizer_lib.Tokenizer(tok_path)
     else:
       if not sample:
@@ -543,9 +687,10 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
         "splits": {sp: {"shards": [os.path.basename(_token_shard(p)) for p in ps],
                         "documents": token_docs[name, sp], "tokens": token_counts[name, sp]}
                    for sp, ps in paths.items()}}
-  with open(os.path.join(output, MANIFEST), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2)
-  return _write_stats(output, stats, seconds)
+  out = _write_stats(output, stats, seconds)
+  fileio.atomic_write_json(os.path.join(output, MANIFEST), manifest)  # last: the corpus is whole
+  os.remove(os.path.join(output, PENDING))
+  return out
 
 
 def _write_stats(output: str, stats: dict, seconds: dict | None = None) -> dict:
@@ -561,8 +706,7 @@ def _write_stats(output: str, stats: dict, seconds: dict | None = None) -> dict:
   out["total"] = total.as_dict()
   if seconds:
     out["total"]["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-  with open(os.path.join(output, STATS), "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=2)
+  fileio.atomic_write_json(os.path.join(output, STATS), out)
   return out
 
 
@@ -592,9 +736,10 @@ def show(directory: str, n: int | None = None, out=sys.stdout):
   shown = 0
   for name, source in corpus["sources"].items():
     for sp, split in source["splits"].items():
-      readers = [ar.ArrayRecordReader(os.path.join(directory, name, shard))
-                 for shard in split["shards"]]
+      readers = []
       try:
+        for shard in split["shards"]:
+          readers.append(ar.ArrayRecordReader(os.path.join(directory, name, shard)))
         for j in range(split["documents"]):  # document j was written to shard j % k
           if n is not None and shown >= n:
             return shown
@@ -603,19 +748,67 @@ def show(directory: str, n: int | None = None, out=sys.stdout):
           print(f"=== {name} {sp} #{j} ({ids.size} tokens)", file=out)
           print(tok.decode(ids), file=out)
           shown += 1
+      except RuntimeError as e:  # array_record's errors: a shard missing, cut short
+        raise ConfigError(f"{directory}: source {name}, split {sp}: shards don't match "
+                          f"{MANIFEST} ({str(e).strip().splitlines()[0]}); prepare the corpus "
+                          f"again") from None
       finally:
         for r in readers:
-          r.close()
+          with contextlib.suppress(RuntimeError):  # one that failed to open fails to close
+            r.close()
   return shown
 
 
 def read_manifest(directory: str) -> dict:
+  """A prepared corpus's manifest, checked: a one-line ConfigError naming the file if it
+  is cut short, not JSON or not shaped as `prepare` writes it (names that would lead out
+  of the directory among them)."""
   path = os.path.join(directory, MANIFEST)
   if not os.path.isfile(path):
     raise ConfigError(f"{directory}: not a prepared corpus (no {MANIFEST}); make one with "
                       f"tools/prepare_data.py")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    manifest = fileio.read_json(path)
+  except ValueError as e:
+    raise ConfigError(f"{e}; prepare the corpus again") from None
+  problem = _manifest_problem(manifest)
+  if problem:
+    raise ConfigError(f"{path}: not a prepared corpus's manifest ({problem}); prepare the "
+                      f"corpus again")
+  return manifest
+
+
+def _manifest_problem(m) -> str | None:
+  """What makes `m` not a manifest `prepare` wrote, or None."""
+  def count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+  if not isinstance(m, dict):
+    return "not a JSON object"
+  if m.get("version") != 1:
+    return f"version {m.get('version')!r}; this jaxlm reads version 1"
+  if not (isinstance(m.get("tokenizer"), str) and count(m.get("vocab_size"))
+          and m.get("dtype") in ("uint16", "uint32") and isinstance(m.get("sources"), dict)
+          and m["sources"]):
+    return "tokenizer, vocab_size, dtype or sources missing or malformed"
+  try:
+    fileio.check_name(m["tokenizer"], "tokenizer")
+    for name, source in m["sources"].items():
+      fileio.check_name(name, "source")
+      if not (isinstance(source, dict) and isinstance(source.get("weight"), (int, float))
+              and isinstance(source.get("splits"), dict) and source["splits"]):
+        return f"source {name!r}: weight or splits missing or malformed"
+      for sp, split in source["splits"].items():
+        if sp not in ("train", "eval") or not isinstance(split, dict):
+          return f"source {name!r}: split {sp!r} malformed"
+        shards = split.get("shards")
+        if not (isinstance(shards, list) and shards and count(split.get("documents"))
+                and count(split.get("tokens"))):
+          return f"source {name!r}, split {sp}: shards, documents or tokens missing or malformed"
+        for shard in shards:
+          fileio.check_name(shard, f"source {name!r} shard")
+  except ValueError as e:
+    return str(e)
+  return None
 
 
 def is_prepared(spec: str) -> bool:

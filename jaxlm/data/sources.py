@@ -119,20 +119,158 @@ def file_format(path: str, fmt: str = "auto") -> str:
   return "jsonl" if path.endswith(_JSONL_SUFFIXES) else "text"
 
 
-def text_spans(raw: bytes, text_split: str) -> list[tuple[int, int, int]]:
-  """(start byte, end byte, first line) of each document in a text file's bytes: the
-  whole file, or with "paragraph" each run of text between blank lines."""
+MAX_RECORD_BYTES = 1 << 24  # data.max_record_bytes' default: a record over it is too_long
+_SKIP_CHUNK = 1 << 20  # the piece an over-long line is skipped in
+
+
+def bounded_lines(f, max_bytes: int):
+  """(start byte, end byte, line) for each line of the binary file `f`, reading at most
+  max_bytes + 1 bytes at a time. A line longer than `max_bytes` (its newline aside) is
+  skipped in bounded pieces and given as None: memory stays bounded by the limit, not
+  by the input."""
+  offset = 0
+  while line := f.readline(max_bytes + 1):
+    start = offset
+    offset += len(line)
+    if len(line) > max_bytes and not line.endswith(b"\n"):
+      while rest := f.readline(min(max_bytes + 1, _SKIP_CHUNK)):
+        offset += len(rest)
+        if rest.endswith(b"\n"):
+          break
+      line = None
+    yield start, offset, line
+
+
+def too_long(value, max_bytes: int) -> bool:
+  """Whether a record already in memory (a TFDS or Parquet value) is over `max_bytes`."""
+  if isinstance(value, bytes):
+    return len(value) > max_bytes
+  return isinstance(value, str) and (len(value) > max_bytes or (
+      4 * len(value) > max_bytes and len(value.encode("utf-8", "surrogatepass")) > max_bytes))
+
+
+def _is_blank(line: bytes | None) -> bool:
+  return line is not None and line.endswith(b"\n") and not line[:-1].strip(b" \t\r")
+
+
+def text_documents(f, text_split: str, max_bytes: int):
+  """(start byte, end byte, first line, bytes or None) of each document of a binary text
+  file: the whole file, or with "paragraph" each run of text between blank lines (a blank
+  line holds only spaces, tabs and CRs). None: the document is over `max_bytes`; it is
+  skipped in bounded pieces, never held whole."""
   if text_split == "file":
-    return [(0, len(raw), 1)]
-  spans, start, line, counted = [], 0, 1, 0
-  for sep in [*re.finditer(rb"\n[ \t\r]*\n(?:[ \t\r]*\n)*", raw), None]:
-    end = sep.start() if sep else len(raw)
-    if end > start:
-      line += raw.count(b"\n", counted, start)  # newlines since the last span: linear time
-      counted = start
-      spans.append((start, end, line))
-    start = sep.end() if sep else start
-  return spans
+    raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+      yield 0, None, 1, None
+    else:
+      yield 0, len(raw), 1, raw
+    return
+  start, first, parts, size, end = 0, 1, [], 0, 0  # the paragraph being read
+  in_gap = False  # inside a run of blank lines, which separates paragraphs
+  for lineno, (offset, line_end, line) in enumerate(bounded_lines(f, max_bytes), 1):
+    if in_gap:
+      if _is_blank(line):
+        continue
+      in_gap, start, first, parts, size = False, offset, lineno, [], 0
+    if _is_blank(line) and parts:  # the paragraph ends before the newline of its last line
+      if end > start:
+        yield start, end, first, _joined(parts, end - start, max_bytes)
+      in_gap = True
+      continue
+    parts.append(line)
+    size += line_end - offset
+    end = line_end - 1 if line is not None and line.endswith(b"\n") else line_end
+    if size > max_bytes + 1 or line is None:  # too long (its last newline aside): the rest
+      parts = [None]                          # of it is only counted
+  if not in_gap and size > 0:
+    yield start, start + size, first, _joined(parts, size, max_bytes)
+
+
+def _joined(parts: list, size: int, max_bytes: int) -> bytes | None:
+  """A paragraph's bytes without its last newline, or None when it is over the limit."""
+  if None in parts or size > max_bytes:
+    return None
+  return b"".join(parts)[:size]
+
+
+_STRUCTURE = re.compile(rb'["\[\]{}]')  # what matters outside strings
+_IN_STRING = re.compile(rb'["\\]')      # and inside them
+_SCALAR_END = re.compile(rb"[\s,\]]")
+_BROKEN_LIST = ("a broken .json list stops here whatever data.on_error says, since the "
+                "records after it can't be found")
+
+
+def json_list(f, path: str, max_bytes: int, chunk: int = 1 << 20):
+  """(line, bytes or None) for each element of the JSON list in the binary file `f`, read
+  in pieces of `chunk` bytes. An element is found by its brackets and quotes (parsing it
+  is the caller's); None when it is over `max_bytes`, skipped without being held whole.
+  A file that isn't a list, breaks off inside an element or can't be read is a
+  DataError naming the line."""
+  buf, line = bytearray(), 1  # line: the line buf[0] is on
+
+  def fill() -> bool:
+    try:
+      data = f.read(chunk)
+    except READ_ERRORS as e:
+      at = line + buf.count(b"\n")
+      raise DataError(f"{path}:{at}: read_error ({error_detail(e)}); {_BROKEN_LIST}") from None
+    buf.extend(data)
+    return bool(data)
+
+  def drop(n: int) -> None:  # forget buf[:n], counting its lines
+    nonlocal line
+    line += buf.count(b"\n", 0, n)
+    del buf[:n]
+
+  def skip(chars: bytes) -> bool:  # drop `chars` at the front; False at the end of the file
+    while True:
+      i = 0
+      while i < len(buf) and buf[i] in chars:
+        i += 1
+      drop(i)
+      if buf or not fill():
+        return bool(buf)
+
+  if not skip(b" \t\r\n") or buf[0] != ord("["):
+    raise DataError(f"{path}:1: a .json SFT file must hold a list of records (or use .jsonl)")
+  drop(1)
+  while skip(b" \t\r\n,") and buf[0] != ord("]"):
+    start_line, skipped, j, depth, in_string = line, 0, 0, 0, False
+    scalar = buf[0] not in b'[{"'
+    while True:
+      end = None
+      if scalar:
+        m = _SCALAR_END.search(buf, j)
+        end, j = (m.start(), m.start()) if m else (None, len(buf))
+      while not scalar and end is None:
+        m = (_IN_STRING if in_string else _STRUCTURE).search(buf, j)
+        if m is None:
+          j = max(j, len(buf))
+          break
+        c, j = buf[m.start()], m.end()
+        if in_string and c == ord("\\"):
+          j += 1  # the escaped character, which may be in the next piece
+        elif in_string or c == ord('"'):
+          in_string = not in_string
+          end = j if depth == 0 and not in_string else None
+        else:
+          depth += 1 if c in b"[{" else -1
+          end = j if depth == 0 else None
+      if end is not None:
+        break
+      if skipped + len(buf) > max_bytes:  # too long: keep counting lines, not bytes
+        n = min(j, len(buf))
+        skipped, j = skipped + n, j - n
+        drop(n)
+      if not fill():
+        if scalar:
+          end = len(buf)
+          break
+        raise DataError(f"{path}:{start_line}: invalid JSON (the file ends inside this "
+                        f"record); {_BROKEN_LIST}")
+    element = None if skipped + end > max_bytes else bytes(buf[:end])
+    drop(end)
+    yield start_line, element
 
 
 class DocumentSource:
@@ -204,9 +342,11 @@ class Documents(DocumentSource):
   """Documents of text and JSONL files."""
 
   def __init__(self, files: list[str], fmt: str = "auto", text_field: str = "text",
-               text_split: str = "file", name: str = "data", on_error: str = "raise"):
+               text_split: str = "file", name: str = "data", on_error: str = "raise",
+               max_bytes: int = MAX_RECORD_BYTES):
     super().__init__(on_error)
     self.files = list(files)
+    self.max_bytes = max_bytes  # a document (a line of JSONL) over it is too_long
     # Each entry: (file index, start byte, end byte) or an in-memory string (gzip files).
     self._index: list = []
     for i, path in enumerate(self.files):
@@ -221,41 +361,41 @@ class Documents(DocumentSource):
                         + (f"; skipped {skips(self.tally)}" if self.skipped else ""))
 
   def _index_text(self, i: int, path: str, text_split: str):
+    line = 1
     try:
       with open(path, "rb") as f:
-        raw = f.read()
+        for start, end, line, chunk in text_documents(f, text_split, self.max_bytes):
+          self.tally.counts["records"] += 1
+          if chunk is None:
+            self._bad(f"{path}:{line}", "too_long", f"over data.max_record_bytes={self.max_bytes}")
+            continue
+          try:
+            text = chunk.decode("utf-8")
+          except UnicodeDecodeError as e:  # name the bad line, not the paragraph's first
+            bad_line = line + chunk.count(b"\n", 0, e.start)
+            self._bad(f"{path}:{bad_line}", "decode_error")
+            continue
+          if not text.strip():
+            self._bad(f"{path}:{line}", "empty")
+            continue
+          self._index.append((i, start, end))
     except READ_ERRORS as e:
       self.tally.counts["records"] += 1
-      self._bad(f"{path}:1", "read_error", error_detail(e))
-      return
-    for start, end, line in text_spans(raw, text_split):
-      self.tally.counts["records"] += 1
-      chunk = raw[start:end]
-      try:
-        text = chunk.decode("utf-8")
-      except UnicodeDecodeError as e:  # name the bad line, not the paragraph's first
-        bad_line = line + chunk.count(b"\n", 0, e.start)
-        self._bad(f"{path}:{bad_line}", "decode_error")
-        continue
-      if not text.strip():
-        self._bad(f"{path}:{line}", "empty")
-        continue
-      self._index.append((i, start, end))
+      self._bad(f"{path}:{line}", "read_error", error_detail(e))
 
   def _index_jsonl(self, i: int, path: str, field: str):
     opener = gzip.open if path.endswith(".gz") else open
     lineno = 0
     try:
       with opener(path, "rb") as f:
-        offset = 0
-        for lineno, line in enumerate(f, 1):
-          start, offset = offset, offset + len(line)
-          if not line.strip():
+        for lineno, (start, offset, line) in enumerate(bounded_lines(f, self.max_bytes), 1):
+          if line is not None and not line.strip():
             continue
           self.tally.counts["records"] += 1
-          checked = self._check_jsonl(line, field)
+          checked = "too_long" if line is None else self._check_jsonl(line, field)
           if isinstance(checked, str):
-            self._bad(f"{path}:{lineno}", checked)
+            detail = f"over data.max_record_bytes={self.max_bytes}" if line is None else ""
+            self._bad(f"{path}:{lineno}", checked, detail)
           elif path.endswith(".gz"):  # gzip has no random access: keep its documents in memory
             self._index.append(checked[0])
           else:
@@ -304,8 +444,10 @@ class Documents(DocumentSource):
 def _line_at(path: str, offset: int) -> str:
   """`path:line` of the line starting at byte `offset` (counted only when needed)."""
   try:
+    line = 1
     with open(path, "rb") as f:
-      line = f.read(offset).count(b"\n") + 1
+      while offset > 0 and (piece := f.read(min(offset, _SKIP_CHUNK))):  # in bounded pieces
+        line, offset = line + piece.count(b"\n"), offset - len(piece)
     return f"{path}:{line}"
   except OSError:
     return f"{path} (byte {offset})"
@@ -336,9 +478,11 @@ class TfdsDocuments(DocumentSource):
   not up front: one that isn't UTF-8 text or is empty follows `on_error` then (named
   `SPEC[index]`; "skip" counts it, warns once per reason, and leaves it out).
   """
+  max_bytes = MAX_RECORD_BYTES  # a record over it is too_long
 
   def __init__(self, spec: str, text_field: str = "text", data_dir: str = "",
-               name: str = "data", field_key: str = "data.text_field", on_error: str = "raise"):
+               name: str = "data", field_key: str = "data.text_field", on_error: str = "raise",
+               max_bytes: int = MAX_RECORD_BYTES):
     dataset, split = parse_tfds_spec(spec, name)
     try:
       import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -358,7 +502,7 @@ class TfdsDocuments(DocumentSource):
       raise ConfigError(f"{field_key}={text_field!r}: not a Text feature of {dataset} "
                         f"(features: {', '.join(features.keys())})")
     super().__init__(on_error)
-    self.spec, self.text_field = spec, text_field
+    self.spec, self.text_field, self.max_bytes = spec, text_field, max_bytes
     self.tally.counts.update(records=len(self.source), used=len(self.source))
     if not self.read:
       raise ConfigError(f"{name}: {spec} has no records")
@@ -372,6 +516,10 @@ class TfdsDocuments(DocumentSource):
 
   def __getitem__(self, idx: int) -> str | None:
     text = self.raw(idx)
+    if too_long(text, self.max_bytes):
+      self._bad(f"{self.spec}[{idx}]", "too_long", f"over data.max_record_bytes={self.max_bytes}",
+                late=True)
+      return None
     if isinstance(text, bytes):
       try:
         text = text.decode("utf-8")
@@ -388,6 +536,7 @@ def open_documents(spec: str, data_cfg, key: str) -> DocumentSource:
   """The documents named by a `data.train`/`data.eval` value: globs or a TFDS split."""
   if spec.strip().startswith(TFDS_PREFIX):
     return TfdsDocuments(spec.strip(), data_cfg.text_field, data_cfg.tfds_data_dir, name=key,
-                         on_error=data_cfg.on_error)
+                         on_error=data_cfg.on_error, max_bytes=data_cfg.max_record_bytes)
   return Documents(expand_globs(spec, key), data_cfg.format, data_cfg.text_field,
-                   data_cfg.text_split, name=key, on_error=data_cfg.on_error)
+                   data_cfg.text_split, name=key, on_error=data_cfg.on_error,
+                   max_bytes=data_cfg.max_record_bytes)
