@@ -136,9 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 16        # global, in sequences (reward, dpo: records)
   c.data.shuffle = True
   c.data.prefetch = 2           # batches prepared ahead in a background thread
-  c.data.shards = 0             # pretrain, sft: data split into this many shards, a multiple of
-                                # the process count: batches (and losses) do not depend on the
-                                # process count; 0: one shard a process
+  c.data.shards = 0             # pretrain, sft: data split into this many shards (a multiple of
+                                # the process count, dividing batch_size); batches, losses and
+                                # checkpoints are the same on any process count dividing it.
+                                # 0: auto, gcd(batch_size, lcm(8, processes)): 8 when 8 divides
+                                # batch_size, the same on 1, 2, 4 or 8 processes
   # SFT (task "sft"): records -> chat template -> tokens with a loss mask
   c.data.sft_format = "auto"    # "auto" (by fields) | "alpaca" | "messages" | "prompt_completion" | "text"
   c.data.chat_template = "jaxlm"  # "jaxlm" | "chatml" | "llama3" | "hf" (tokenizer_config.json's)
@@ -473,18 +475,9 @@ def _rules_errors(rules) -> list[str]:
 
 
 def _reward_fn_errors(spec: str) -> list[str]:
+  """reward.fn's syntax, and each user function imported and checked (rewards.py)."""
   from jaxlm import rewards  # pylint: disable=import-outside-toplevel
-  try:
-    parsed = rewards.parse(spec)
-  except ConfigError as e:
-    return [str(e)]
-  for name, weight in parsed:
-    if not name or (name not in rewards.BUILTINS and ":" not in name):
-      return [f"reward.fn={spec!r}: {name!r} is neither a built-in "
-              f"({', '.join(rewards.BUILTINS)}) nor 'package.module:function'"]
-    if not math.isfinite(weight):
-      return [f"reward.fn={spec!r}: the weight of {name!r} must be a finite number"]
-  return []
+  return rewards.spec_errors(spec)
 
 
 def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:

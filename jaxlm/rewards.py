@@ -2,11 +2,17 @@
 combined with weights.
 
 `config.reward.fn` is a comma-separated list of `NAME[=WEIGHT]`, where NAME is a
-built-in (`math_answer`, `format`) or `package.module:function`. A function is called
-as `fn(prompts, completions, **fields)`: the prompt texts, the completion texts and,
-for every other field of the prompt records, the list of its values; it returns one
-float per completion. `config.reward.model` adds a trained jaxlm reward model with
-weight `config.reward.model_weight`. The sources' weighted sum is the reward.
+built-in (`math_answer`, `format`, `overlap`) or `package.module:function`: that is the
+user's own code, imported (and so run) when the config is validated and called in the
+training process. A function is called as `fn(prompts, completions, **fields)`: the
+prompt texts, the completion texts and, for every other field of the prompt records,
+the list of its values (a function without `**kwargs` gets only the fields it names;
+one it requires without a default is a field every prompt record must have); it
+returns one finite number per completion. Validation checks that the target imports and
+takes two positional arguments; an exception inside it, or a value that is not a finite
+number, stops the run with one line naming the function and the prompt record.
+`config.reward.model` adds a trained jaxlm reward model with weight
+`config.reward.model_weight`. The sources' weighted sum is the reward.
 
 A built-in that reads a field says so in its `needs` (fields -> a reason, or None): a
 prompt record without it is a bad record when it is loaded, not a reward of 0 later.
@@ -16,11 +22,15 @@ from __future__ import annotations
 
 import collections
 import importlib
+import inspect
+import math
+import numbers
 import re
 
 import numpy as np
 
 from jaxlm.config import ConfigError
+from jaxlm.data.sources import DataError
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -101,20 +111,82 @@ overlap.needs = _needs_reference
 BUILTINS = {"math_answer": math_answer, "format": format_reward, "overlap": overlap}
 
 
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [""])[0]
+
+
+def _signature_problem(fn) -> str | None:
+  """Why `fn` can't be called as fn(prompts, completions, **fields), or None."""
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return "its signature can't be read"
+  kinds = inspect.Parameter
+  params = list(sig.parameters.values())
+  positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY,
+                                                 kinds.POSITIONAL_OR_KEYWORD)]
+  if len(positional) < 2 and not any(p.kind == kinds.VAR_POSITIONAL for p in params):
+    return f"it takes {sig}, not (prompts, completions, **fields)"
+  if any(p.kind == kinds.POSITIONAL_ONLY and p.default is p.empty for p in positional[2:]):
+    return f"it takes {sig}: fields are passed by name, so only two positional arguments"
+  return None
+
+
+def _field_names(fn) -> tuple[set[str] | None, set[str]]:
+  """The fields `fn` takes (None: any, it has **kwargs) and those it requires."""
+  kinds = inspect.Parameter
+  params = list(inspect.signature(fn).parameters.values())
+  first_two = [p.name for p in params  # prompts, completions
+               if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)][:2]
+  named = [p for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
+           and p.name not in first_two]
+  required = {p.name for p in named if p.default is p.empty}
+  if any(p.kind == kinds.VAR_KEYWORD for p in params):
+    return None, required
+  return {p.name for p in named}, required
+
+
 def resolve(name: str):
   if name in BUILTINS:
     return BUILTINS[name]
   module, sep, attr = name.partition(":")
-  if not sep:
+  if not sep or not module or not attr:
     raise ConfigError(f"reward.fn: {name!r} is neither a built-in ({', '.join(BUILTINS)}) "
                       f"nor 'package.module:function'")
   try:
-    fn = getattr(importlib.import_module(module), attr)
+    fn = importlib.import_module(module)
+    for part in attr.split("."):
+      fn = getattr(fn, part)
   except (ImportError, AttributeError) as e:
-    raise ConfigError(f"reward.fn: can't load {name!r}: {e}") from None
+    raise ConfigError(f"reward.fn: can't load {name!r}: {_first_line(e)}") from None
+  except Exception as e:  # pylint: disable=broad-except  # the user's module failed to import
+    raise ConfigError(f"reward.fn: importing {module!r} for {name!r} raised "
+                      f"{type(e).__name__}: {_first_line(e)}") from None
   if not callable(fn):
     raise ConfigError(f"reward.fn: {name!r} is not callable")
+  problem = _signature_problem(fn)
+  if problem:
+    raise ConfigError(f"reward.fn: {name!r} can't be a reward function: {problem}")
   return fn
+
+
+def spec_errors(spec: str) -> list[str]:
+  """Every problem with `reward.fn`, each one line: its syntax and weights, and each
+  user function imported and checked against the signature (config validation)."""
+  try:
+    parsed = parse(spec)
+  except ConfigError as e:
+    return [str(e)]
+  errors = []
+  for name, weight in parsed:
+    if not math.isfinite(weight):
+      errors.append(f"reward.fn={spec!r}: the weight of {name!r} must be a finite number")
+      continue
+    try:
+      resolve(name)
+    except ConfigError as e:
+      errors.append(str(e))
+  return errors
 
 
 def parse(spec: str) -> list[tuple[str, float]]:
@@ -133,6 +205,7 @@ class Rewards:
 
   def __init__(self, fn_spec: str, model_path: str = "", model_weight: float = 1.0):
     self.fns = [(name, resolve(name), w) for name, w in parse(fn_spec)]
+    self._fields = {name: _field_names(fn) for name, fn, _ in self.fns if name not in BUILTINS}
     self.model = None
     self.model_weight = model_weight
     if model_path:
@@ -143,21 +216,59 @@ class Rewards:
 
   def check(self, fields: dict) -> str | None:
     """Why a prompt record (its fields) can't be scored by these sources, or None."""
-    for _, fn, _ in self.fns:
-      reason = getattr(fn, "needs", lambda _: None)(fields)
+    for name, fn, _ in self.fns:
+      if name in self._fields:  # a user function: the fields it requires
+        missing = sorted(self._fields[name][1] - set(fields))
+        reason = f"missing_field_{missing[0]}" if missing else None
+      else:
+        reason = getattr(fn, "needs", lambda _: None)(fields)
       if reason:
         return reason
     return None
 
-  def __call__(self, prompts, completions, fields: dict, prompt_messages=None):
-    """-> (rewards [N] float32, {source: mean})."""
+  def _scores(self, name, fn, prompts, completions, fields: dict, where) -> np.ndarray:
+    """One source's values, or a DataError naming it and the record at fault."""
+    if name in self._fields and self._fields[name][0] is not None:
+      fields = {k: v for k, v in fields.items() if k in self._fields[name][0]}
+    n = len(completions)
+
+    def record(i):
+      at = f"the prompt at {where[i]}" if where and where[i] else "a prompt"
+      return f"{at} (completion {i} of {n})"
+
+    try:
+      raw = fn(prompts, completions, **fields)
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # the user's code: name the record
+      culprit = None
+      for i in range(min(n, 256)):  # the first completion it fails on alone
+        try:
+          fn(prompts[i:i + 1], completions[i:i + 1], **{k: v[i:i + 1] for k, v in fields.items()})
+        except Exception:  # pylint: disable=broad-except
+          culprit = i
+          break
+      on = record(culprit) if culprit is not None else f"a batch of {n} completions"
+      raise DataError(f"reward.fn {name!r} raised {type(e).__name__}: {_first_line(e)} on "
+                      f"{on}") from None
+    items = raw.tolist() if isinstance(raw, np.ndarray) else raw
+    if not isinstance(items, (list, tuple)) or len(items) != n:
+      shape = f"{len(items)} values" if isinstance(items, (list, tuple)) else repr(type(raw))
+      raise DataError(f"reward.fn {name!r} returned {shape} for {n} completions (it must "
+                      f"return one number per completion)")
+    for i, v in enumerate(items):
+      if not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise DataError(f"reward.fn {name!r} returned {v!r} for {record(i)}: rewards must be "
+                        f"finite numbers")
+    return np.asarray(items, np.float64)
+
+  def __call__(self, prompts, completions, fields: dict, prompt_messages=None, where=None):
+    """-> (rewards [N] float32, {source: mean}). `where`: each completion's prompt record
+    (file:line), named in the one-line error a failing reward function becomes."""
     total = np.zeros(len(completions), np.float64)
     means = {}
     for name, fn, w in self.fns:
-      values = np.asarray(fn(prompts, completions, **fields), np.float64)
-      if values.shape != (len(completions),) or not np.all(np.isfinite(values)):
-        raise ValueError(f"reward.fn {name!r} returned {values.shape} values (or non-finite "
-                         f"ones) for {len(completions)} completions")
+      values = self._scores(name, fn, prompts, completions, fields, where)
       total += w * values
       means[name] = float(values.mean())
     if self.model is not None:

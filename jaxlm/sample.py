@@ -40,9 +40,10 @@ def main(argv):
   from jaxlm import generate  # pylint: disable=import-outside-toplevel
   from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
   from jaxlm.data import sft  # pylint: disable=import-outside-toplevel
+  from jaxlm.data.sources import DataError  # pylint: disable=import-outside-toplevel
   try:
     policy = load(_MODEL.value, _TEMPLATE.value)
-  except (ConfigError, FileNotFoundError, KeyError) as e:
+  except (ConfigError, OSError, KeyError, ValueError) as e:  # ValueError: bad JSON, named
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   tok, template = policy.tokenizer, policy.template
@@ -62,9 +63,23 @@ def main(argv):
     rng, key = jax.random.split(rng)
     return engine.generate(policy.params, prompts_ids, key, sampling)
 
+  def chat_ids(turns):
+    """The conversation as ids (its text encoded as content: a `<|user|>` typed in a
+    message is text, not a turn), or None after saying why the template refused it."""
+    try:
+      return sft.generation_prompt(turns, tok, template)
+    except ConfigError as e:  # the template itself (the Jinja sandbox refused it)
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except DataError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return None
+
   if _PROMPT.value:
     if _CHAT.value:
-      ids = [sft.generation_prompt(system + [("user", p)], tok, template) for p in _PROMPT.value]
+      ids = [chat_ids(system + [("user", p)]) for p in _PROMPT.value]
+      if any(i is None for i in ids):
+        sys.exit(2)
     else:
       ids = [np.asarray([tok.bos_id] + tok.encode(p), np.int32) for p in _PROMPT.value]
     out = run(ids)
@@ -85,8 +100,11 @@ def main(argv):
       break
     if not line.strip():
       break
+    ids = chat_ids(history + [("user", line)])
+    if ids is None:  # this message is dropped; the session goes on
+      continue
     history.append(("user", line))
-    out = run([sft.generation_prompt(history, tok, template)])
+    out = run([ids])
     text = reply_text(out.tokens[0], out.lengths[0])
     history.append(("assistant", text))
     print(text, flush=True)

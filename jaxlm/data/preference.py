@@ -188,13 +188,13 @@ def tokenize_group(pref: Preference, tok, template, *, max_ids: int, truncation:
 
 
 def load_groups(files: list[str], tok, template, *, max_ids: int, truncation: str,
-                on_error: str):
+                on_error: str, max_bytes: int = sft.MAX_RECORD_BYTES):
   """Every record of `files` -> tokenized groups, counted like SFT's examples (records,
   used, pairs, skipped_<reason>, truncated, dropped_*), with where each reason first
   occurred."""
   out = sft.Examples()
   for path in files:
-    for where, record in sft.read_records(path):
+    for where, record in sft.read_records(path, max_bytes):
       out.counts["records"] += 1
       pref = record if isinstance(record, str) else to_preference(record)
       group = pref if isinstance(pref, str) else tokenize_group(

@@ -23,6 +23,7 @@ class Prompt:
   text: str                      # its last user message (what reward functions see)
   fields: dict                   # every other field of the record
   ids: np.ndarray | None = None  # BOS and the generation prompt (load_prompts with `tok`)
+  where: str = ""                # its file:line (what a reward function's error names)
 
 
 def to_prompt(record) -> Prompt | str:
@@ -65,15 +66,17 @@ def fit(ids: np.ndarray, max_len: int, truncation: str) -> np.ndarray | None:
 
 
 def load_prompts(files: list[str], *, on_error: str, check=None, tok=None, template=None,
-                 max_len: int = 0, truncation: str = "truncate") -> sft.Examples:
+                 max_len: int = 0, truncation: str = "truncate",
+                 max_bytes: int = sft.MAX_RECORD_BYTES) -> sft.Examples:
   """Every record of `files` -> Prompts, counted (records, used, skipped_<reason>).
 
   `check(fields)` names what a record lacks for the reward functions (a reason), or None.
-  With `tok`, each prompt's `ids` are rendered with `template` and, over `max_len`,
+  With `tok`, each prompt's `ids` are rendered with `template` (its text encoded as
+  content: only the template inserts special tokens) and, over `max_len`,
   truncated (counted `truncated`) or dropped (`dropped_too_long`) as `truncation` says."""
   out = sft.Examples()
   for path in files:
-    for where, record in sft.read_records(path):
+    for where, record in sft.read_records(path, max_bytes):
       out.counts["records"] += 1
       prompt = record if isinstance(record, str) else to_prompt(record)
       if not isinstance(prompt, str) and check:
@@ -81,8 +84,12 @@ def load_prompts(files: list[str], *, on_error: str, check=None, tok=None, templ
       if isinstance(prompt, str):
         out.skip(where, prompt, on_error)
         continue
+      prompt.where = where
       if tok is not None:
-        ids = sft.generation_prompt(prompt.turns, tok, template)
+        ids = sft.prompt_ids(prompt.turns, tok, template)
+        if isinstance(ids, str):  # the model's own template refuses it
+          out.skip(where, ids, on_error)
+          continue
         prompt.ids = fit(ids, max_len, truncation) if max_len else ids
         if prompt.ids is None:
           out.skip(where, "dropped_too_long", on_error)

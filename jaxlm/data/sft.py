@@ -18,6 +18,7 @@ trained on as empty.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -27,8 +28,9 @@ import grain
 import numpy as np
 
 from jaxlm.config import ConfigError
-from jaxlm.data.sources import (READ_ERRORS, DataError, Examples, error_detail, is_text,
-                                parse_json)
+from jaxlm.data.tokenizer import MarkerError
+from jaxlm.data.sources import (MAX_RECORD_BYTES, READ_ERRORS, DataError, Examples,
+                                bounded_lines, error_detail, is_text, json_list, parse_json)
 from jaxlm.data.sources import summary  # noqa: F401  # pylint: disable=unused-import  (sft.summary)
 
 FORMATS = ("auto", "alpaca", "messages", "prompt_completion", "text")
@@ -47,6 +49,7 @@ class ChatTemplate:
   specials: tuple[str, ...] = ()
   jinja: str = ""
   eos_token: str = ""    # what a jinja template calls eos_token
+  source: str = ""       # the tokenizer_config.json a jinja template came from
 
 
 TEMPLATES = {
@@ -63,19 +66,30 @@ TEMPLATES = {
 
 def hf_template(tokenizer_path: str) -> ChatTemplate:
   """The chat template in the tokenizer_config.json beside a tokenizer file."""
+  from jaxlm import fileio  # pylint: disable=import-outside-toplevel
   path = os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)), "tokenizer_config.json")
   config = {}
   if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      config = json.load(f)
-  template = config.get("chat_template")
+    try:
+      config = fileio.read_json(path)
+    except (ValueError, OSError) as e:
+      raise ConfigError(f"data.chat_template='hf': {e}") from None
+  template = config.get("chat_template") if isinstance(config, dict) else None
   if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-    template = {t.get("name"): t.get("template") for t in template}.get("default")
+    template = {t.get("name"): t.get("template") for t in template
+                if isinstance(t, dict)}.get("default")
   if not isinstance(template, str) or not template:
     raise ConfigError(f"data.chat_template='hf': no chat_template in {path}")
+  try:
+    _compiled(template)
+  except Exception as e:  # pylint: disable=broad-except  # TemplateSyntaxError, or deeper trouble
+    line = f" line {e.lineno}:" if getattr(e, "lineno", None) else ""
+    raise ConfigError(f"data.chat_template='hf': the chat_template in {path} does not "
+                      f"parse ({type(e).__name__}:{line} {_first_line(e)})") from None
   eos = config.get("eos_token") or ""
-  return ChatTemplate("hf", jinja=template,
-                      eos_token=eos.get("content", "") if isinstance(eos, dict) else eos)
+  eos = eos.get("content", "") if isinstance(eos, dict) else eos
+  return ChatTemplate("hf", jinja=template, eos_token=eos if isinstance(eos, str) else "",
+                      source=path)
 
 
 def chat_template(name: str, tok, check: bool = True) -> ChatTemplate:
@@ -90,11 +104,14 @@ def chat_template(name: str, tok, check: bool = True) -> ChatTemplate:
   return template
 
 
-def _render_jinja(template: ChatTemplate, turns) -> list[tuple[str, bool]] | str:
-  """The conversation as (text, supervised) parts, rendered by a Hugging Face template
-  the way transformers does (sandboxed, trim_blocks, lstrip_blocks). Turn i's text is
-  what rendering turns[:i+1] adds to rendering turns[:i]; in a supervised turn, that text
-  from its content on (content, end marker) is supervised."""
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(jinja: str):
+  """A Hugging Face chat template compiled the way transformers does (sandboxed,
+  trim_blocks, lstrip_blocks, raise_exception)."""
   import jinja2  # pylint: disable=import-outside-toplevel
   from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
 
@@ -103,23 +120,100 @@ def _render_jinja(template: ChatTemplate, turns) -> list[tuple[str, bool]] | str
 
   env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
   env.globals["raise_exception"] = raise_exception
-  compiled = env.from_string(template.jinja)
+  return env.from_string(jinja)
+
+
+def _render(template: ChatTemplate, messages, add_generation_prompt: bool) -> str | None:
+  """The template's text for `messages`, or None when it refuses them (its
+  raise_exception, or an error in it). A template the sandbox stops (it reached for
+  `__class__` or the like) is a ConfigError: that is the template's fault, not a record's."""
+  from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
+  try:  # BOS is added as an id, never as text
+    return _compiled(template.jinja).render(messages=messages, bos_token="",
+                                            eos_token=template.eos_token,
+                                            add_generation_prompt=add_generation_prompt)
+  except sandbox.SecurityError as e:
+    source = template.source or "tokenizer_config.json"
+    raise ConfigError(f"data.chat_template='hf': the Jinja sandbox refused the chat_template "
+                      f"in {source} ({_first_line(e)})") from None
+  except Exception:  # pylint: disable=broad-except  # TemplateError, TypeError, ...: this record
+    return None
+
+
+_MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters: a stand-in for content i
+
+
+def _content_spans(template: ChatTemplate, messages, add_generation_prompt: bool, text: str,
+                   tok) -> list[tuple[int, int] | None] | str:
+  """Where each message's content lies in `text` (the template's rendering of
+  `messages`): found by rendering stand-ins for the contents, so that a content is never
+  mistaken for the template's own text; for a template that changes or drops content,
+  each is looked for after the one before. None for one not found; a reason when one
+  that holds special-token text is not found (it could not be encoded as content)."""
+  stand_ins = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+  skeleton = _render(template, stand_ins, add_generation_prompt)
+  if skeleton is not None:
+    pieces = _MARK.split(skeleton)
+    order = [int(k) for k in pieces[1::2]]
+    if order == sorted(set(order)) and all(k < len(messages) for k in order):
+      spans, rebuilt = [None] * len(messages), pieces[0]
+      for k, after in zip(order, pieces[2::2]):
+        content = messages[k]["content"]
+        spans[k] = (len(rebuilt), len(rebuilt) + len(content))
+        rebuilt += content + after
+      if rebuilt == text:
+        return spans
+  pattern = tok.special_pattern()
+  spans, cursor = [], 0
+  for m in messages:
+    content = m["content"]
+    at = text.find(content, cursor)
+    if at < 0 and content.strip():
+      content = content.strip()
+      at = text.find(content, cursor)
+    if at < 0:
+      if pattern is not None and pattern.search(m["content"]):
+        return "template_error"
+      spans.append(None)
+      continue
+    spans.append((at, at + len(content)))
+    cursor = at + len(content)
+  return spans
+
+
+def _cut(text: str, supervised: list, content: list) -> list[tuple[str, bool, bool]]:
+  """`text` as (text, supervised, is_content) parts, given the ranges of each."""
+  points = sorted({0, len(text), *(p for r in supervised + content for p in r)})
+  inside = lambda a, b, ranges: any(s <= a and b <= e for s, e in ranges)  # noqa: E731
+  return [(text[a:b], inside(a, b, supervised), inside(a, b, content))
+          for a, b in zip(points, points[1:])]
+
+
+def _render_jinja(template: ChatTemplate, turns, tok) -> list[tuple[str, bool, bool]] | str:
+  """The conversation as (text, supervised, is_content) parts, rendered by a Hugging
+  Face template. Turn i's text is what rendering turns[:i+1] adds to rendering
+  turns[:i]; in a supervised turn, that text from its content on (content, end marker)
+  is supervised. Each message's content is encoded as content (`_content_spans`)."""
   messages = [{"role": role, "content": text} for role, text, _ in turns]
-  parts, previous = [], ""
-  for i, (_, content, supervised) in enumerate(turns):
-    try:  # BOS is added as an id, never as text
-      text = compiled.render(messages=messages[:i + 1], bos_token="",
-                             eos_token=template.eos_token, add_generation_prompt=False)
-    except jinja2.exceptions.TemplateError:
+  ends, text = [], ""
+  for i in range(len(turns)):
+    longer = _render(template, messages[:i + 1], False)
+    if longer is None:
       return "template_error"
-    if not text.startswith(previous):
+    if not longer.startswith(text):
       return "template_not_incremental"
-    piece, previous = text[len(previous):], text
-    start = piece.find(content) if supervised else -1
-    if supervised and start < 0:
-      return "template_error"
-    parts += [(piece[:start], False), (piece[start:], True)] if supervised else [(piece, False)]
-  return parts
+    text = longer
+    ends.append(len(text))
+  spans = _content_spans(template, messages, False, text, tok)
+  if isinstance(spans, str):
+    return spans
+  supervised = []
+  for i, (_, _, sup) in enumerate(turns):
+    if sup:
+      if spans[i] is None or not (ends[i - 1] if i else 0) <= spans[i][0] <= ends[i]:
+        return "template_error"
+      supervised.append((spans[i][0], ends[i]))
+  return _cut(text, supervised, [s for s in spans if s is not None])
 
 
 def check_template(template: ChatTemplate, tok) -> None:
@@ -136,45 +230,24 @@ def check_template(template: ChatTemplate, tok) -> None:
 # Reading records with their file and line
 
 
-def _json_array(text: str, path: str):
-  """(line, record or exception) for each element of a JSON array, with line numbers."""
-  decoder = json.JSONDecoder()
-  pos = len(text) - len(text.lstrip())
-  if not text.startswith("[", pos):
-    raise DataError(f"{path}:1: a .json SFT file must hold a list of records (or use .jsonl)")
-  pos += 1
-  line, counted = 1, 0
-  while True:
-    while pos < len(text) and text[pos] in " \t\r\n,":
-      pos += 1
-    if pos >= len(text) or text[pos] == "]":
-      return
-    line += text.count("\n", counted, pos)
-    counted = pos
-    try:
-      record, pos = decoder.raw_decode(text, pos)
-    except (ValueError, RecursionError) as e:  # where the next record starts is lost with it
-      at = line + text.count(chr(10), pos, e.pos) if isinstance(e, json.JSONDecodeError) else line
-      raise DataError(f"{path}:{at}: invalid JSON ({getattr(e, 'msg', error_detail(e))}); a "
-                      f"broken .json list stops here whatever data.on_error says, since the "
-                      f"records after it can't be found") from None
-    yield line, record
-
-
-def read_records(path: str):
+def read_records(path: str, max_bytes: int = MAX_RECORD_BYTES):
   """(where, record or a reason string) for every record of a JSON or JSONL file.
 
-  A record is a JSON object of text (`is_text`). A JSONL file that breaks off (a
-  truncated gzip) gives a `read_error` where it broke, after the records before it."""
+  A record is a JSON object of text (`is_text`); one over `max_bytes`
+  (data.max_record_bytes) is `too_long`, read past in bounded pieces, never held whole.
+  A JSONL file that breaks off (a truncated gzip) gives a `read_error` where it broke,
+  after the records before it."""
   opener = gzip.open if path.endswith(".gz") else open
   if path.endswith((".json", ".json.gz")) and not path.endswith((".jsonl", ".jsonl.gz")):
-    yield from _json_records(path, opener)
+    yield from _json_records(path, opener, max_bytes)
     return
   lineno = 0
   try:
     with opener(path, "rb") as f:
-      for lineno, line in enumerate(f, 1):
-        if line.strip():
+      for lineno, (_, _, line) in enumerate(bounded_lines(f, max_bytes), 1):
+        if line is None:
+          yield f"{path}:{lineno}", "too_long"
+        elif line.strip():
           record, reason = parse_json(line)
           yield f"{path}:{lineno}", reason or _object(record)
   except READ_ERRORS:  # the rest of the file is lost: one record's worth is counted
@@ -186,25 +259,34 @@ def _object(record):
   return record if isinstance(record, dict) else "wrong_type"
 
 
-def _json_records(path: str, opener):
-  """The records of a .json list, which must be read and decoded as a whole."""
-  chunks = []
+def _json_records(path: str, opener, max_bytes: int = MAX_RECORD_BYTES):
+  """The records of a .json list, found one at a time in bounded pieces
+  (`sources.json_list`): one over `max_bytes` is `too_long`, one not UTF-8 a
+  `decode_error`; JSON that can't be parsed stops the file (where the next record starts
+  is lost with it)."""
   try:
-    with opener(path, "rb") as f:
-      while chunk := f.read(1 << 20):
-        chunks.append(chunk)
+    f = opener(path, "rb")
   except READ_ERRORS as e:
-    line = sum(c.count(b"\n") for c in chunks) + 1
-    raise DataError(f"{path}:{line}: read_error ({error_detail(e)}); a .json file must be "
-                    f"read as a whole") from None
-  raw = b"".join(chunks)
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = raw.count(b"\n", 0, e.start) + 1
-    raise DataError(f"{path}:{line}: not UTF-8; a .json file must decode as a whole") from None
-  for line, record in _json_array(text, path):
-    yield f"{path}:{line}", _object(record) if is_text(record) else "decode_error"
+    raise DataError(f"{path}:1: read_error ({error_detail(e)})") from None
+  with f:
+    for line, raw in json_list(f, path, max_bytes):
+      where = f"{path}:{line}"
+      try:
+        text = None if raw is None else raw.decode("utf-8")
+      except UnicodeDecodeError:
+        yield where, "decode_error"
+        continue
+      if text is None:
+        yield where, "too_long"
+        continue
+      try:
+        record = json.loads(text)
+      except (ValueError, RecursionError) as e:
+        at = line + text.count("\n", 0, e.pos) if isinstance(e, json.JSONDecodeError) else line
+        raise DataError(f"{path}:{at}: invalid JSON ({getattr(e, 'msg', error_detail(e))}); a "
+                        f"broken .json list stops here whatever data.on_error says, since the "
+                        f"records after it can't be found") from None
+      yield where, _object(record) if is_text(record) else "decode_error"
 
 
 def detect_format(record: dict) -> str | None:
@@ -292,25 +374,23 @@ def tokenize(turns, is_chat: bool, tok, template: ChatTemplate, loss_on: str):
   string when a Hugging Face template can't render the conversation).
 
   The whole text is encoded at once, as it will be at inference, and a token is
-  supervised when it starts inside a supervised part (a response, or its end marker)."""
-  if is_chat and template.jinja:
-    parts = _render_jinja(template, turns)
-    if isinstance(parts, str):
-      return parts
-  elif is_chat:
-    parts = [(template.begin, False)]
-    for role, text, supervised in turns:
-      # the end-of-turn marker is supervised with its turn: how the model learns to stop
-      parts += [(template.header.format(role=role), False), (text, supervised),
-                (template.end, supervised)]
-  else:
+  supervised when it starts inside a supervised part (a response, or its end marker).
+  Only the template inserts special tokens: the records' text is encoded as content
+  (`tok.encode_parts`), so a literal `<|user|>` in a message is text, not a turn."""
+  parts = _chat_parts(turns, tok, template, False) if is_chat else None
+  if isinstance(parts, str):
+    return parts
+  if not is_chat:
     (_, prompt, _), (_, completion, _) = turns
-    parts = [(prompt, False), (completion, True)]
-  parts = [(t, sup) for t, sup in parts if t]
-  starts = np.cumsum([0] + [len(t.encode("utf-8")) for t, _ in parts[:-1]])
-  ids, offsets = tok.encode_with_offsets("".join(t for t, _ in parts))
+    parts = [(prompt, False, True), (completion, True, True)]
+  parts = [part for part in parts if part[0]]
+  starts = np.cumsum([0] + [len(t.encode("utf-8")) for t, _, _ in parts[:-1]])
+  try:
+    ids, offsets = tok.encode_parts([(t, content) for t, _, content in parts])
+  except MarkerError:
+    return "split_marker"
   part_of_token = np.searchsorted(starts, np.asarray(offsets, np.int64), side="right") - 1
-  sup = np.asarray([sup for _, sup in parts], bool)[np.maximum(part_of_token, 0)]
+  sup = np.asarray([sup for _, sup, _ in parts], bool)[np.maximum(part_of_token, 0)]
   ids = np.concatenate([[tok.bos_id], ids]).astype(np.int32)
   sup = np.concatenate([[False], sup])
   if not is_chat:
@@ -320,19 +400,50 @@ def tokenize(turns, is_chat: bool, tok, template: ChatTemplate, loss_on: str):
   return ids, sup
 
 
-def generation_prompt(turns, tok, template: ChatTemplate) -> np.ndarray:
-  """BOS and a conversation [(role, text)] rendered up to the assistant's next turn
-  (its header; a Jinja template's add_generation_prompt), as ids to generate from."""
+def _chat_parts(turns, tok, template: ChatTemplate, add_generation_prompt: bool):
+  """A conversation [(role, text, supervised)] as (text, supervised, is_content) parts,
+  or the reason the template can't render it; with `add_generation_prompt`, up to the
+  assistant's next turn (its header; a Jinja template's add_generation_prompt)."""
+  if template.jinja and not add_generation_prompt:
+    return _render_jinja(template, turns, tok)
   if template.jinja:
-    from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
-    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    text = env.from_string(template.jinja).render(
-        messages=[{"role": r, "content": t} for r, t in turns], bos_token="",
-        eos_token=template.eos_token, add_generation_prompt=True)
-  else:
-    text = template.begin + "".join(template.header.format(role=r) + t + template.end
-                                    for r, t in turns) + template.header.format(role="assistant")
-  return np.asarray([tok.bos_id] + tok.encode(text), np.int32)
+    messages = [{"role": role, "content": text} for role, text, _ in turns]
+    text = _render(template, messages, True)
+    if text is None:
+      return "template_error"
+    spans = _content_spans(template, messages, True, text, tok)
+    return spans if isinstance(spans, str) else _cut(text, [], [s for s in spans if s])
+  parts = [(template.begin, False, False)]
+  for role, text, supervised in turns:
+    # the end-of-turn marker is supervised with its turn: how the model learns to stop
+    parts += [(template.header.format(role=role), False, False), (text, supervised, True),
+              (template.end, supervised, False)]
+  if add_generation_prompt:
+    parts.append((template.header.format(role="assistant"), False, False))
+  return parts
+
+
+def prompt_ids(turns, tok, template: ChatTemplate) -> np.ndarray | str:
+  """BOS and a conversation [(role, text)] rendered up to the assistant's next turn, as
+  ids to generate from (its text encoded as content, as `tokenize` does), or the reason
+  the template can't render it."""
+  parts = _chat_parts([(r, t, False) for r, t in turns], tok, template, True)
+  if isinstance(parts, str):
+    return parts
+  try:
+    ids, _ = tok.encode_parts([(t, content) for t, _, content in parts if t])
+  except MarkerError:
+    return "split_marker"
+  return np.asarray([tok.bos_id] + ids, np.int32)
+
+
+def generation_prompt(turns, tok, template: ChatTemplate) -> np.ndarray:
+  """`prompt_ids`, raising DataError when the template can't render the conversation."""
+  ids = prompt_ids(turns, tok, template)
+  if isinstance(ids, str):
+    raise DataError(f"data.chat_template={template.name!r}: can't render this conversation "
+                    f"({ids})")
+  return ids
 
 
 def end_of_turn(template: ChatTemplate) -> str:
@@ -341,11 +452,12 @@ def end_of_turn(template: ChatTemplate) -> str:
 
 
 def load_examples(files: list[str], tok, template: ChatTemplate, *, fmt: str, seq_len: int,
-                  loss_on: str, truncation: str, on_error: str) -> Examples:
+                  loss_on: str, truncation: str, on_error: str,
+                  max_bytes: int = MAX_RECORD_BYTES) -> Examples:
   """Every record of `files` -> training examples of at most seq_len tokens, counted."""
   out = Examples()
   for path in files:
-    for where, record in read_records(path):
+    for where, record in read_records(path, max_bytes):
       out.counts["records"] += 1
       turns = record if isinstance(record, str) else to_turns(record, fmt)
       # a reason string; or the model's own template may refuse the conversation
@@ -422,34 +534,53 @@ def sft_dataset(examples: list, *, seq_len: int, batch_size: int, seed: int, shu
 BUILTIN_PREFIX = "builtin:"
 
 
-def stdlib_docstrings(path: str) -> str:
+def _source_signature(fn) -> str | None:
+  """`fn`'s parameters as its source writes them (`copy_function=copy2`, never the
+  default's repr, which may hold a memory address or this machine's paths), or None."""
+  import ast  # pylint: disable=import-outside-toplevel
+  import inspect  # pylint: disable=import-outside-toplevel
+  import textwrap  # pylint: disable=import-outside-toplevel
+  try:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+  except (OSError, TypeError, SyntaxError):  # no source (made by exec), or not a def
+    return None
+  node = tree.body[0] if tree.body else None
+  if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+    return None
+  returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+  return f"({ast.unparse(node.args)}){returns}"
+
+
+def stdlib_docstrings(path: str, modules: tuple[str, ...] | None = None) -> str:
   """Write an Alpaca-format JSONL of "what does this function do?" pairs, drawn from the
-  public functions and methods of standard-library modules and their docstrings."""
+  public functions and methods of standard-library modules (`modules`, else the list
+  below) and their docstrings. The text is the standard library's own (signatures as its
+  source writes them), so it is the same in every process on the same Python."""
   import importlib  # pylint: disable=import-outside-toplevel
   import inspect  # pylint: disable=import-outside-toplevel
   import warnings  # pylint: disable=import-outside-toplevel
-  modules = ("json", "textwrap", "string", "shutil", "os.path", "fnmatch", "glob", "base64",
-             "bisect", "heapq", "statistics", "random", "calendar", "difflib", "csv", "gzip",
-             "copy", "functools", "itertools", "operator", "html", "urllib.parse", "ipaddress",
-             "tempfile", "shlex", "colorsys", "fractions", "decimal", "datetime", "zipfile",
-             "email.utils", "http.cookies", "pprint", "keyword", "linecache", "tokenize",
-             "secrets", "uuid", "hashlib", "hmac", "quopri", "wave", "plistlib", "netrc",
-             "os", "collections", "pathlib", "argparse", "logging", "unittest", "configparser",
-             "inspect", "ast", "dis", "pydoc", "typing", "enum", "dataclasses", "contextlib",
-             "threading", "subprocess", "socket", "smtplib", "ftplib", "imaplib", "mailbox",
-             "tarfile", "codecs", "locale", "gettext", "traceback", "warnings", "weakref",
-             "shelve", "selectors", "sched", "queue", "concurrent.futures", "optparse",
-             "getopt", "cmd", "code", "doctest", "pdb", "profile", "pstats", "timeit", "trace",
-             "http.client", "http.server", "urllib.request", "xml.dom.minidom",
-             "xml.etree.ElementTree", "email.message", "email.parser", "json.decoder",
-             "json.encoder", "asyncio.locks", "asyncio.queues", "multiprocessing.pool",
-             "importlib.metadata", "zoneinfo", "graphlib", "numbers", "abc", "io", "tomllib",
-             "mimetypes", "filecmp", "sysconfig", "platform", "getpass", "webbrowser",
-             "imghdr", "sndhdr", "chunk", "token", "symtable", "compileall", "py_compile",
-             "modulefinder", "runpy", "site", "venv", "zipapp", "zipimport", "ssl", "socketserver",
-             "xmlrpc.client", "ipaddress", "string", "struct", "reprlib", "types")
+  defaults = ("json", "textwrap", "string", "shutil", "os.path", "fnmatch", "glob", "base64",
+              "bisect", "heapq", "statistics", "random", "calendar", "difflib", "csv", "gzip",
+              "copy", "functools", "itertools", "operator", "html", "urllib.parse", "ipaddress",
+              "tempfile", "shlex", "colorsys", "fractions", "decimal", "datetime", "zipfile",
+              "email.utils", "http.cookies", "pprint", "keyword", "linecache", "tokenize",
+              "secrets", "uuid", "hashlib", "hmac", "quopri", "wave", "plistlib", "netrc",
+              "os", "collections", "pathlib", "argparse", "logging", "unittest", "configparser",
+              "inspect", "ast", "dis", "pydoc", "typing", "enum", "dataclasses", "contextlib",
+              "threading", "subprocess", "socket", "smtplib", "ftplib", "imaplib", "mailbox",
+              "tarfile", "codecs", "locale", "gettext", "traceback", "warnings", "weakref",
+              "shelve", "selectors", "sched", "queue", "concurrent.futures", "optparse",
+              "getopt", "cmd", "code", "doctest", "pdb", "profile", "pstats", "timeit", "trace",
+              "http.client", "http.server", "urllib.request", "xml.dom.minidom",
+              "xml.etree.ElementTree", "email.message", "email.parser", "json.decoder",
+              "json.encoder", "asyncio.locks", "asyncio.queues", "multiprocessing.pool",
+              "importlib.metadata", "zoneinfo", "graphlib", "numbers", "abc", "io", "tomllib",
+              "mimetypes", "filecmp", "sysconfig", "platform", "getpass", "webbrowser",
+              "imghdr", "sndhdr", "chunk", "token", "symtable", "compileall", "py_compile",
+              "modulefinder", "runpy", "site", "venv", "zipapp", "zipimport", "ssl", "socketserver",
+              "xmlrpc.client", "ipaddress", "string", "struct", "reprlib", "types")
   records, seen = [], set()
-  for name in dict.fromkeys(modules):
+  for name in dict.fromkeys(defaults if modules is None else modules):
     try:
       with warnings.catch_warnings():  # some of these are deprecated: still fine to read
         warnings.simplefilter("ignore")
@@ -468,10 +599,10 @@ def stdlib_docstrings(path: str) -> str:
                       if not m.startswith("_") and inspect.isfunction(f)]
     for qualname, fn in functions:
       doc = inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0].strip()
-      try:
-        signature = f"{qualname}{inspect.signature(fn)}"
-      except (TypeError, ValueError):
+      params = _source_signature(fn)
+      if params is None:
         continue
+      signature = f"{qualname}{params}"
       if len(doc) < 20 or signature in seen:
         continue
       seen.add(signature)

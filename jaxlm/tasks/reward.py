@@ -38,7 +38,7 @@ class PreferenceData:
     def load(spec, key, split):
       groups = preference.load_groups(sft.files(spec, workdir, key), self.tok, self.template,
                                       max_ids=max_ids, truncation=d.truncation,
-                                      on_error=d.on_error)
+                                      on_error=d.on_error, max_bytes=d.max_record_bytes)
       if jax.process_index() == 0:
         print(sft_data.summary(key, groups) + f", {groups.counts['pairs']} pairs", flush=True)
       if not groups.examples:
@@ -138,7 +138,7 @@ def reference_sequences(config, workdir: str, data: PreferenceData) -> tuple[lis
   groups = preference.load_groups(
       sft.files(spec, workdir, "reward.normalize_on"), data.tok, data.template,
       max_ids=config.data.seq_len, truncation=config.data.truncation,
-      on_error=config.data.on_error)
+      on_error=config.data.on_error, max_bytes=config.data.max_record_bytes)
   counted = sft_data.summary("reward.normalize_on", groups)
   if jax.process_index() == 0:
     print(counted, flush=True)

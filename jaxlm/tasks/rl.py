@@ -78,7 +78,8 @@ class Rollouts:
                         f"model.max_seq_len={config.model.max_seq_len}")
     loaded = prompts_lib.load_prompts(
         sft.files(d.train, workdir, "data.train"), on_error=d.on_error, check=self.rewards.check,
-        tok=self.tok, template=self.template, max_len=max_prompt, truncation=d.truncation)
+        tok=self.tok, template=self.template, max_len=max_prompt, truncation=d.truncation,
+        max_bytes=d.max_record_bytes)
     if jax.process_index() == 0:
       print(sft_data.summary("data.train", loaded), flush=True)
     if not loaded.examples:
@@ -129,7 +130,8 @@ class Rollouts:
     for key in sorted({k for p in prompts for k in p.fields}):
       fields[key] = [p.fields.get(key) for p in prompts]
     scores, means = self.rewards([p.text for p in prompts], texts, fields,
-                                 [[{"role": a, "content": b} for a, b in p.turns] for p in prompts])
+                                 [[{"role": a, "content": b} for a, b in p.turns] for p in prompts],
+                                 where=[p.where for p in prompts])
     raw = scores.copy()
     if r.missing_eos_penalty:
       scores = scores - r.missing_eos_penalty * (~out.finished)

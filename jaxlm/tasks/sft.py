@@ -50,7 +50,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
   def load(spec, key):
     ex = sft_data.load_examples(files(spec, workdir, key), tok, template, fmt=d.sft_format,
                                 seq_len=d.seq_len, loss_on=d.loss_on, truncation=d.truncation,
-                                on_error=d.on_error)
+                                on_error=d.on_error, max_bytes=d.max_record_bytes)
     if pid == 0:
       print(sft_data.summary(key, ex), flush=True)
     if not ex.examples:
