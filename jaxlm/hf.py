@@ -10,12 +10,14 @@ safetensors files and transposed into jaxlm's layout (see jaxlm.model).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import re
 
 import numpy as np
 
-from jaxlm.config import ConfigError, model_config, model_errors, one_line
+from jaxlm import fileio
+from jaxlm.config import ConfigError, error_detail, model_config, model_errors, one_line
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 # Weight formats jaxlm never reads. Pickle-based ones (torch.save, Meta's consolidated.*.pth,
@@ -78,27 +80,74 @@ def is_hf_dir(path: str) -> bool:
 # config.json <-> model config
 
 
-def _rope(hf: dict) -> tuple[float, dict]:
-  """(theta, scaling dict or {}) from transformers 5 `rope_parameters` or 4's fields."""
-  params = hf.get("rope_parameters") or {}
-  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-  scaling = dict(hf.get("rope_scaling") or {})
-  if params.get("rope_type", "default") != "default":
-    scaling = params
-  kind = scaling.get("rope_type", scaling.get("type", "default"))
-  return float(theta), ({} if kind == "default" else {"rope_type": kind, **scaling})
+_MISSING = object()
+_KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               dict: "an object", list: "a list", type(None): "null"}
+
+
+def _kind_name(value) -> str:
+  name = _KIND_NAMES.get(type(value), type(value).__name__)
+  if isinstance(value, (bool, int, float, str)):  # a scalar is shown; a container only named
+    shown = repr(value)
+    name += f" ({shown[:40] + '...' if len(shown) > 40 else shown})"
+  return name
+
+
+class _Fields:
+  """A config.json object's fields, each read as the type transformers writes: HFError
+  naming the file and the field (`rope_scaling.factor`) when one is missing or of another
+  type. An optional field that is null takes its default, as transformers does."""
+
+  def __init__(self, values: dict, where: str, prefix: str = ""):
+    self.values, self.where, self.prefix = values, where, prefix
+
+  def _error(self, key: str, problem: str) -> HFError:
+    return HFError(one_line(f"{self.where}: field {self.prefix + key!r} {problem}"))
+
+  def get(self, key: str, kind: type, default=_MISSING):
+    value = self.values.get(key)
+    if value is None:
+      if default is _MISSING:
+        raise self._error(key, "is missing" if key not in self.values else "is null")
+      return default
+    if kind is float:
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+      value = float(value) if ok else value
+    elif kind is int:
+      ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+      ok = isinstance(value, kind)
+    if not ok:
+      raise self._error(key, f"is {_kind_name(value)}, not {_KIND_NAMES[kind]}")
+    return value
+
+  def sub(self, key: str) -> "_Fields":
+    """A nested object (`rope_scaling`), empty when absent or null."""
+    return _Fields(self.get(key, dict, {}), self.where, f"{self.prefix}{key}.")
+
+
+def _rope(f: _Fields) -> tuple[float, _Fields | None]:
+  """(theta, the scaling fields or None) from transformers 5 `rope_parameters` or 4's
+  `rope_theta` and `rope_scaling`."""
+  params = f.sub("rope_parameters")
+  theta = params.get("rope_theta", float, None)
+  theta = f.get("rope_theta", float, 10000.0) if theta is None else theta
+  scaling = params if params.get("rope_type", str, "default") != "default" else f.sub(
+      "rope_scaling")
+  kind = scaling.get("rope_type", str, None) or scaling.get("type", str, "default")
+  return theta, (None if kind == "default" else scaling)
 
 
 def model_config_from_hf(hf: dict, where: str = "config.json"):
   """A jaxlm model config (float32 compute, as stored) from a HF config.json dict; HFError
-  naming `where` when a field is missing, mistyped or out of range."""
+  naming `where` and the field when a field is missing, mistyped or out of range."""
+  if not isinstance(hf, dict):
+    raise HFError(f"{where}: not a JSON object")
   try:
-    m = _model_config_from_hf(hf, where)
+    m = _model_config_from_hf(_Fields(hf, where), where)
   except HFError:
     raise
-  except KeyError as e:
-    raise HFError(one_line(f"{where}: no {e.args[0]!r} field")) from None
-  except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type
+  except (TypeError, ValueError, AttributeError) as e:  # a value model_config refuses
     raise HFError(one_line(f"{where}: {e}")) from None
   errors = model_errors(m)
   if errors:
@@ -106,48 +155,52 @@ def model_config_from_hf(hf: dict, where: str = "config.json"):
   return m
 
 
-def _model_config_from_hf(hf: dict, where: str):
-  kind = hf.get("model_type")
+def _model_config_from_hf(f: _Fields, where: str):
+  kind = f.get("model_type", str, None)
   if kind in LLAMA_TYPES:
-    if hf.get("hidden_act", "silu") != "silu":
-      raise HFError(f"{where}: hidden_act={hf['hidden_act']!r}; the llama family needs silu")
-    if hf.get("mlp_bias"):
+    if f.get("hidden_act", str, "silu") != "silu":
+      raise HFError(f"{where}: hidden_act={f.values['hidden_act']!r}; the llama family needs "
+                    f"silu")
+    if f.get("mlp_bias", bool, False):
       raise HFError(f"{where}: mlp_bias=true is not supported")
-    if kind == "llama" and hf.get("attention_bias"):
+    if kind == "llama" and f.get("attention_bias", bool, False):
       raise HFError(f"{where}: attention_bias=true (an o_proj bias) is not supported")
-    theta, scaling = _rope(hf)
+    theta, scaling = _rope(f)
+    heads = f.get("num_attention_heads", int)
     m = model_config(
-        "tiny", family="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or 0, ffn_dim=hf["intermediate_size"], rope_theta=theta,
-        norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=kind == "qwen2",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=hf.get("max_position_embeddings", 2048))
-    if scaling:
-      if scaling["rope_type"] != "llama3":
-        raise HFError(f"{where}: rope scaling {scaling['rope_type']!r} is not supported "
-                      f"(only llama3)")
-      m.rope_scaling_factor = float(scaling["factor"])
-      m.rope_low_freq_factor = float(scaling["low_freq_factor"])
-      m.rope_high_freq_factor = float(scaling["high_freq_factor"])
-      m.rope_original_max_len = int(scaling["original_max_position_embeddings"])
+        "tiny", family="llama", vocab_size=f.get("vocab_size", int),
+        d_model=f.get("hidden_size", int), num_layers=f.get("num_hidden_layers", int),
+        num_heads=heads, num_kv_heads=f.get("num_key_value_heads", int, 0) or heads,
+        head_dim=f.get("head_dim", int, 0), ffn_dim=f.get("intermediate_size", int),
+        rope_theta=theta, norm_eps=f.get("rms_norm_eps", float, 1e-6),
+        qkv_bias=kind == "qwen2", tie_embeddings=f.get("tie_word_embeddings", bool, False),
+        max_seq_len=f.get("max_position_embeddings", int, 2048))
+    if scaling is not None:
+      rope_type = scaling.get("rope_type", str, None) or scaling.get("type", str)
+      if rope_type != "llama3":
+        raise HFError(f"{where}: rope scaling {rope_type!r} is not supported (only llama3)")
+      m.rope_scaling_factor = scaling.get("factor", float)
+      m.rope_low_freq_factor = scaling.get("low_freq_factor", float)
+      m.rope_high_freq_factor = scaling.get("high_freq_factor", float)
+      m.rope_original_max_len = scaling.get("original_max_position_embeddings", int)
   elif kind == "gpt2":
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-      raise HFError(f"{where}: activation_function={hf['activation_function']!r}; jaxlm's "
-                    f"gpt2 uses the tanh GELU (gelu_new)")
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+    activation = f.get("activation_function", str, "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+      raise HFError(f"{where}: activation_function={activation!r}; jaxlm's gpt2 uses the "
+                    f"tanh GELU (gelu_new)")
+    if (f.get("scale_attn_by_inverse_layer_idx", bool, False)
+        or f.get("reorder_and_upcast_attn", bool, False)):
       raise HFError(f"{where}: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
                     f"are not supported")
-    d = hf["n_embd"]
-    m = model_config("tiny", family="gpt2", vocab_size=hf["vocab_size"], d_model=d,
-                     num_layers=hf["n_layer"], num_heads=hf["n_head"], num_kv_heads=hf["n_head"],
-                     head_dim=0, ffn_dim=hf.get("n_inner") or 4 * d,
-                     max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                     tie_embeddings=True)
+    d, heads = f.get("n_embd", int), f.get("n_head", int)
+    m = model_config("tiny", family="gpt2", vocab_size=f.get("vocab_size", int), d_model=d,
+                     num_layers=f.get("n_layer", int), num_heads=heads, num_kv_heads=heads,
+                     head_dim=0, ffn_dim=f.get("n_inner", int, 0) or 4 * d,
+                     max_seq_len=f.get("n_positions", int),
+                     norm_eps=f.get("layer_norm_epsilon", float, 1e-5), tie_embeddings=True)
   else:
-    raise HFError(f"{where}: model_type {kind!r} is not supported; jaxlm reads "
-                  f"{', '.join(LLAMA_TYPES)} and gpt2")
+    raise HFError(one_line(f"{where}: model_type {kind!r} is not supported; jaxlm reads "
+                           f"{', '.join(LLAMA_TYPES)} and gpt2"))
   m.vocab_multiple = 1
   m.dtype = "float32"
   return m
@@ -239,15 +292,24 @@ def _to_hf(x: np.ndarray, kind: str, hf_shape: tuple) -> np.ndarray:
 
 
 def read_json(path: str) -> dict:
-  """A JSON object from `path`, or HFError naming the file."""
+  """A JSON object from `path` (through fileio.read_json: cut short, not JSON or nested
+  too deeply), or HFError naming the file."""
   try:
-    with open(path, encoding="utf-8") as f:
-      out = json.load(f)
-  except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
-    raise HFError(one_line(f"{path}: not a readable JSON file ({e})")) from None
+    out = fileio.read_json(path)
+  except OSError as e:
+    raise HFError(one_line(f"{path}: can't read it ({e.strerror or e})")) from None
+  except ValueError as e:  # fileio's message names the file
+    raise HFError(one_line(str(e))) from None
   if not isinstance(out, dict):
     raise HFError(f"{path}: not a JSON object")
   return out
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+  """A safetensors file starts with its JSON header's length (8 bytes, little-endian),
+  then the header's `{`. A header of 640 bytes starts with the bytes of a protocol-2
+  pickle (0x80 0x02), so the pickle check below must not look at such a file."""
+  return len(head) >= 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
 
 
 def open_safetensors(file: str):
@@ -257,10 +319,11 @@ def open_safetensors(file: str):
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   try:
     with open(file, "rb") as f:
-      head = f.read(8)
+      head = f.read(9)
+      size = os.fstat(f.fileno()).st_size
   except OSError as e:
     raise HFError(one_line(f"{file}: can't read it ({e.strerror or e})")) from None
-  if head.startswith(_PICKLE_MAGIC):
+  if head.startswith(_PICKLE_MAGIC) and not _looks_like_safetensors(head, size):
     raise HFError(f"{file}: not a safetensors file but a pickle (torch.save), which jaxlm "
                   f"never loads: convert it to safetensors first")
   try:
@@ -313,14 +376,15 @@ class _Tensors:
 
 def load_hf(path: str, param_dtype: str | None = None):
   """(model_config, params as numpy) from a Hugging Face model directory."""
-  from jaxlm import model  # pylint: disable=import-outside-toplevel
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise HFError(f"{path}: no config.json; not a Hugging Face model directory")
   hf = read_json(config_path)
   m = model_config_from_hf(hf, config_path)
   tensors = _Tensors(path)
-  stored = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+  from jaxlm import model  # pylint: disable=import-outside-toplevel  (jax: after the checks)
+  fields = _Fields(hf, config_path)
+  stored = fields.get("dtype", str, None) or fields.get("torch_dtype", str, "float32")
   m.param_dtype = param_dtype or ("bfloat16" if stored == "bfloat16" else "float32")
   dtype = np.dtype(m.param_dtype) if m.param_dtype != "bfloat16" else None
   shapes = model.param_shapes_and_axes(m)
@@ -367,10 +431,16 @@ def load_hf(path: str, param_dtype: str | None = None):
 
 
 def save_hf(m, params, path: str, *, max_shard_bytes: int = 5 * 2**30):
-  """Write `params` of model config `m` as a Hugging Face model directory."""
+  """Write `params` of model config `m` as a Hugging Face model directory at `path`, whole
+  or not at all (see `staged_export`): `path` must be empty, absent or an earlier export."""
+  with staged_export(path, "huggingface") as folder:
+    _write_hf(m, params, folder, max_shard_bytes)
+
+
+def _write_hf(m, params, folder: str, max_shard_bytes: int, extra_config: dict | None = None):
+  """config.json and safetensors for `params` into `folder` (a staging folder)."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  os.makedirs(path, exist_ok=True)
   params = jax.tree.map(np.asarray, jax.device_get(params))
   names = _names(m)
   out = {}
@@ -404,9 +474,9 @@ def save_hf(m, params, path: str, *, max_shard_bytes: int = 5 * 2**30):
       out[f"transformer.h.{i}.attn.c_attn.bias"] = np.concatenate(
           [lp[b].reshape(-1) for b in ("bq", "bk", "bv")])
   dtype = str(next(iter(out.values())).dtype)
-  _write_shards(out, path, max_shard_bytes, save_file)
-  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(hf_config_from_model(m, dtype), f, indent=2)
+  config = hf_config_from_model(m, dtype)  # first: a model it refuses writes nothing
+  _write_shards(out, folder, max_shard_bytes, save_file)
+  fileio.atomic_write_json(os.path.join(folder, "config.json"), {**config, **(extra_config or {})})
 
 
 def _write_shards(tensors: dict, path: str, max_shard_bytes: int, save_file):
@@ -418,17 +488,26 @@ def _write_shards(tensors: dict, path: str, max_shard_bytes: int, save_file):
     current[name] = x
     size += x.nbytes
   shards.append(current)
+
+  def save(shard, fname):
+    try:
+      save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+    except OSError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (SafetensorError: a full disk, ...)
+      raise OSError(one_line(f"{fname}: {e}")) from None
+
   if len(shards) == 1:
-    save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    save(shards[0], "model.safetensors")
     return
   weight_map = {}
   for n, shard in enumerate(shards, 1):
     fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+    save(shard, fname)
     weight_map.update(dict.fromkeys(shard, fname))
-  with open(os.path.join(path, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
-    json.dump({"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
-               "weight_map": weight_map}, f, indent=2)
+  fileio.atomic_write_json(os.path.join(path, SAFETENSORS_INDEX),
+                           {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
+                            "weight_map": weight_map})
 
 
 # ---------------------------------------------------------------------------------------
@@ -450,26 +529,28 @@ def tokenizer_file(folder: str) -> str | None:
 
 
 def copy_tokenizer(src: str, dst: str) -> list[str]:
-  import shutil  # pylint: disable=import-outside-toplevel
+  """The tokenizer files of `src` copied into `dst`, each atomically; their names."""
   copied = []
   for name in TOKENIZER_FILES:
     if os.path.isfile(os.path.join(src, name)):
-      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+      fileio.atomic_copy(os.path.join(src, name), os.path.join(dst, name))
       copied.append(name)
   return copied
 
 
 def import_hf(hf_dir: str, out: str) -> str:
   """A HF model directory -> a jaxlm directory that `init_from` takes:
-  `out/config.json` (its model section), `out/checkpoints/0/params`, and the tokenizer."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  `out/config.json` (its model section), `out/checkpoints/0/params`, and the tokenizer;
+  written whole or not at all, like an export (`staged_export`)."""
+  check_export_target(out, "jaxlm")  # before the (long) read
   m, params = load_hf(hf_dir)
-  os.makedirs(out, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(os.path.join(out, "checkpoints", "0", "params")), params)
-  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-    json.dump({"model": m.to_dict(), "converted_from": os.path.abspath(hf_dir)}, f, indent=2)
-  copy_tokenizer(hf_dir, out)
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with staged_export(out, "jaxlm") as folder:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(folder, "checkpoints", "0", "params"), params)
+    fileio.atomic_write_json(os.path.join(folder, "config.json"),
+                             {"model": m.to_dict(), "converted_from": os.path.abspath(hf_dir)})
+    copy_tokenizer(hf_dir, folder)
   return out
 
 
@@ -483,11 +564,18 @@ def load_jaxlm(jaxlm_path: str):
   workdir = find_workdir(params_dir)
   if workdir is None:
     raise HFError(f"{jaxlm_path}: no config.json in it or above it; can't tell the model shape")
-  run_config = read_json(os.path.join(workdir, "config.json"))
+  config_path = os.path.join(workdir, "config.json")
+  run_config = read_json(config_path)
   if run_config.get("task") == "reward":
     raise HFError(f"{jaxlm_path}: a reward model (a scalar head, no output projection); "
                   f"load it with jaxlm.reward.load")
-  m = model_config("tiny", **run_config["model"])
+  if not isinstance(run_config.get("model"), dict):
+    raise HFError(f"{config_path}: no 'model' section; not a jaxlm run's config")
+  try:
+    m = model_config("tiny", **run_config["model"])
+  except (ConfigError, TypeError, ValueError, AttributeError, KeyError) as e:
+    raise HFError(one_line(f"{config_path}: its model section is not a jaxlm model "
+                           f"config ({e})")) from None
   like = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
   lora_cfg = run_config.get("lora") or {}
 
@@ -499,46 +587,49 @@ def load_jaxlm(jaxlm_path: str):
     return checkpoint.load_params(os.path.dirname(params_dir),
                                   {"policy": policy_like, "critic": critic_like})["policy"]
 
-  if lora_cfg.get("rank", 0) > 0:  # adapters only: merge them into the run's base
-    import ml_collections  # pylint: disable=import-outside-toplevel
-    from jaxlm import lora  # pylint: disable=import-outside-toplevel
-    lora_cfg = ml_collections.ConfigDict(lora_cfg)
-    adapters_like = jax.eval_shape(lambda r: lora.init(m, lora_cfg, r), jax.random.PRNGKey(0))
-    adapters = restore(adapters_like)
-    base = checkpoint.load_params(lora_base(workdir, run_config["init_from"]), like)
-    params = lora.merge(base, adapters, lora_cfg)
-  else:
-    params = restore(like)
+  try:
+    if lora_cfg.get("rank", 0) > 0:  # adapters only: merge them into the run's base
+      import ml_collections  # pylint: disable=import-outside-toplevel
+      from jaxlm import lora  # pylint: disable=import-outside-toplevel
+      lora_cfg = ml_collections.ConfigDict(lora_cfg)
+      adapters_like = jax.eval_shape(lambda r: lora.init(m, lora_cfg, r), jax.random.PRNGKey(0))
+      adapters = restore(adapters_like)
+      base = checkpoint.load_params(lora_base(workdir, run_config["init_from"]), like)
+      params = lora.merge(base, adapters, lora_cfg)
+    else:
+      params = restore(like)
+  except (ConfigError, checkpoint.CheckpointError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions)
+    detail = re.split(r" \[tensorstore_spec|\. See full TensorStore", error_detail(e))[0]
+    raise HFError(one_line(f"{os.path.dirname(params_dir)}: can't restore this checkpoint "
+                           f"({detail[:300]})")) from None
   return m, params, workdir, run_config
 
 
 def export_hf(jaxlm_path: str, out: str) -> str:
   """A jaxlm workdir, checkpoints folder or step folder -> a HF model directory
-  (its latest step unless a step folder is given), with the tokenizer files. A LoRA
-  run's adapters are merged into its base (its init_from)."""
+  (its latest step unless a step folder is given), with the tokenizer files, written
+  whole or not at all (`staged_export`). A LoRA run's adapters are merged into its base
+  (its init_from)."""
+  check_export_target(out, "huggingface")  # before the (long) restore
   m, params, workdir, _ = load_jaxlm(jaxlm_path)
-  save_hf(m, params, out)
-  copy_tokenizer(workdir, out)
-  _write_token_ids(workdir, out)
+  token_ids = _token_ids(workdir)
+  with staged_export(out, "huggingface") as folder:
+    _write_hf(m, params, folder, 5 * 2**30, extra_config=token_ids)
+    copy_tokenizer(workdir, folder)
   return out
 
 
-def _write_token_ids(workdir: str, out: str):
-  """bos/eos/pad ids in the exported config.json, from the run's tokenizer, so that
+def _token_ids(workdir: str) -> dict:
+  """bos/eos/pad ids for the exported config.json, from the run's tokenizer, so that
   generation in transformers stops where the model learned to."""
   from jaxlm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   for name in ("tokenizer.json", "tokenizer.model"):
     if os.path.isfile(os.path.join(workdir, name)):
       tok = tokenizer_lib.load(os.path.join(workdir, name))
-      break
-  else:
-    return
-  path = os.path.join(out, "config.json")
-  with open(path, encoding="utf-8") as f:
-    config = json.load(f)
-  config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(config, f, indent=2)
+      return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+  return {}
 
 
 def find_workdir(params_dir: str) -> str | None:
@@ -556,3 +647,32 @@ def lora_base(workdir: str, init_from: str) -> str:
   start, so a resume or an export uses that same base even if the base run has moved on."""
   from jaxlm import checkpoint  # pylint: disable=import-outside-toplevel
   return checkpoint.pin(workdir, "lora_base.json", init_from)
+
+
+# ---------------------------------------------------------------------------------------
+# Exports, written whole or not at all (fileio.replaced_folder): into a staging folder
+# beside the target, renamed into place; a previous export (its marker lists every file
+# it wrote) is replaced whole, anything else non-empty is refused.
+
+EXPORT_MARKER = fileio.EXPORT_MARKER
+_WHAT = {"huggingface": "a Hugging Face export", "jaxlm": "a jaxlm import"}
+
+
+def check_export_target(path: str, kind: str) -> None:
+  """HFError (one line naming `path`) unless `path` may receive an export of `kind`."""
+  try:
+    fileio.check_replaceable(path, kind, _WHAT[kind])
+  except fileio.FolderError as e:
+    raise HFError(str(e)) from None
+
+
+@contextlib.contextmanager
+def staged_export(path: str, kind: str):
+  """A staging folder to write an export of `kind` ("huggingface" or "jaxlm") into; it
+  replaces `path` whole when the block ends without an error (HFError, nothing changed,
+  when `path` holds something else)."""
+  try:
+    with fileio.replaced_folder(path, kind, _WHAT[kind]) as folder:
+      yield folder
+  except fileio.FolderError as e:
+    raise HFError(str(e)) from None

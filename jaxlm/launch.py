@@ -63,12 +63,14 @@ def _tpu(config) -> int:
     jobs = [(_TPU.value, {"workdir": _WORKDIR.value, "flags": sweep.override_flags(cli)})]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   sh = tpu.Runner(_DRY_RUN.value)
-  for name, t in jobs:
+  built = [(t, tpu.Job(name=name, zone=_ZONE.value, accelerator=_ACCELERATOR.value, config=spec,
+                       workdir=t["workdir"], overrides=tuple(t["flags"]),
+                       project=_PROJECT.value, runtime_version=_RUNTIME.value,
+                       spot=_SPOT.value))
+           for name, t in jobs]  # every job's names checked before any command runs
+  for t, job in built:
     if "name" in t:
-      print(f"# trial {t['name']!r} -> {name}", flush=True)
-    job = tpu.Job(name=name, zone=_ZONE.value, accelerator=_ACCELERATOR.value, config=spec,
-                  workdir=t["workdir"], overrides=tuple(t["flags"]), project=_PROJECT.value,
-                  runtime_version=_RUNTIME.value, spot=_SPOT.value)
+      print(f"# trial {t['name']!r} -> {job.name}", flush=True)
     tpu.perform(job, _TPU_ACTION.value, sh, root)
   return 0
 

@@ -18,12 +18,19 @@ drives `gcloud` through these steps (`--tpu_action`, default `up`):
 
 `up` is create, copy, setup, run. `--dry_run` prints every gcloud command and runs none.
 A sweep (`--sweep --tpu NAME`) makes one slice per trial, named NAME-<trial number>.
+
+Every string a user gives is checked before any command is built (`Job`): the TPU name,
+zone, accelerator type, project, runtime version and a gs:// workdir's bucket against
+their documented character sets (`NAME_RULES`), and every string that enters a worker's
+shell (config path, workdir, overrides, bucket) is quoted with shlex.quote.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -42,17 +49,79 @@ RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
             "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 
 
+class TpuError(ValueError):
+  """A bad TPU setting, as one line."""
+
+
+# flag -> (pattern, what it must be). The TPU name is a Google Cloud resource name (RFC
+# 1035: what `gcloud compute tpus queued-resources create` takes as its id and node id);
+# zones are REGION-LETTER (us-east5-a); accelerator types GENERATION-SIZE; project ids
+# 6-30 characters (an organization's `example.com:` prefix allowed); runtime versions
+# like v2-alpha-tpuv5 or tpu-ubuntu2204-base.
+NAME_RULES = {
+    "--tpu": (r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?",
+              "1-63 lowercase letters, digits and hyphens, starting with a letter and not "
+              "ending with a hyphen"),
+    "--zone": (r"[a-z]+-[a-z]+[0-9]+-[a-z]", "a zone like us-east5-a or europe-west4-b"),
+    "--accelerator": (r"v[0-9]+[a-z]*-[0-9]+", "a type like v5p-64, v5litepod-16 or v6e-8"),
+    "--project": (r"([a-z0-9][-a-z0-9.]*[a-z0-9]:)?[a-z][-a-z0-9]{4,28}[a-z0-9]",
+                  "a project id: 6-30 lowercase letters, digits and hyphens, starting with "
+                  "a letter"),
+    "--runtime_version": (r"[a-z0-9][-a-z0-9._]{0,99}",
+                          "a TPU runtime version like v2-alpha-tpuv5 (lowercase letters, "
+                          "digits, '-', '.', '_')"),
+}
+
+
+def check_name(flag: str, value: str) -> str:
+  """`value` if it is a valid `flag` (NAME_RULES), else TpuError naming the flag."""
+  pattern, rule = NAME_RULES[flag]
+  if not isinstance(value, str) or not re.fullmatch(pattern, value):
+    raise TpuError(f"{flag}={value!r}: not {rule}")
+  return value
+
+
+def check_bucket(bucket: str, flag: str = "--workdir") -> str:
+  """A Cloud Storage bucket name by its documented rules, else TpuError naming `flag`:
+  lowercase letters, digits, '-', '_' and '.'; starting and ending with a letter or
+  digit; 3-63 characters (up to 222 with dots, each dot-separated part at most 63); not
+  an IP address; not starting with "goog" or containing "google"."""
+  problem = None
+  if not re.fullmatch(r"[a-z0-9][-a-z0-9_.]*[a-z0-9]", bucket):
+    problem = ("lowercase letters, digits, '-', '_' and '.', starting and ending with a "
+               "letter or digit")
+  elif not 3 <= len(bucket) <= (222 if "." in bucket else 63) or any(
+      not 1 <= len(part) <= 63 for part in bucket.split(".")):
+    problem = "3-63 characters, or up to 222 with dots and 1-63 between two dots"
+  elif bucket.startswith("goog") or "google" in bucket:
+    problem = "not starting with 'goog' or containing 'google'"
+  else:
+    try:
+      ipaddress.IPv4Address(bucket)
+      problem = "not an IP address"
+    except ValueError:
+      pass
+  if problem:
+    raise TpuError(f"{flag}: bucket name {bucket!r} is not a Cloud Storage bucket name "
+                   f"({problem})")
+  return bucket
+
+
+def _check_text(flag: str, value: str) -> None:
+  """A path or override, which a worker's shell receives quoted: any character but a
+  control character (a line break, NUL: no command line carries those intact)."""
+  if not isinstance(value, str) or re.search(r"[\x00-\x1f\x7f]", value):
+    raise TpuError(f"{flag}={value!r}: holds a control character (a line break, NUL, ...)")
+
+
 def slice_devices(accelerator: str) -> int:
   """JAX devices of a slice: v4 and v5p names count TensorCores (two a chip, one device),
   v5e (v5litepod) and v6e names count chips."""
-  generation, _, size = accelerator.rpartition("-")
-  if not size.isdigit() or not generation:
+  if not isinstance(accelerator, str) or not re.fullmatch(NAME_RULES["--accelerator"][0],
+                                                          accelerator):
     raise TpuError(f"--accelerator={accelerator!r}: expected a type like v5p-64 or v6e-8")
+  generation, _, size = accelerator.rpartition("-")
   return int(size) // 2 if generation in ("v4", "v5p") else int(size)
-
-
-class TpuError(ValueError):
-  """A bad TPU setting, as one line."""
 
 
 @dataclasses.dataclass
@@ -68,8 +137,22 @@ class Job:
   spot: bool = False
 
   def __post_init__(self):
+    """Every user string checked (NAME_RULES, check_bucket) before a command is built."""
     if not self.name or not self.zone or not self.accelerator:
       raise TpuError("--tpu, --zone and --accelerator are all needed for a Cloud TPU job")
+    check_name("--tpu", self.name)
+    check_name("--zone", self.zone)
+    slice_devices(self.accelerator)
+    if self.project:
+      check_name("--project", self.project)
+    if self.runtime_version:
+      check_name("--runtime_version", self.runtime_version)
+    _check_text("--config", self.config)
+    _check_text("--workdir", self.workdir)
+    for flag in self.overrides:
+      _check_text(flag.split("=", 1)[0], flag)
+    if self.workdir.startswith("gs://"):
+      check_bucket(self.bucket)
     generation = self.accelerator.rsplit("-", 1)[0]
     if not self.runtime_version:
       if generation not in RUNTIMES:
@@ -114,21 +197,29 @@ def copy(job: Job, archive: str) -> list[list[str]]:
                   f"tar -xzf ~/jaxlm.tar.gz -C {REMOTE_DIR}")]
 
 
+# In the remote commands below, REMOTE_DIR, VENV and LOG are this module's constants,
+# written bare so that the worker's shell expands their `~`; every other word is quoted.
+
+
 def setup(job: Job) -> list[list[str]]:
   steps = [f"python3 -m venv {VENV}",
            f"{VENV}/bin/pip install -q --upgrade pip",
            f"{VENV}/bin/pip install -q -e {REMOTE_DIR} 'jax[tpu]'"]
   if job.bucket:
-    steps.append(f"sudo mkdir -p /gcs/{job.bucket} && sudo chown $USER /gcs/{job.bucket} && "
-                 f"(mountpoint -q /gcs/{job.bucket} || gcsfuse --implicit-dirs {job.bucket} "
-                 f"/gcs/{job.bucket})")
+    bucket, mount = shlex.quote(job.bucket), shlex.quote(f"/gcs/{job.bucket}")
+    steps.append(f"sudo mkdir -p {mount} && sudo chown \"$USER\" {mount} && "
+                 f"(mountpoint -q {mount} || gcsfuse --implicit-dirs {bucket} {mount})")
   return [job.ssh(" && ".join(steps))]
 
 
+def run_argv(job: Job) -> list[str]:
+  """The launcher's argv on every worker (after the venv's python)."""
+  return ["-m", "jaxlm.launch", "--config", job.config, "--workdir", job.remote_workdir,
+          "--config.progress=log", *job.overrides]
+
+
 def launch_command(job: Job) -> str:
-  run = f"{VENV}/bin/python " + shlex.join(["-m", "jaxlm.launch", "--config", job.config,
-                                            "--workdir", job.remote_workdir,
-                                            "--config.progress=log", *job.overrides])
+  run = f"{VENV}/bin/python " + shlex.join(run_argv(job))
   # JAXLM_DISTRIBUTED=auto: jax.distributed finds the slice's workers itself.
   return (f"cd {REMOTE_DIR} && (JAXLM_DISTRIBUTED=auto nohup {run} > {LOG} 2>&1; "
           f"echo $? > ~/jaxlm.exit) > /dev/null 2>&1 < /dev/null &")
@@ -243,9 +334,12 @@ def watch(job: Job, sh: Runner, root: str, poll_s: float) -> int:
     s = slice_state(job, sh)
     if s == "ACTIVE":
       status = sh(done, capture=True)
-      if status:
+      if status.isdigit():
         print(f"{job.name}: the run exited with status {status}", file=sh.out)
         return int(status)
+      if status:
+        raise TpuError(f"{job.name}: ~/jaxlm.exit on worker 0 holds {status[:80]!r}, not an "
+                       f"exit status")
     elif s in ("PREEMPTED", "SUSPENDED", "FAILED", ""):
       print(f"{job.name}: slice {s or 'gone'}; creating it again and resuming", file=sh.out)
       if s:

@@ -103,6 +103,7 @@ def test_convert_tool_both_ways(tmp_path):
     result = subprocess.run([sys.executable, "tools/convert_hf.py", *map(str, args)], cwd=root,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr  # no orbax INFO lines unless --verbosity asks
   back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"))
   for name, tensor in ref.state_dict().items():
     assert torch.equal(back.state_dict()[name], tensor), name

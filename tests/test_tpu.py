@@ -40,20 +40,21 @@ def test_a_spot_slice_launch_prints_every_gcloud_command_in_order():
 
 
 def test_a_sweep_on_tpu_is_one_job_per_trial():
-  p = launch("--config", "configs/pretrain_tiny.py", "--sweep", "--workdir", "gs://b/sw",
-             "--tpu", "t", "--zone", "z", "--accelerator", "v6e-8", "--dry_run",
+  p = launch("--config", "configs/pretrain_tiny.py", "--sweep", "--workdir", "gs://bkt/sw",
+             "--tpu", "t", "--zone", "us-east5-a", "--accelerator", "v6e-8", "--dry_run",
              "--tpu_action=run")
   assert p.returncode == 0, p.stderr[-2000:]
   runs = [line for line in p.stdout.splitlines() if " tpu-vm ssh " in line]
   assert len(runs) == 3
   for i, (line, lr) in enumerate(zip(runs, ("0.001", "0.003", "0.01"))):
     assert line.startswith(f"gcloud compute tpus tpu-vm ssh t-{i} --worker=all ")
-    assert f"--workdir /gcs/b/sw/optimizer.lr={lr} " in line
+    assert f"--workdir /gcs/bkt/sw/optimizer.lr={lr} " in line
     assert f"--config.optimizer.lr={lr} " in line
 
 
 def test_watch_recreates_a_preempted_slice_and_reruns(capsys):
-  job = tpu.Job(name="j", zone="z", accelerator="v5litepod-16", config="c.py", workdir="/w")
+  job = tpu.Job(name="j", zone="us-east5-a", accelerator="v5litepod-16", config="c.py",
+                workdir="/w")
   tpu.perform(job, "watch", tpu.Runner(dry_run=True), ROOT)
   out = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
   expected = [
@@ -78,9 +79,11 @@ def test_watch_recreates_a_preempted_slice_and_reruns(capsys):
     ([], "gs:// workdirs are for Cloud TPU jobs (--tpu)"),
 ])
 def test_bad_tpu_settings_are_one_line(args, message):
-  p = launch("--config", "configs/pretrain_tiny.py", "--workdir", "gs://b/r", "--dry_run", *args)
+  p = launch("--config", "configs/pretrain_tiny.py", "--workdir", "gs://bkt/r", "--dry_run",
+             *args)
   assert p.returncode == 2
   assert message in p.stderr.strip().splitlines()[-1]
+  assert "Traceback" not in p.stderr and "gcloud" not in p.stdout  # nothing was built
 
 
 def test_slice_devices_and_the_slurm_template():
