@@ -1,9 +1,11 @@
 """orbax checkpoints of the whole train state, plus every process's data-iterator state.
 
 A checkpoint step directory holds four items: `params`, `opt_state`, `train`
-(step, RNG and the count of skipped updates) and `data` (JSON: one grain iterator state
-per process). Parameters are a separate item so later stages can start from them
-(`init_from`) without the optimizer that produced them.
+(step, RNG and the count of skipped updates) and `data` (JSON: the data iterators'
+states, one per data shard where the data is sharded (pretrain, sft), so a run resumes
+on any process count that divides the shard count; else one per process). Parameters
+are a separate item so later stages can start from them (`init_from`) without the
+optimizer that produced them.
 
 orbax writes each step into a temporary directory and renames it when complete, so a
 write cut short never looks like a checkpoint (leftovers are removed at the next start).
@@ -54,6 +56,48 @@ def gather_process_states(state: dict) -> list:
           zip(everything.reshape(len(lengths), -1), np.ravel(lengths))]
 
 
+def gather_data_state(state: dict) -> dict:
+  """The checkpoint's `data` item, from this process's iterator state and every other's."""
+  return merge_data_states(gather_process_states(state))
+
+
+def merge_data_states(states: list) -> dict:
+  """Every process's iterator state, in process order -> the checkpoint's `data` item:
+  per-shard states (jaxlm.data.lm.ShardedData) merged into {"shard_count": S, "shards":
+  {"<s>": ...}}; other states as {"processes": states}."""
+  if not all(isinstance(s, dict) and "shard_count" in s for s in states):
+    return {"processes": states}
+  shards = {k: v for s in states for k, v in s["shards"].items()}
+  return {"shard_count": states[0]["shard_count"],
+          "shards": {k: shards[k] for k in sorted(shards, key=int)}}
+
+
+def local_data_state(data: dict, process_index: int, process_count: int,
+                     where: str) -> dict | None:
+  """Process `process_index`'s part of a checkpoint's `data` item (None when it holds
+  none): the states of its shards (any process count that divides the shard count), or,
+  from a checkpoint with one state per process, its own (that process count only).
+  CheckpointError (one line, naming `where`) otherwise."""
+  from jaxlm.data.lm import local_shards  # pylint: disable=import-outside-toplevel
+  if "shard_count" in data:
+    count = data["shard_count"]
+    if count % process_count:
+      raise CheckpointError(f"{where} holds data positions for {count} data shards; resume it "
+                            f"on a process count that divides {count}, not {process_count}")
+    return {"shard_count": count, "shards": {
+        str(i): data["shards"][str(i)] for i in local_shards(count, process_index,
+                                                             process_count)}}
+  processes = data.get("processes")
+  if not processes:
+    return None
+  if len(processes) != process_count:
+    raise CheckpointError(f"{where} holds the data positions of {len(processes)} "
+                          f"process(es), not of data shards (written before jaxlm kept them "
+                          f"per shard, or by a task whose data is not sharded); resume it on "
+                          f"{len(processes)} process(es), not {process_count}")
+  return processes[process_index]
+
+
 class Checkpointer:
   """Keep-last-N, optionally asynchronous checkpoints under `directory`."""
 
@@ -73,7 +117,7 @@ class Checkpointer:
     A failed write (a full disk) raises CheckpointError; the step directories already
     complete are left as they were. With async saves, a failure shows at the next save,
     `wait` or `close`."""
-    data = {"processes": gather_process_states(data_state)} if data_state is not None else {}
+    data = gather_data_state(data_state) if data_state is not None else {}
     self.wait()  # the previous write's failure, if any, is reported as its own
     try:
       self.manager.save(step, force=True, args=ocp.args.Composite(
@@ -109,12 +153,8 @@ class Checkpointer:
         raise e from None
     state = {"params": out.params, "opt_state": out.opt_state,
              **{k: out.train.get(k, like_state[k]) for k in TRAIN_KEYS}}
-    processes = (out.data or {}).get("processes")
-    if processes and len(processes) != jax.process_count():
-      raise ConfigError(f"checkpoint {self.directory}/{step} holds data positions for "
-                       f"{len(processes)} process(es); resume it with that many, not "
-                       f"{jax.process_count()}")
-    data_state = processes[jax.process_index()] if processes else None
+    data_state = local_data_state(out.data or {}, jax.process_index(), jax.process_count(),
+                                  f"checkpoint {self.directory}/{step}")
     return state, data_state
 
   def restore_latest(self, like_state: dict, say) -> tuple[int | None, dict, dict | None]:
@@ -129,7 +169,7 @@ class Checkpointer:
     for step in steps:
       try:
         state, data_state = self.restore(step, like_state)
-      except ConfigError:
+      except (ConfigError, CheckpointError):  # readable, but not resumable as configured
         raise
       except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
         failed.append((step, e))

@@ -6,11 +6,14 @@ rows of seq_len + 1 tokens, and each row becomes
     tokens[T], targets[T], loss_mask[T], segment_ids[T], positions[T]
 
 where a target counts only when it belongs to the same document as its input. The
-iterator's state (`get_state`/`set_state`) is JSON and goes into every checkpoint.
+iterator's state (`get_state`/`set_state`) is JSON and goes into every checkpoint; for
+training data (`sharded`) it is kept per data shard, so a run resumes on another
+process count with the same batches.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import grain
@@ -18,6 +21,13 @@ import numpy as np
 
 from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tokenizer import Tokenizer, load as load_tokenizer
+
+
+# One reader thread per source and data shard overlaps reads (and tokenizing) with
+# packing. grain's default (16 threads and 500 documents ahead per source) made a
+# 29-source mixture 30x slower on 2 cores (lock contention), and 8 text shards in one
+# process 3x slower, after a 30 s start reading 8 x 500 documents ahead.
+READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
 
 
 class _Tokenize(grain.transforms.Map):
@@ -66,7 +76,7 @@ def lm_dataset(docs: DocumentSource, tokenizer_path: str, *, seq_len: int, batch
   if repeat:
     ds = ds.repeat(None)
   ds = ds[process_index::process_count]
-  ds = ds.map(_Tokenize(tokenizer_path)).to_iter_dataset()
+  ds = ds.map(_Tokenize(tokenizer_path)).to_iter_dataset(READ_OPTIONS)
   return _pack_and_batch(ds, seq_len, batch_size, prefetch)
 
 
@@ -79,15 +89,30 @@ def _batch(rows: grain.IterDataset, batch_size: int, prefetch: int):
   return _prefetched(rows.map(row_to_example).batch(batch_size, drop_remainder=True), prefetch)
 
 
-def data_shards(shards: int, process_index: int, process_count: int) -> tuple[range, int]:
-  """This process's data shards and their count. `shards` (config `data.shards`) fixes how
-  the data is split, whatever the process count: shard s reads documents s, s + S, ...
-  and packs them into rows on its own; a batch is rows from every shard in order, an equal
-  number each. Process p of n handles shards p*S/n .. (p+1)*S/n - 1, so the global
-  batches, and a run's losses, are the same on 1 process or n. 0: one shard a process."""
-  count = shards or process_count
+def shard_count(shards: int, batch_size: int, process_count: int) -> int:
+  """How many shards the data is split into (config `data.shards`; `batch_size` is
+  global). 0 (auto): gcd(batch_size, lcm(8, process_count)), which is 8 whenever 8
+  divides batch_size and the process count divides 8, so 1, 2, 4 or 8 processes see the
+  same batches; it is always a multiple of the process count (which divides batch_size)."""
+  return shards or math.gcd(batch_size, math.lcm(8, process_count))
+
+
+def local_shards(count: int, process_index: int, process_count: int) -> range:
+  """The shards process p of n handles: p*S/n .. (p+1)*S/n - 1 (`count` = S)."""
   per = count // process_count
-  return range(process_index * per, (process_index + 1) * per), count
+  return range(process_index * per, (process_index + 1) * per)
+
+
+def from_json(state):
+  """A grain state read back from JSON, as grain wrote it: the packer's remainder slices
+  are tuples again (a JSON list [-1, -1] is not its "no remainder" (-1, -1), and a
+  packer restored from one would take a document for a remainder and emit wrong rows)."""
+  if isinstance(state, dict):
+    return {k: ({f: tuple(sl) for f, sl in v.items()} if k == "remainder_slices"
+                else from_json(v)) for k, v in state.items()}
+  if isinstance(state, list):
+    return [from_json(v) for v in state]
+  return state
 
 
 class _ShardBatches(grain.IterDataset):
@@ -108,6 +133,8 @@ class _ShardBatchesIterator(grain.DatasetIterator):
 
   def __next__(self):
     parts = [next(it) for it in self._its]
+    if len(parts) == 1:
+      return parts[0]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def get_state(self):
@@ -119,19 +146,154 @@ class _ShardBatchesIterator(grain.DatasetIterator):
 
 
 def sharded(make, *, batch_size: int, shards: int, process_index: int, process_count: int,
-            prefetch: int = 0):
-  """This process's batches (`batch_size` rows) from data shards (see `data_shards`).
-  `make(index, count, rows, prefetch)` builds the batches of shard `index` of `count`:
-  a grain IterDataset, or a MixtureData."""
-  local, count = data_shards(shards, process_index, process_count)
-  if len(local) == 1:  # one shard a process: the plain dataset (and its state format)
-    return make(local[0], count, batch_size, prefetch)
-  rows = batch_size // len(local)
-  parts = [make(i, count, rows, 0) for i in local]
-  if isinstance(parts[0], MixtureData):
-    return MixtureData(_prefetched(_ShardBatches([p.dataset for p in parts]), prefetch),
-                       parts[0].names)
-  return _prefetched(_ShardBatches(parts), prefetch)
+            prefetch: int = 0) -> ShardedData:
+  """This process's batches (`batch_size` rows) from data shards: shard s of S reads
+  documents s, s + S, ... and packs them into rows on its own, and a batch is an equal
+  number of rows from each shard, in shard order (S from `shard_count`; process p
+  handles `local_shards`). The global batches are the same on any process count that
+  divides S. `make(index, count, rows, prefetch)` builds the batches of shard `index` of
+  `count`: a grain IterDataset, or a MixtureData."""
+  count = shard_count(shards, batch_size * process_count, process_count)
+  return ShardedData(make, batch_size=batch_size, count=count, process_index=process_index,
+                     process_count=process_count, prefetch=prefetch)
+
+
+class ShardedData:
+  """The batches `sharded` describes. Iterating gives a checkpointable iterator whose
+  state is kept per shard, {"shard_count": S, "shards": {"<s>": state of shard s}}, so a
+  checkpoint's states can be dealt out to any process count that divides S
+  (checkpoint.local_data_state); from a MixtureData, each shard's state also counts the
+  tokens per source it handed to training."""
+
+  def __init__(self, make, *, batch_size: int, count: int, process_index: int,
+               process_count: int, prefetch: int):
+    self._make, self.batch_size, self.prefetch = make, batch_size, prefetch
+    self.process_index, self.process_count = process_index, process_count
+    self.count = count
+    self.local, self.datasets, self.names = self.build(count)
+
+  def build(self, count: int):
+    """(local shards, their datasets of batches, mixture source names or None)."""
+    local = local_shards(count, self.process_index, self.process_count)
+    parts = [self._make(i, count, self.batch_size // len(local), 0) for i in local]
+    if isinstance(parts[0], MixtureData):
+      return local, [p.dataset for p in parts], parts[0].names
+    return local, parts, None
+
+  def __iter__(self):
+    return (_CountingShardsIterator if self.names else _ShardsIterator)(self)
+
+
+class _ShardsIterator:
+
+  def __init__(self, data: ShardedData):
+    self._data = data
+    self._start(data.count, data.local, data.datasets)
+
+  def _start(self, count, local, datasets):
+    self.count, self.local = count, local
+    self._it = iter(_prefetched(_ShardBatches(datasets), self._data.prefetch))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._it)
+
+  def _shard_state(self, k: int, grain_state) -> dict:
+    del k
+    return grain_state
+
+  def get_state(self) -> dict:
+    states = self._it.get_state()["shards"]
+    return {"shard_count": self.count,
+            "shards": {str(i): self._shard_state(k, s)
+                       for k, (i, s) in enumerate(zip(self.local, states))}}
+
+  def set_state(self, state: dict):
+    """A state from `get_state` (of this process's shards, or more), or one written
+    before states were kept per shard (one per process, for this process)."""
+    if "shard_count" not in state:
+      state = self._per_shard(state)
+    if state["shard_count"] != self.count:  # the checkpoint's split goes on as it was
+      self._restart(state["shard_count"])
+    missing = [i for i in self.local if str(i) not in state["shards"]]
+    if missing:
+      raise ValueError(f"data state without shard {missing[0]} of {self.count}")
+    shards = [state["shards"][str(i)] for i in self.local]
+    self._it.set_state(from_json({"shards": [self._grain_state(s) for s in shards]}))
+    self._set_counts(shards)
+
+  def _grain_state(self, shard_state):
+    return shard_state
+
+  def _set_counts(self, shard_states):
+    pass
+
+  def _restart(self, count: int):
+    from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
+    d = self._data
+    if count % d.process_count or d.batch_size * d.process_count % count:
+      raise ConfigError(f"data.batch_size={d.batch_size * d.process_count}: the checkpoint's "
+                        f"data positions are for {count} shards, which must divide it and be "
+                        f"a multiple of the {d.process_count} process(es)")
+    self.close()
+    self._start(count, *d.build(count)[:2])
+
+  def _per_shard(self, process_state) -> dict:
+    """One process's state from before states were kept per shard -> the per-shard form."""
+    d = self._data
+    inner = self._grain_state(process_state)
+    parts = inner["shards"] if isinstance(inner, dict) and isinstance(
+        inner.get("shards"), list) else [inner]  # several shards a process, or one
+    count = len(parts) * d.process_count
+    local = local_shards(count, d.process_index, d.process_count)
+    return {"shard_count": count, "shards": {str(i): self._legacy_shard(k, process_state, g)
+                                             for k, (i, g) in enumerate(zip(local, parts))}}
+
+  def _legacy_shard(self, k, process_state, grain_state):
+    del k, process_state
+    return grain_state
+
+  def close(self):
+    if hasattr(self._it, "close"):
+      self._it.close()
+
+
+class _CountingShardsIterator(_ShardsIterator):
+  """Mixture batches, counting per shard the tokens of each source handed to training."""
+
+  def _start(self, count, local, datasets):
+    super()._start(count, local, datasets)
+    self.names = self._data.names
+    self.tokens = np.zeros((len(local), len(self.names)), np.int64)
+
+  def __next__(self) -> dict:
+    batch = next(self._it)
+    source_ids = batch.pop("source_ids")
+    shards, sources = self.tokens.shape  # rows come shard by shard, an equal number each
+    shard_of_row = np.repeat(np.arange(shards), len(source_ids) // shards)[:, None]
+    which = (shard_of_row * sources + source_ids)[batch["segment_ids"] > 0]
+    self.tokens += np.bincount(which, minlength=shards * sources).reshape(shards, sources)
+    return batch
+
+  def consumed_tokens(self) -> dict[str, int]:
+    """Tokens per source this process has handed to training (its shards' counts)."""
+    return dict(zip(self.names, self.tokens.sum(0).tolist()))
+
+  def _shard_state(self, k, grain_state):
+    return {"grain": grain_state, "tokens": dict(zip(self.names, self.tokens[k].tolist()))}
+
+  def _grain_state(self, shard_state):
+    return shard_state["grain"]
+
+  def _set_counts(self, shard_states):
+    self.tokens = np.array([[s["tokens"].get(n, 0) for n in self.names]
+                            for s in shard_states], np.int64)
+
+  def _legacy_shard(self, k, process_state, grain_state):
+    # The process's counts go to its first shard: their sum over shards stays right.
+    return {"grain": grain_state, "tokens": process_state["tokens"] if k == 0 else {}}
 
 
 def _prefetched(ds, prefetch: int):
@@ -140,9 +302,6 @@ def _prefetched(ds, prefetch: int):
   return ds
 
 
-# One reader thread per source overlaps shard reads with packing. grain's default (16
-# threads per source) made a 29-source mixture 30x slower on 2 cores (lock contention).
-READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
 
 
 class _RecordTokens(grain.transforms.Map):
@@ -193,7 +352,7 @@ class _CountingIterator:
     return {"grain": self._it.get_state(), "tokens": self.consumed_tokens()}
 
   def set_state(self, state: dict):
-    self._it.set_state(state["grain"])
+    self._it.set_state(from_json(state["grain"]))
     self.tokens = np.array([state["tokens"].get(n, 0) for n in self.names], np.int64)
 
   def close(self):

@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from jaxlm.config import ConfigError
+from jaxlm.data.lm import READ_OPTIONS
 from jaxlm.data.tokenizer import MarkerError
 from jaxlm.data.sources import (MAX_RECORD_BYTES, READ_ERRORS, DataError, Examples,
                                 bounded_lines, error_detail, is_text, json_list, parse_json)
@@ -503,7 +504,7 @@ def record_stream(ds, *, seed: int, shuffle: bool, repeat: bool, process_index: 
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat(None)
-  return ds[process_index::process_count].to_iter_dataset()
+  return ds[process_index::process_count].to_iter_dataset(READ_OPTIONS)
 
 
 def sft_dataset(examples: list, *, seq_len: int, batch_size: int, seed: int, shuffle: bool,

@@ -274,9 +274,11 @@ def build(config, workdir: str, sharder) -> loop.Task:
   elif d.eval:
     eval_docs = documents(d.eval, d, "data.eval", workdir)
     report.update(eval_docs.report("eval"))
-    eval_data = lambda: lm.lm_dataset(eval_docs, tok.path, seq_len=d.seq_len,  # pylint: disable=g-long-lambda
-                                      batch_size=local_batch, seed=0, shuffle=False,
-                                      process_index=pid, process_count=nproc)
+    eval_data = lambda: lm.sharded(  # pylint: disable=g-long-lambda
+        lambda index, count, rows, prefetch: lm.lm_dataset(
+            eval_docs, tok.path, seq_len=d.seq_len, batch_size=rows, seed=0, shuffle=False,
+            process_index=index, process_count=count, prefetch=prefetch),
+        batch_size=local_batch, shards=0, process_index=pid, process_count=nproc)
   return loop.Task(
       **model_parts(config, workdir, sharder),
       train_data=train_data,
