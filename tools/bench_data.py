@@ -34,11 +34,17 @@ _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 
 
 def loader_tokens_per_s(directory, batch_size, seq_len, batches):
+  """The loader as one training process builds it (pretraining on a prepared corpus):
+  the mixture in data shards (data.shards=0, auto), packed, batched, one prefetch thread."""
   corpus = prepare.read_manifest(directory)
   weights = lm.mixture_weights(corpus, "", "train", "bench")
-  it = iter(lm.mixture_dataset(directory, "train", weights, seq_len=seq_len,
-                               batch_size=batch_size, seed=0, shuffle=True, repeat=True,
-                               prefetch=2))
+
+  def shard(index, count, rows, prefetch):
+    return lm.mixture_dataset(directory, "train", weights, seq_len=seq_len, batch_size=rows,
+                              seed=0, shuffle=True, repeat=True, process_index=index,
+                              process_count=count, prefetch=prefetch)
+  it = iter(lm.sharded(shard, batch_size=batch_size, shards=0, process_index=0,
+                       process_count=1, prefetch=2))
   next(it)  # start-up (prefetch thread, first shard reads) is not steady state
   t0 = time.perf_counter()
   for _ in range(batches):
