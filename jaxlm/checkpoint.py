@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxlm import fileio
 from jaxlm.config import ConfigError, error_detail
 
 ITEMS = ("params", "opt_state", "train", "data")
@@ -248,10 +249,8 @@ def load_params(path: str, like_params) -> dict:
 
 
 def write_json(path: str, obj) -> None:
-  """A small JSON file written whole or not at all (a temporary file, renamed)."""
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(path + ".tmp", path)
+  """A small JSON file written whole or not at all (fileio.atomic_write_json)."""
+  fileio.atomic_write_json(path, obj)
 
 
 def read_json(path: str) -> dict | None:

@@ -443,6 +443,8 @@ def memory_errors(config, mesh: Mapping[str, int], limit: int | None) -> list[st
   allocated. The estimate leaves out XLA's temporaries, so it is a floor."""
   if not limit or config.task not in ("pretrain", "sft", "dpo", "reward"):
     return []
+  if config.init_from or config.lora.rank > 0:  # the shape comes later; the estimator
+    return []                                  # counts every weight as trained
   cfg = ml_collections.ConfigDict(config.model.to_dict())
   if not cfg.vocab_size:  # taken from the tokenizer later: the size it will have at least
     cfg.vocab_size = config.data.tokenizer_vocab_size

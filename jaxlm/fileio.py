@@ -36,14 +36,38 @@ def fsync_dir(directory: str) -> None:
     os.close(fd)
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write(path: str, data: bytes | str) -> None:
-  """Write `data` to `path` so that `path` is never seen cut short."""
+  """Write `data` to `path` so that `path` is never seen cut short. The file keeps the
+  mode it had (a new one gets the usual 0666 less the umask); a link is written through
+  (its target replaced, the link kept), and a path that is no regular file (a device,
+  /dev/stdout) is written plainly."""
+  raw = data.encode("utf-8") if isinstance(data, str) else data
+  if os.path.islink(path):
+    path = os.path.realpath(path)
+  if os.path.exists(path) and not os.path.isfile(path):
+    with open(path, "wb") as f:
+      f.write(raw)
+    return
+  try:
+    mode = os.stat(path).st_mode & 0o7777
+  except FileNotFoundError:
+    mode = 0o666 & ~_UMASK
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data.encode("utf-8") if isinstance(data, str) else data)
+      os.fchmod(f.fileno(), mode)
+      f.write(raw)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -65,14 +89,19 @@ def atomic_copy(source: str, path: str) -> None:
     atomic_write(path, f.read())
 
 
-def read_json(path: str):
-  """A JSON file, or ValueError naming the file (cut short, not JSON, nested too deep)."""
+def read_json(path: str, expect: type | None = None):
+  """A JSON file, or ValueError naming the file (cut short, not JSON, nested too deep; or,
+  with `expect`, not of that type: dict for a JSON object)."""
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      value = json.load(f)
   except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
     reason = "nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
     raise ValueError(f"{path}: not readable JSON ({reason})") from None
+  if expect is not None and not isinstance(value, expect):
+    what = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
+    raise ValueError(f"{path}: must hold {what}")
+  return value
 
 
 # ---------------------------------------------------------------------------------------

@@ -99,6 +99,8 @@ def _locked(workdir: str):
         stack.enter_context(workdir_lib.lock(workdir))
       except workdir_lib.WorkdirError as e:
         error = e
+      except OSError as e:  # a read-only or full disk, no permission
+        error = workdir_lib.WorkdirError(f"--workdir {workdir}: can't lock it ({e})")
     if jax.process_count() > 1:
       import numpy as np  # pylint: disable=import-outside-toplevel
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel

@@ -481,14 +481,17 @@ def _train(config, workdir, task, sharder, stop) -> dict:
   # Loss spikes: a logged loss over loss_spike_factor x the mean of the last
   # loss_spike_window logged losses that were not spikes themselves (those kept from
   # before a resume included, so a resumed run reports the same events).
-  # The window starts with the first step's loss (the model as initialized), so a
-  # divergence shows from the first logged step on.
+  # The window starts with the first step's loss (the model as initialized), so spikes
+  # show from the first logged step on. A cross-entropy loss (one that reports `nll`:
+  # pretraining, SFT) over loss_spike_factor**2 x that mean is a divergence: no checkpoint
+  # is written while it lasts (see may_save). Other tasks' losses (DPO, reward, RL) are
+  # not on a scale where a ratio says the model is dead; their spikes are events only.
   spiked = {step for step, _ in log.history("event/loss_spike")}
   kept = dict(log.history("initial_loss"))
   kept.update((step, v) for step, v in log.history("loss") if step not in spiked)
   recent = collections.deque((kept[step] for step in sorted(kept)),
                              maxlen=config.loss_spike_window)
-  diverged = None  # (step, loss, mean) while the last logged loss is a spike
+  diverged = None  # (step, loss, mean) while the last logged loss is a divergence
 
   def log_step(step, m):
     m = _host(m)  # waits until `step` has finished
@@ -511,21 +514,23 @@ def _train(config, workdir, task, sharder, stop) -> dict:
           log.info(f"step {step}: loss spike, {loss:.4f} is {loss / mean:.1f}x the mean of "
                    f"the last {len(recent)} logged losses ({mean:.4f})")
           log.write(step, {"event/loss_spike": loss / mean}, console=False)
-          diverged = (step, loss, mean)
+          if "nll" in m and loss > config.loss_spike_factor ** 2 * mean:
+            diverged = (step, loss, mean)
           return m
       diverged = None
       recent.append(loss)
     return m
 
   def may_save(step) -> bool:
-    """Whether `step` may be checkpointed: not while the last logged loss is a spike, so
-    a diverged model never takes the place of the last healthy checkpoint. Under
+    """Whether `step` may be checkpointed: not while the last logged loss is a divergence,
+    so a dead model never takes the place of the last healthy checkpoint. Under
     nan_policy="stop" the run ends there, as it does on a non-finite loss."""
     if diverged is None:
       return True
     at, loss, mean = diverged
     what = (f"the loss diverged at step {at} ({loss:.4g}, {loss / mean:.1f}x the mean of the "
-            f"last {len(recent)} logged losses; loss_spike_factor={config.loss_spike_factor:g})")
+            f"last {len(recent)} logged losses, over loss_spike_factor**2="
+            f"{config.loss_spike_factor ** 2:g})")
     kept = (f"the newest checkpoint, step {saved_step}, is kept as it was" if saved_step
             else "no checkpoint was written")
     if config.nan_policy == "stop":
@@ -637,13 +642,14 @@ def _train(config, workdir, task, sharder, stop) -> dict:
     final = int(jax.device_get(state["step"]))
     if final != saved_step and may_save(final):
       ckpt.save(final, state, data_iter.get_state())
+      saved_step = final
     if stopped_by == "signal":
       ckpt.wait()
       took = time.monotonic() - stop.received
       note = "" if took <= config.preemption_grace_s else (
           f"; WARNING: over preemption_grace_s={config.preemption_grace_s:g}, so a "
           f"preemption with that notice would have cut it short")
-      log.info(f"SIGTERM: checkpoint at step {final} complete {took:.1f}s after the "
+      log.info(f"SIGTERM: checkpoint at step {saved_step} complete {took:.1f}s after the "
                f"signal{note}")
   finally:
     ckpt.close()  # the last write completes (or its failure is raised) before any exit
@@ -669,6 +675,8 @@ def _train(config, workdir, task, sharder, stop) -> dict:
 
 
 def write_config(config, workdir: str):
-  """config.json, once the workdir is checked against what it holds (workdir.check)."""
+  """config.json, once the workdir is checked against what it holds (workdir.check, on
+  every process, so that all stop together); written by process 0."""
+  workdir_lib.check(config, workdir)
   if jax.process_index() == 0:
     workdir_lib.write_config(config, workdir)

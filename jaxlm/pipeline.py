@@ -91,6 +91,18 @@ def _at_paths(config, prefix: str = ""):
       yield f"{prefix}{key}", value
 
 
+def _stage_record(stage_dir: str) -> dict | None:
+  """A stage's record (its inputs' fingerprint, time spent), None before it first ran;
+  one that can't be read is an error naming it, never a reason to skip the check."""
+  path = os.path.join(stage_dir, STAGE_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    return fileio.read_json(path, dict)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{e}; delete {stage_dir} to retrain that stage") from None
+
+
 def finished(stage_dir: str, steps: int | None = None) -> bool:
   """Whether a stage's run reached its last step (the loop's summary.json says so), and
   at least `steps` of them (a re-run with more steps continues it)."""
@@ -153,7 +165,7 @@ def _inputs(config, name: str, workdir: str) -> dict:
                    .hexdigest()[:16]}
   for key, value in _at_paths(config[name]):
     stage = value[1:].split("/")[0]
-    record = read_json(os.path.join(workdir, stage, STAGE_FILE)) or {}
+    record = _stage_record(os.path.join(workdir, stage)) or {}
     summary = read_json(os.path.join(workdir, stage, "summary.json")) or {}
     if not key.startswith("eval."):
       out[stage] = {"step": summary.get("step"), "config": record.get("inputs", {}).get("config")}
@@ -203,7 +215,7 @@ def run_stage(config, name: str, workdir: str, log=print) -> None:
     stage.seed = config.seed
   _check_inputs(config, name, workdir)
   inputs = _inputs(config, name, workdir)
-  record = read_json(os.path.join(stage_dir, STAGE_FILE))
+  record = _stage_record(stage_dir)
   if record and record.get("inputs") not in (None, inputs):  # trained from something else
     changed = [k for k in inputs if record["inputs"].get(k) != inputs[k]]
     what = ", ".join(f"its config ({name}.*)" if k == "config" else f"the {k} stage it "
@@ -265,6 +277,10 @@ def _sigterm_interrupts():
   """SIGTERM raises Interrupted wherever the pipeline is (a tokenizer, an evaluation, the
   report), so that unit is abandoned whole: each writes its result atomically at its end,
   and the next run redoes it. The training loop installs its own handler while it runs."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:  # JAX's preemption notifier owns SIGTERM there (the loop
+    yield                      # agrees on a step to stop at); a Python handler would
+    return                     # replace it
   def handle(signum, frame):  # pylint: disable=unused-argument
     raise Interrupted()
   try:

@@ -24,12 +24,11 @@ import collections
 import importlib
 import inspect
 import math
-import numbers
 import re
 
 import numpy as np
 
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, error_detail
 from jaxlm.data.sources import DataError
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -111,10 +110,6 @@ overlap.needs = _needs_reference
 BUILTINS = {"math_answer": math_answer, "format": format_reward, "overlap": overlap}
 
 
-def _first_line(error: BaseException) -> str:
-  return (str(error).strip().splitlines() or [""])[0]
-
-
 def _signature_problem(fn) -> str | None:
   """Why `fn` can't be called as fn(prompts, completions, **fields), or None."""
   try:
@@ -158,10 +153,10 @@ def resolve(name: str):
     for part in attr.split("."):
       fn = getattr(fn, part)
   except (ImportError, AttributeError) as e:
-    raise ConfigError(f"reward.fn: can't load {name!r}: {_first_line(e)}") from None
+    raise ConfigError(f"reward.fn: can't load {name!r}: {error_detail(e)}") from None
   except Exception as e:  # pylint: disable=broad-except  # the user's module failed to import
     raise ConfigError(f"reward.fn: importing {module!r} for {name!r} raised "
-                      f"{type(e).__name__}: {_first_line(e)}") from None
+                      f"{error_detail(e)}") from None
   if not callable(fn):
     raise ConfigError(f"reward.fn: {name!r} is not callable")
   problem = _signature_problem(fn)
@@ -249,18 +244,30 @@ class Rewards:
           culprit = i
           break
       on = record(culprit) if culprit is not None else f"a batch of {n} completions"
-      raise DataError(f"reward.fn {name!r} raised {type(e).__name__}: {_first_line(e)} on "
+      raise DataError(f"reward.fn {name!r} raised {error_detail(e)} on "
                       f"{on}") from None
-    items = raw.tolist() if isinstance(raw, np.ndarray) else raw
-    if not isinstance(items, (list, tuple)) or len(items) != n:
-      shape = f"{len(items)} values" if isinstance(items, (list, tuple)) else repr(type(raw))
+    # Any array-like of numbers (a list, NumPy, JAX, torch): one finite number each.
+    items = list(raw) if isinstance(raw, (list, tuple)) else None
+    try:
+      values = None if isinstance(raw, (str, bytes)) else np.asarray(raw, np.float64)
+    except (TypeError, ValueError):
+      values = None
+    if values is None and items is not None and len(items) == n:
+      for i, v in enumerate(items):  # name the first value that is not a number
+        try:
+          float(v) if not isinstance(v, (str, bytes)) else float("x")
+        except (TypeError, ValueError):
+          raise DataError(f"reward.fn {name!r} returned {v!r} for {record(i)}: rewards must "
+                          f"be finite numbers") from None
+    if values is None or values.shape != (n,):
+      shape = (f"{values.size} values" if values is not None and values.ndim == 1 else
+               f"{len(items)} values" if items is not None else repr(type(raw)))
       raise DataError(f"reward.fn {name!r} returned {shape} for {n} completions (it must "
                       f"return one number per completion)")
-    for i, v in enumerate(items):
-      if not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise DataError(f"reward.fn {name!r} returned {v!r} for {record(i)}: rewards must be "
-                        f"finite numbers")
-    return np.asarray(items, np.float64)
+    for i in np.flatnonzero(~np.isfinite(values))[:1]:
+      raise DataError(f"reward.fn {name!r} returned {float(values[i])!r} for {record(i)}: "
+                      f"rewards must be finite numbers")
+    return values
 
   def __call__(self, prompts, completions, fields: dict, prompt_messages=None, where=None):
     """-> (rewards [N] float32, {source: mean}). `where`: each completion's prompt record

@@ -25,10 +25,12 @@ import sys
 from jaxlm import fileio
 
 LOCK = ".jaxlm.lock"
+_NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
 CONFIG = "config.json"
-# Model keys that say how a run trains, not what its weights are: they may change on resume.
-TRAINING_FIELDS = ("dtype", "param_dtype", "remat", "attention", "logits_chunk", "layer_loop",
-                   "vocab_multiple", "init_std")
+# Model keys that fix the weights' shapes: a resume must keep them (others, such as
+# rope_theta for a context extension or the training fields, may change).
+SHAPE_FIELDS = ("family", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "ffn_dim", "qkv_bias", "tie_embeddings")
 
 
 class WorkdirError(Exception):
@@ -46,9 +48,10 @@ def _has_checkpoints(workdir: str) -> bool:
 
 
 def architecture(model: dict, lora: dict | None) -> dict:
-  """The fields that fix a run's weight shapes: the model's (less TRAINING_FIELDS) and
-  LoRA's rank and targets."""
-  out = {f"model.{k}": v for k, v in model.items() if k not in TRAINING_FIELDS}
+  """The fields that fix a run's weight shapes: the model's SHAPE_FIELDS (and gpt2's
+  learned position table, max_seq_len), LoRA's rank and targets."""
+  fields = SHAPE_FIELDS + (("max_seq_len",) if model.get("family") == "gpt2" else ())
+  out = {f"model.{k}": model[k] for k in fields if k in model}
   for k in ("rank", "targets"):
     if lora and k in lora:
       out[f"lora.{k}"] = lora[k]
@@ -135,6 +138,11 @@ def lock(workdir: str, log=None):
     except OSError as e:
       raw = os.pread(fd, 4096, 0)
       os.close(fd)
+      if e.errno in _NO_LOCKS:  # Lustre without -o flock, NFS without lockd
+        log(f"warning: {workdir}'s filesystem has no file locks ({e.strerror}); this run "
+            f"is not protected from a second launcher on the same workdir")
+        yield {}
+        return
       if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         raise WorkdirError(f"--workdir {workdir}: can't lock {path} ({e})") from None
       try:

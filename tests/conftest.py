@@ -97,6 +97,22 @@ def word_tokenizer(folder, words: str):
   return tokenizer.train(text, str(folder / "t.model"), 320)
 
 
+def bpe_tokenizer(folder, specials, texts, config: dict) -> str:
+  """A byte-level BPE `tokenizer.json` (400 pieces, trained on `texts`) with `specials`,
+  and `config` as its tokenizer_config.json; returns the tokenizer.json path."""
+  tokenizers = pytest.importorskip("tokenizers")
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=400, special_tokens=list(specials),
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, trainer)
+  tok.save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  return str(folder / "tokenizer.json")
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
   """Rule data, a tokenizer, and an SFT model that saw both kinds of reply equally."""

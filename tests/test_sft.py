@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_config, small_model, word_tokenizer
+from conftest import bpe_tokenizer, small_config, small_model, word_tokenizer
 from jaxlm import model, tasks
 from jaxlm.config import ConfigError
 from jaxlm.data import sft, tokenizer
@@ -179,20 +179,11 @@ CHATML_JINJA = ("{% for message in messages %}{% if loop.first and message['role
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
   """A real tokenizer.json (byte-level BPE) with ChatML markers and a Jinja template."""
-  tokenizers = pytest.importorskip("tokenizers")
-  folder = tmp_path_factory.mktemp("hf_tok")
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([json.dumps(c) for c in CHATS] * 20, trainer)
-  tok.save(str(folder / "tokenizer.json"))
-  (folder / "tokenizer_config.json").write_text(json.dumps(
-      {"eos_token": "<|im_end|>", "bos_token": None, "pad_token": "<|endoftext|>",
-       "chat_template": CHATML_JINJA}))
-  return str(folder / "tokenizer.json")
+  return bpe_tokenizer(tmp_path_factory.mktemp("hf_tok"),
+                       ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                       [json.dumps(c) for c in CHATS] * 20,
+                       {"eos_token": "<|im_end|>", "bos_token": None,
+                        "pad_token": "<|endoftext|>", "chat_template": CHATML_JINJA})
 
 
 def test_hf_jinja_template_renders_like_transformers_and_masks_responses(hf_tokenizer):

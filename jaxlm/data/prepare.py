@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import glob
 import gzip
 import hashlib
 import json
@@ -481,7 +482,7 @@ def _planned(c) -> set[str]:
   splits = ("train", "eval") if c.eval_fraction > 0 else ("train",)
   files = {MANIFEST, STATS, "tokenizer.model"}
   if not c.tokenizer.path:
-    files |= {"tokenizer.vocab", "tokenizer.model.tmp"}  # tokenizer.train's own layout
+    files.add("tokenizer.vocab")  # tokenizer.train writes it beside the model
   for name in c.sources:
     for sp in splits:
       for i in range(c.shards):
@@ -519,15 +520,18 @@ def _pending_files(path: str) -> set[str]:
 
 
 def _clear(output: str, owned: set[str]) -> None:
-  """Remove the files of `owned` (an earlier preparation's), then each of its source
-  folders that is left empty; nothing else, and nothing outside `output`."""
+  """Remove the files of `owned` (an earlier preparation's) and the temporary files a
+  killed atomic write of one of them left (`.NAME.*.tmp`), then each of its source folders
+  that is left empty; nothing else, and nothing outside `output`."""
   for rel in sorted(owned):
     path = os.path.join(output, rel)
     if os.path.isdir(path) and not os.path.islink(path):
       raise ConfigError(f"--output {output}: {path} is a folder where a preparation writes a "
                         f"file; move it away")
-    if os.path.lexists(path):
-      fileio.remove_inside(path, output)
+    folder, base = os.path.split(path)
+    leftovers = glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(base)}.*.tmp"))
+    for p in [path] * os.path.lexists(path) + sorted(leftovers):
+      fileio.remove_inside(p, output)
   for folder in sorted({rel.split("/")[0] for rel in owned if "/" in rel}):
     path = os.path.join(output, folder)
     if (os.path.isdir(path) and not os.path.islink(path) and fileio.is_within(path, output)

@@ -84,9 +84,9 @@ def hf_template(tokenizer_path: str) -> ChatTemplate:
   try:
     _compiled(template)
   except Exception as e:  # pylint: disable=broad-except  # TemplateSyntaxError, or deeper trouble
-    line = f" line {e.lineno}:" if getattr(e, "lineno", None) else ""
+    line = f", line {e.lineno}" if getattr(e, "lineno", None) else ""
     raise ConfigError(f"data.chat_template='hf': the chat_template in {path} does not "
-                      f"parse ({type(e).__name__}:{line} {_first_line(e)})") from None
+                      f"parse ({error_detail(e)}{line})") from None
   eos = config.get("eos_token") or ""
   eos = eos.get("content", "") if isinstance(eos, dict) else eos
   return ChatTemplate("hf", jinja=template, eos_token=eos if isinstance(eos, str) else "",
@@ -103,10 +103,6 @@ def chat_template(name: str, tok, check: bool = True) -> ChatTemplate:
   if check:
     check_template(template, tok)
   return template
-
-
-def _first_line(error: BaseException) -> str:
-  return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 @functools.lru_cache(maxsize=8)
@@ -136,7 +132,7 @@ def _render(template: ChatTemplate, messages, add_generation_prompt: bool) -> st
   except sandbox.SecurityError as e:
     source = template.source or "tokenizer_config.json"
     raise ConfigError(f"data.chat_template='hf': the Jinja sandbox refused the chat_template "
-                      f"in {source} ({_first_line(e)})") from None
+                      f"in {source} ({error_detail(e)})") from None
   except Exception:  # pylint: disable=broad-except  # TemplateError, TypeError, ...: this record
     return None
 

@@ -156,15 +156,26 @@ def _is_blank(line: bytes | None) -> bool:
 def text_documents(f, text_split: str, max_bytes: int):
   """(start byte, end byte, first line, bytes or None) of each document of a binary text
   file: the whole file, or with "paragraph" each run of text between blank lines (a blank
-  line holds only spaces, tabs and CRs). None: the document is over `max_bytes`; it is
-  skipped in bounded pieces, never held whole."""
+  line holds only spaces, tabs and CRs). A whole file over `max_bytes` (a book, a wiki
+  dump) is split into documents of at most `max_bytes`, each ending at a line break (or,
+  in a line longer than that, at a character boundary). None: a paragraph over
+  `max_bytes`; it is skipped in bounded pieces, never held whole."""
   if text_split == "file":
-    raw = f.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-      yield 0, None, 1, None
-    else:
-      yield 0, len(raw), 1, raw
-    return
+    start, line, raw = 0, 1, b""
+    while True:
+      raw += f.read(max_bytes + 1 - len(raw))
+      if len(raw) <= max_bytes:  # the rest of the file is one document
+        if raw or start == 0:
+          yield start, start + len(raw), line, raw
+        return
+      cut = raw.rfind(b"\n", 0, max_bytes) + 1
+      if cut <= 0:  # one line over the limit: cut it at a UTF-8 character boundary
+        cut = max_bytes
+        while cut > 1 and (raw[cut] & 0xC0) == 0x80:
+          cut -= 1
+      piece, raw = raw[:cut], raw[cut:]
+      yield start, start + cut, line, piece
+      start, line = start + cut, line + piece.count(b"\n")
   start, first, parts, size, end = 0, 1, [], 0, 0  # the paragraph being read
   in_gap = False  # inside a run of blank lines, which separates paragraphs
   for lineno, (offset, line_end, line) in enumerate(bounded_lines(f, max_bytes), 1):

@@ -99,7 +99,7 @@ class Tokenizer(_Specials):
     self.path = path
     try:
       self.sp = spm.SentencePieceProcessor(model_file=path)
-    except BaseException as e:  # pylint: disable=broad-except  # SentencePiece's own reason
+    except Exception as e:  # pylint: disable=broad-except  # SentencePiece's own reason
       raise _unreadable(key, path, "a SentencePiece model", e) from None
     self.vocab_size = self.sp.get_piece_size()
     self.bos_id = self.sp.bos_id()
@@ -162,7 +162,9 @@ class HFTokenizer(_Specials):
     self.path = path
     try:
       self.tok = tokenizers.Tokenizer.from_file(path)
-    except BaseException as e:  # pylint: disable=broad-except  # its reason (or a Rust panic)
+    except BaseException as e:  # pylint: disable=broad-except  # its reason, or a Rust panic
+      if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+        raise  # a signal (the pipeline's SIGTERM), an exit: not the file's fault
       raise _unreadable(key, path, "a Hugging Face tokenizer.json", e) from None
     self._plain = None  # the same tokenizer with special-token parsing off, made when needed
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -173,12 +175,9 @@ class HFTokenizer(_Specials):
 
     def read(json_path):
       try:
-        value = fileio.read_json(json_path)
+        return fileio.read_json(json_path, dict)
       except (ValueError, OSError) as e:
         raise ConfigError(f"{key}: {e}") from None
-      if not isinstance(value, dict):
-        raise ConfigError(f"{key}: {json_path} must hold a JSON object")
-      return value
 
     if os.path.isfile(config_path):
       special = read(config_path)

@@ -119,6 +119,9 @@ def keep_tokenizer(tok, workdir: str) -> None:
                         f"the one this run trains with ({tok.path}); token ids would not "
                         f"agree. Use a new --workdir, or the same tokenizer")
     return
+  if jax.process_count() > 1:  # every process has looked before process 0 copies
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("workdir tokenizer checked")
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)

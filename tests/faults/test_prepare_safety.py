@@ -112,8 +112,12 @@ def test_overwrite_removes_only_the_files_the_manifest_lists(corpus, tmp_path):
   out, c = copy_corpus(corpus, tmp_path)
   (out / "mine.txt").write_text("mine")
   (out / "d" / "notes.txt").write_text("also mine")  # in the source's folder
+  (out / ".stats.json.k1ll3d.tmp").write_text("{")  # a killed atomic write of stats.json
+  (out / ".mine.txt.x.tmp").write_text("not of a file a preparation writes")
   c.shards = 1
   prepare.prepare(c, str(out), overwrite=True, progress=False)
+  assert not os.path.exists(out / ".stats.json.k1ll3d.tmp")
+  assert os.path.exists(out / ".mine.txt.x.tmp")
   assert (out / "mine.txt").read_text() == "mine"
   assert (out / "d" / "notes.txt").read_text() == "also mine"
   assert sorted(os.listdir(out / "d")) == ["notes.txt", "train-00000-of-00001.array_record"]
@@ -347,9 +351,18 @@ def test_bounded_readers_never_hold_an_over_long_line():
   docs = [(line, raw) for _, _, line, raw in sources.text_documents(f, "paragraph", LIMIT)]
   assert docs == [(1, b"a"), (3, None), (5, b"last paragraph\n")]
   assert f.largest <= LIMIT + 1
-  f = RecordingFile(b"x" * BIG)
-  assert [raw for *_, raw in sources.text_documents(f, "file", LIMIT)] == [None]
-  assert f.largest <= LIMIT + 1
+  # A whole file over the limit is split into documents at line breaks (or, in one line
+  # longer than the limit, at a character boundary), each at most the limit.
+  book = ("€" * 2000 + "\n" + "line of a book\n" * (BIG // 15)).encode()
+  f = RecordingFile(book)
+  docs = list(sources.text_documents(f, "file", LIMIT))
+  assert b"".join(raw for *_, raw in docs) == book and f.largest <= LIMIT + 1
+  assert all(0 < len(raw) <= LIMIT for *_, raw in docs) and len(docs) > BIG // LIMIT
+  assert [raw.decode("utf-8")[-1] for *_, raw in docs[1:-1]] == ["\n"] * (len(docs) - 2)
+  assert docs[0][:3] == (0, 4095, 1)  # 3-byte characters: cut before the one split at 4096
+  assert docs[1][2] == 1 and all(docs[i + 1][2] == docs[i][2] + docs[i][3].count(b"\n")
+                                 for i in range(len(docs) - 1))  # each names its first line
+  assert all(docs[i][1] == docs[i + 1][0] for i in range(len(docs) - 1))
   records = [{"instruction": "q", "output": "a"}, {"instruction": "x" * BIG, "output": "a"},
              {"instruction": "r", "output": "b"}]
   f = RecordingFile(json.dumps(records, indent=1).encode())

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import bpe_tokenizer
 from jaxlm import rewards
 from jaxlm.config import ConfigError
 from jaxlm.data import preference, prompts, sft, tokenizer
@@ -38,19 +39,10 @@ def sp_tok(tmp_path_factory):
 def hf_tok(tmp_path_factory):
   """A byte-level BPE tokenizer.json whose specials are every template's markers (and
   one, `!<|im_end|>`, that content ending in "!" would fuse with the template's end)."""
-  tokenizers = pytest.importorskip("tokenizers")
-  folder = tmp_path_factory.mktemp("hf")
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["<|endoftext|>", *MARKERS, "!<|im_end|>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([FORGED.replace("<|", "") * 3] * 20, trainer)
-  tok.save(str(folder / "tokenizer.json"))
-  (folder / "tokenizer_config.json").write_text(json.dumps(
+  return tokenizer.load(bpe_tokenizer(
+      tmp_path_factory.mktemp("hf"), ["<|endoftext|>", *MARKERS, "!<|im_end|>"],
+      [FORGED.replace("<|", "") * 3] * 20,
       {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML_JINJA}))
-  return tokenizer.load(str(folder / "tokenizer.json"))
 
 
 def _setup(name, sp_tok, hf_tok):
@@ -269,7 +261,7 @@ def test_a_garbage_tokenizer_file_is_one_config_error(name, content, tmp_path):
 def test_stdlib_docstrings_are_the_same_bytes_in_every_process(tmp_path):
   """No reprs with memory addresses (shutil.copytree's copy_function=copy2, socket's
   sentinels) or this machine's paths (platform's sys.executable defaults)."""
-  code = ("import sys, types; sys.modules['grain'] = types.ModuleType('grain')  # not needed\n"
+  code = ("import sys\n"
           "from jaxlm.data import sft\n"
           "sft.stdlib_docstrings(sys.argv[1], ('shutil', 'socket', 'platform', 'sysconfig'))\n")
   runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"{seed}.jsonl")],
