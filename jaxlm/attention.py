@@ -159,7 +159,7 @@ def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None):
   if not _packed_supported() or q_BTHK.shape[1] != k_BSGK.shape[1]:
     return mask(q_BTHK, k_BSGK, v_BSGK)
   # jax.nn.dot_product_attention takes no segment ids; its cuDNN backend does.
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=import-outside-toplevel
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # lazy: GPU only
   seg = segment_ids_BT
   real = seg != 0
 
@@ -189,8 +189,8 @@ def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None):
 
 @functools.lru_cache(maxsize=None)
 def _splash_kernel(num_heads: int, T: int, interpret: bool):
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # lazy: TPU only
+  sk, sm = splash.splash_attention_kernel, splash.splash_attention_mask
   mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(num_heads)])
   block = min(512, T)
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
@@ -201,7 +201,8 @@ def _splash_kernel(num_heads: int, T: int, interpret: bool):
 
 
 def splash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, interpret=False):
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # lazy: TPU only
+  sk = splash.splash_attention_kernel
   B, T, H, K = q_BTHK.shape
   G = k_BSGK.shape[2]
   kernel = _splash_kernel(H, T, interpret)

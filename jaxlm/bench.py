@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,8 +30,14 @@ import time
 import jax
 import numpy as np
 
-from jaxlm import attention, generate, loop, metrics as metrics_lib, model
-from jaxlm.config import ConfigError, base_config, get_key, model_config, set_key, validate
+from jaxlm import attention, console, generate, loop, metrics as metrics_lib, model
+from jaxlm.cli import apply_override
+from jaxlm.config import base_config, model_config
+from jaxlm.data import preference, sft
+from jaxlm.errors import ConfigError
+from jaxlm.tasks import common, dpo
+from jaxlm.validate import config_errors as validate
+
 
 TASKS = ("pretrain", "sft", "dpo", "decode")
 
@@ -57,25 +62,12 @@ class Spec:
 
 
 def set_override(config, item: str) -> None:
-  """`key.sub=value` on an ml_collections config, the value parsed as the field's type."""
+  """`key.sub=value` on an ml_collections config, the value read by the key's type as
+  the launcher reads `--config.key.sub=value` (jaxlm.cli.apply_override)."""
   key, sep, value = item.partition("=")
-  key = key.strip()
   if not sep:
     raise ConfigError(f"--set {item!r}: expected key=value")
-  current = get_key(config, key)
-  if isinstance(current, bool):
-    parsed = value.lower() in ("1", "true", "yes")
-  elif isinstance(current, (int, float)):
-    try:
-      parsed = type(current)(value)
-    except ValueError:
-      raise ConfigError(f"--set {item!r}: {key} takes a {type(current).__name__}") from None
-  else:
-    parsed = value
-  try:
-    set_key(config, key, parsed)
-  except ConfigError as e:
-    raise ConfigError(f"--set {item!r}: {e}") from None
+  apply_override(config, key.strip(), value, flag=f"--set {key.strip()}")
 
 
 def make_config(spec: Spec):
@@ -124,7 +116,6 @@ def _pretrain_rows(c, rng) -> dict:
 def _sft_rows(c, rng) -> dict:
   """Examples of T/16 to T/2 tokens, the first third of each a prompt (no loss), packed
   whole into rows by the training packer."""
-  from jaxlm.data import sft  # pylint: disable=import-outside-toplevel
   T, V = c.data.seq_len, c.model.vocab_size
   examples = []
   for _ in range(c.data.batch_size * 8):
@@ -140,7 +131,6 @@ def _sft_rows(c, rng) -> dict:
 
 def _dpo_rows(c, rng) -> dict:
   """Records of two responses to one prompt, each sequence filling most of its row."""
-  from jaxlm.data import preference  # pylint: disable=import-outside-toplevel
   T, V = c.data.seq_len, c.model.vocab_size
   rows = []
   for _ in range(c.data.batch_size):
@@ -188,17 +178,8 @@ def _plan_gib(compiled) -> float | None:
           - p.alias_size_in_bytes) / 2**30
 
 
-def environment() -> dict:
-  d = jax.devices()[0]
-  return {"device": d.device_kind, "platform": d.platform, "devices": jax.device_count(),
-          "jax": jax.__version__, "python": platform.python_version(),
-          "date": time.strftime("%Y-%m-%d"),
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
-
-
 def _build_task(c, task: str, sharder):
-  from jaxlm.tasks import dpo, pretrain  # pylint: disable=import-outside-toplevel
-  parts = pretrain.model_parts(c, "", sharder, pin_base=False)
+  parts = common.model_parts(c, "", sharder, pin_base=False)
   tokens = c.data.batch_size * c.data.seq_len
   if task == "dpo":
     parts["loss_fn"] = dpo.dpo_loss_fn(c, sharder)
@@ -312,7 +293,7 @@ def run(spec: Spec) -> dict:
     result["mfu"] = (result["tokens_per_s"] * result["flops_per_token"] / (peak * jax.device_count())
                      if peak else None)
   result["peak_memory_gib"] = _peak_memory_gib()
-  result.update(environment())
+  result.update(console.environment())
   if spec.profile_dir:
     result["profile"] = profile_summary(spec.profile_dir)
   return result

@@ -20,22 +20,19 @@ import json
 import os
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
-from jaxlm import fileio
-from jaxlm.config import ConfigError, error_detail
+from jaxlm.data.lm import local_shards
+from jaxlm.errors import CheckpointError, ConfigError, error_detail
+
 
 ITEMS = ("params", "opt_state", "train", "data")
 TRAIN_KEYS = ("step", "rng", "skipped", "consecutive_skips")
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint could not be written or none could be read; one line."""
-
-
-def _abstract(tree):
+def abstract(tree):
   """Arrays -> ShapeDtypeStructs that keep their shardings (restore targets); a leaf
   without one lands on the first device, whatever devices the checkpoint was saved from."""
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -79,7 +76,6 @@ def local_data_state(data: dict, process_index: int, process_count: int,
   none): the states of its shards (any process count that divides the shard count), or,
   from a checkpoint with one state per process, its own (that process count only).
   CheckpointError (one line, naming `where`) otherwise."""
-  from jaxlm.data.lm import local_shards  # pylint: disable=import-outside-toplevel
   if "shard_count" in data:
     count = data["shard_count"]
     if count % process_count:
@@ -138,7 +134,7 @@ class Checkpointer:
 
   def restore(self, step: int, like_state: dict) -> tuple[dict, dict | None]:
     """Restore into the shapes and shardings of `like_state` (arrays or abstract)."""
-    target = _abstract(like_state)
+    target = abstract(like_state)
     def restore(keys):
       return self.manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(target["params"]),
@@ -212,54 +208,37 @@ class Checkpointer:
       self.manager.close()
 
 
+def steps_in(folder: str) -> list[int]:
+  """The steps saved in a checkpoints folder (its all-digit subfolders), sorted; [] when
+  there is no such folder."""
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+
+
+def restore_params(path: str, like_params) -> dict:
+  """The `params` item of the jaxlm checkpoint `path` names (a workdir, its checkpoints
+  folder or a step folder; the latest step unless a step folder is given), placed like
+  `like_params`. `runs.load_params` also takes Hugging Face directories."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(find_params_dir(path), abstract(like_params))
+
+
 def find_params_dir(path: str) -> str:
   """A workdir, its checkpoints/ folder, or one step folder -> that step's params item."""
   path = os.path.abspath(path)
   for candidate in (path, os.path.join(path, "checkpoints")):
     if os.path.isdir(os.path.join(candidate, "params")):
       return os.path.join(candidate, "params")
-    if os.path.isdir(candidate):
-      steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
-      if steps:
-        return os.path.join(candidate, str(max(steps)), "params")
+    steps = steps_in(candidate)
+    if steps:
+      return os.path.join(candidate, str(max(steps)), "params")
   raise FileNotFoundError(f"no jaxlm checkpoint under {path}")
 
 
 def step_of(path: str) -> int:
   """The step of the checkpoint `path` names (its latest, for a workdir)."""
   return int(os.path.basename(os.path.dirname(find_params_dir(path))))
-
-
-def load_params(path: str, like_params) -> dict:
-  """Parameters from a jaxlm checkpoint or a Hugging Face model directory, placed like
-  `like_params` (shape, dtype and sharding)."""
-  from jaxlm import hf  # pylint: disable=import-outside-toplevel
-  if hf.is_hf_dir(path):
-    _, params = hf.load_hf(path)
-    abstract = _abstract(like_params)
-    def put(x, like):
-      if x.shape != like.shape:
-        raise ConfigError(f"init_from: {path} has a parameter of shape {x.shape} where the "
-                          f"model config wants {like.shape}")
-      return jax.device_put(np.asarray(x).astype(like.dtype), like.sharding)
-    return jax.tree.map(put, params, abstract)
-  params_dir = find_params_dir(path)
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(params_dir, _abstract(like_params))
-
-
-def write_json(path: str, obj) -> None:
-  """A small JSON file written whole or not at all (fileio.atomic_write_json)."""
-  fileio.atomic_write_json(path, obj)
-
-
-def read_json(path: str) -> dict | None:
-  """A JSON file's contents; None when it is missing or cut short."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
-    return None
 
 
 def describe(path: str) -> dict:
@@ -276,38 +255,8 @@ def describe(path: str) -> dict:
             for p, m in jax.tree_util.tree_leaves_with_path(tree)]
   return {
       "directory": root,
-      "steps": sorted(int(d) for d in os.listdir(root) if d.isdigit()),
+      "steps": steps_in(root),
       "step": int(os.path.basename(step_dir)),
       "params": leaves,
       "num_params": int(sum(np.prod(shape) for _, shape, _ in leaves)),
   }
-
-
-def pin(workdir: str, name: str, source: str) -> str:
-  """The concrete weights `source` names (a HF directory, or the step folder of a jaxlm
-  run's latest checkpoint), written to `<workdir>/<name>` at a run's first start and read
-  back ever after: a resume or an export uses the same weights even if the source run
-  has moved on. Process 0 writes; every process reads. A pin whose source differs from
-  `source` is replaced while the workdir has no checkpoint, and is an error after."""
-  from jaxlm import hf  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, name)
-  if jax.process_index() == 0 and os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      pinned = json.load(f)
-    was = pinned.get("source", pinned.get("init_from"))
-    if was != source:
-      has_steps = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-          d.isdigit() for d in os.listdir(os.path.join(workdir, "checkpoints")))
-      if has_steps:
-        raise ConfigError(f"{path}: this run's checkpoints belong to weights from {was!r}, "
-                          f"but the config now says {source!r}; use a new workdir")
-      os.remove(path)  # no step was trained on the old pin: take the new source
-  if jax.process_index() == 0 and not os.path.isfile(path):
-    base = (os.path.abspath(source) if hf.is_hf_dir(source)
-            else os.path.dirname(find_params_dir(source)))
-    os.makedirs(workdir, exist_ok=True)
-    write_json(path, {"base": base, "source": source})
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"pin {name}")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)["base"]

@@ -1,20 +1,21 @@
 """Shared config defaults, model shape presets, and validation.
 
-Every knob any task reads exists here with a comment, so a locked config accepts
-it on the command line (`--config.optimizer.lr=3e-4`) and rejects unknown keys.
+Every knob any task reads is declared once in `_KNOBS`, with its default, its rule and
+a one-line description, so a locked config accepts it on the command line
+(`--config.optimizer.lr=3e-4`) and rejects unknown keys; `describe()` lists them for docs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-import os
 import re
-import traceback
+from typing import NamedTuple
 
 import ml_collections
 
-from jaxlm import fileio
+from jaxlm.errors import ConfigError, one_line
 
 
 # Model shapes shared by configs, benchmarks and the cost estimator.
@@ -34,6 +35,9 @@ MODEL_PRESETS = {
                        norm_eps=1e-5),
 }
 
+# The device mesh's axes, outermost first (jaxlm.sharding builds meshes of them).
+MESH_AXES = ("data", "fsdp", "tensor")
+
 # Ordered rules mapping logical axis names to mesh axes. For each dimension the first
 # rule whose mesh axes are still unused in that array wins; `None` means replicate.
 DEFAULT_RULES = (
@@ -52,259 +56,335 @@ DEFAULT_RULES = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Unranged:
+  """The rule of a number that has no interval in `_KNOBS`, in words: it is checked
+  elsewhere (the mesh sizes, against the device count) or any finite number will do."""
+  text: str
+
+  def __str__(self):
+    return self.text
+
+
+class _Section:
+  """The default of a knob that is a section: a ConfigDict holding the knobs under it."""
+
+  def __repr__(self):
+    return "SECTION"
+
+
+SECTION = _Section()
+
+
+class Knob(NamedTuple):
+  """One config key, declared once: its dotted name, default, rule and what it does.
+
+  `rule` is a tuple of allowed values (gathered in `_CHOICES`), an interval such as
+  "(0, inf)" or "[0, 1)" (`_RANGES`), an `Unranged`, or None (strings, paths, bools and
+  sections, where no rule applies here)."""
+  key: str
+  default: object
+  rule: tuple | str | Unranged | None
+  description: str
+
+
+def _section(key: str, description: str) -> Knob:
+  return Knob(key, SECTION, None, description)
+
+
+# Every knob of base_config, in its order. Keys under "model." are model_config's
+# defaults, before a shape preset (base_config's model section is the "tiny" preset's).
+_KNOBS = (
+    Knob("task", "pretrain", None,
+         "what to run: pretrain | sft | reward | dpo | grpo | ppo | eval | pipeline "
+         "(jaxlm.tasks' registry checks it)"),
+    Knob("steps", 1000, "(0, inf)", "optimizer steps to train for"),
+    Knob("seed", 0, "[0, inf)", "random seed of initialization, data order and sampling"),
+    Knob("log_every", 10, "(0, inf)", "steps between logged metrics"),
+    Knob("eval_every", 200, "[0, inf)", "steps between evaluations; 0 disables evaluation"),
+    Knob("eval_steps", 10, "[0, inf)", "batches per evaluation"),
+    Knob("checkpoint_every", 200, "(0, inf)",
+         "steps between checkpoints; one is also written at the end"),
+    Knob("keep_checkpoints", 3, "(0, inf)", "the newest checkpoints kept (older ones deleted)"),
+    Knob("async_checkpointing", True, None, "write checkpoints while training goes on"),
+    Knob("preemption_grace_s", 60.0, "[0, inf)",
+         "on SIGTERM the final checkpoint should be written within this many seconds "
+         "(warned if not)"),
+    Knob("nan_policy", "stop", ("stop", "skip"),
+         'a non-finite loss or gradient: "stop" (dump the step, then stop) | "skip" (no update)'),
+    Knob("max_skipped_steps", 10, "(0, inf)",
+         'nan_policy "skip": this many skipped updates in a row stop the run'),
+    Knob("loss_spike_factor", 3.0, "[0, inf)",
+         "log an event when a logged loss exceeds this many times the running mean; "
+         "0: off, else > 1"),
+    Knob("loss_spike_window", 20, "(0, inf)", "logged losses in loss_spike_factor's running mean"),
+    Knob("init_from", "", None,
+         "start from these weights: a jaxlm workdir or checkpoint, or a Hugging Face model "
+         "directory; empty: random initialization"),
+    Knob("peak_tflops", 0.0, "[0, inf)",
+         "per-device peak TFLOP/s for MFU; 0: look it up by device kind"),
+    Knob("progress", "auto", ("auto", "bar", "log"),
+         'progress display: "auto" (a bar on a terminal, else log lines) | "bar" | "log"'),
+
+    _section("mesh", "device mesh sizes per axis; their product is the device count"),
+    Knob("mesh.data", 1, Unranged("> 0, or -1 (checked against the device count)"),
+         "pure data parallelism (parameters replicated)"),
+    Knob("mesh.fsdp", -1, Unranged("> 0, or -1 (checked against the device count)"),
+         "data parallelism with sharded parameters; -1: fill the devices left"),
+    Knob("mesh.tensor", 1, Unranged("> 0, or -1 (checked against the device count)"),
+         "tensor (model) parallelism"),
+
+    _section("sharding", "how arrays' logical axes map onto the mesh"),
+    Knob("sharding.rules", DEFAULT_RULES, None,
+         "ordered (logical axis, mesh axes or None) pairs; see DEFAULT_RULES"),
+
+    _section("model", 'the architecture: model_config("tiny") (defaults, then a preset)'),
+    Knob("model.family", "llama", ("llama", "gpt2"),
+         '"llama" (RMSNorm, RoPE, SwiGLU, GQA) | "gpt2" (LayerNorm, learned positions, GELU)'),
+    Knob("model.vocab_size", 0, "[0, inf)",
+         "vocabulary size; 0: the tokenizer's, padded to vocab_multiple"),
+    Knob("model.vocab_multiple", 128, "(0, inf)",
+         "pad the vocabulary to a multiple of this (even sharding, MXU tiles)"),
+    Knob("model.d_model", 128, "(0, inf)", "width of the residual stream"),
+    Knob("model.num_layers", 4, "(0, inf)", "transformer blocks"),
+    Knob("model.num_heads", 4, "(0, inf)", "query heads"),
+    Knob("model.num_kv_heads", 4, "(0, inf)",
+         "key and value heads; fewer than num_heads (dividing it): grouped-query attention"),
+    Knob("model.head_dim", 0, "[0, inf)", "width of each head; 0: d_model // num_heads"),
+    Knob("model.ffn_dim", 512, "(0, inf)", "hidden width of the feed-forward block"),
+    Knob("model.max_seq_len", 2048, "(0, inf)",
+         "gpt2 only: rows of the learned position table (the longest sequence)"),
+    Knob("model.rope_theta", 10000.0, "(0, inf)", "RoPE's base of the rotation frequencies"),
+    Knob("model.rope_scaling_factor", 0.0, "[0, inf)",
+         "> 0: Llama-3 RoPE scaling by this factor, shaped by the three knobs below; 0: off"),
+    Knob("model.rope_low_freq_factor", 1.0, "(0, inf)",
+         "Llama-3 scaling: wavelengths over rope_original_max_len / this are scaled fully"),
+    Knob("model.rope_high_freq_factor", 4.0, "(0, inf)",
+         "Llama-3 scaling: wavelengths under rope_original_max_len / this are left as they are"),
+    Knob("model.rope_original_max_len", 8192, "(0, inf)",
+         "Llama-3 scaling: the context length the model was pretrained at"),
+    Knob("model.norm_eps", 1e-6, "(0, 1)", "epsilon of RMSNorm or LayerNorm"),
+    Knob("model.qkv_bias", False, None, "biases on q, k and v (Qwen2-style)"),
+    Knob("model.tie_embeddings", False, None,
+         "share the input embedding with the output projection"),
+    Knob("model.init_std", 0.02, "(0, inf)", "standard deviation of the initial weights"),
+    Knob("model.dtype", "bfloat16", ("float32", "bfloat16", "float16"), "compute dtype"),
+    Knob("model.param_dtype", "float32", ("float32", "bfloat16"),
+         "storage dtype of parameters and optimizer state"),
+    Knob("model.remat", "minimal", ("none", "minimal", "full"),
+         'activations recomputed for the backward pass: "none" | "minimal" (projections and '
+         'attention saved) | "full"'),
+    Knob("model.attention", "auto", ("auto", "xla", "cudnn", "splash"),
+         'attention kernel; "auto": cudnn on GPU (xla in float32), splash on TPU, else xla'),
+    Knob("model.logits_chunk", 0, "[0, inf)",
+         "> 0: the loss computes logits this many positions at a time (less memory); 0: at once"),
+    Knob("model.layer_loop", "auto", ("auto", "scan", "unroll"),
+         '"scan" | "unroll" the layers; "auto": unroll when every device holds the whole '
+         "weights (no fsdp or tensor sharding), else scan"),
+
+    _section("data", "training and evaluation data, the tokenizer, batches"),
+    Knob("data.train", "", None,
+         "training data: globs, a prepared corpus directory, or tfds:NAME[:VERSION]:SPLIT"),
+    Knob("data.eval", "", None, "evaluation data, the same forms; empty disables evaluation"),
+    Knob("data.tfds_data_dir", "", None, "where TFDS datasets are prepared; empty: TFDS's default"),
+    Knob("data.mixture", "", None,
+         'a prepared corpus\'s source weights, "name=weight,..."; empty: its recorded weights'),
+    Knob("data.on_exhausted", "repeat", ("repeat", "stop"),
+         'training data used up: "repeat" (a new epoch, reshuffled) | "stop" (end the run)'),
+    Knob("data.format", "auto", ("auto", "text", "jsonl"),
+         'file format: "auto" (by extension) | "text" | "jsonl"'),
+    Knob("data.text_field", "text", None, "the JSONL field holding the document"),
+    Knob("data.text_split", "file", ("file", "paragraph"),
+         'text files: "file" (one document each) | "paragraph" (split at blank lines)'),
+    Knob("data.tokenizer", "", None, "a SentencePiece .model; empty: train one into the workdir"),
+    Knob("data.tokenizer_vocab_size", 4096, "(0, inf)",
+         "vocabulary size of a tokenizer trained into the workdir"),
+    Knob("data.tokenizer_sample_chars", 4_000_000, "(0, inf)",
+         "characters of training text such a tokenizer learns from"),
+    Knob("data.seq_len", 256, "(0, inf)", "tokens per row"),
+    Knob("data.batch_size", 16, "(0, inf)",
+         "global batch per step, in sequences (reward, dpo: records; grpo, ppo: prompts)"),
+    Knob("data.shuffle", True, None, "shuffle the training data"),
+    Knob("data.prefetch", 2, "[0, inf)", "batches prepared ahead in a background thread"),
+    Knob("data.shards", 0, "[0, inf)",
+         "pretrain, sft: the data splits into this many shards (a multiple of the process "
+         "count dividing batch_size), so batches, losses and checkpoints are the same on any "
+         "process count dividing it; 0: gcd(batch_size, lcm(8, processes))"),
+    Knob("data.sft_format", "auto", ("auto", "alpaca", "messages", "prompt_completion", "text"),
+         'the layout of SFT records: "auto" (by their fields) or one of the others'),
+    Knob("data.chat_template", "jaxlm", ("jaxlm", "chatml", "llama3", "hf"),
+         'how chats become text; "hf": the one in tokenizer_config.json'),
+    Knob("data.loss_on", "completion", ("completion", "all"),
+         'SFT tokens in the loss: "completion" (assistant turns) | "all"'),
+    Knob("data.packing", True, None,
+         "pack whole examples into rows (first fit); False: one padded example per row"),
+    Knob("data.truncation", "truncate", ("truncate", "drop"),
+         'examples over their length limit (seq_len): "truncate" | "drop"'),
+    Knob("data.on_error", "raise", ("raise", "skip"),
+         'bad records: "raise" (naming file:line) | "skip" (counted)'),
+    Knob("data.max_record_bytes", 1 << 24, "(0, inf)",
+         "a document, line or record over this many bytes is `too_long` (handled per "
+         "data.on_error), which bounds memory"),
+
+    _section("optimizer", "AdamW and its learning-rate schedule"),
+    Knob("optimizer.lr", 3e-4, "(0, inf)", "peak learning rate"),
+    Knob("optimizer.schedule", "cosine", ("cosine", "linear", "constant", "wsd"),
+         'the decay after warmup; "wsd": warmup, stable, decay'),
+    Knob("optimizer.warmup_steps", 100, "[0, inf)", "steps of linear warmup to lr"),
+    Knob("optimizer.decay_fraction", 0.2, "(0, 1]", "wsd: the final fraction of steps that decays"),
+    Knob("optimizer.min_lr_ratio", 0.1, "[0, 1]", "the final lr is lr * min_lr_ratio"),
+    Knob("optimizer.b1", 0.9, "[0, 1)", "Adam's decay rate of the gradient mean"),
+    Knob("optimizer.b2", 0.95, "[0, 1)", "Adam's decay rate of the squared-gradient mean"),
+    Knob("optimizer.eps", 1e-8, "(0, inf)", "Adam's epsilon, added to the update's denominator"),
+    Knob("optimizer.weight_decay", 0.1, "[0, inf)", "decoupled (AdamW) weight decay"),
+    Knob("optimizer.decay_embeddings", False, None, "apply weight decay to embeddings too"),
+    Knob("optimizer.decay_norms_and_biases", False, None,
+         "apply weight decay to norm scales and biases too"),
+    Knob("optimizer.grad_clip", 1.0, "[0, inf)", "clip gradients to this global norm; 0: off"),
+    Knob("optimizer.grad_accum_steps", 1, "(0, inf)",
+         "microbatches per step (data.batch_size is split into them)"),
+
+    _section("loss", "extra loss terms"),
+    Knob("loss.z_loss", 0.0, "[0, inf)",
+         "coefficient of log(Z)^2, which keeps the softmax normalizer Z near 1"),
+
+    _section("lora", "low-rank adapters over a frozen init_from base"),
+    Knob("lora.rank", 0, "[0, inf)", "adapter rank; 0: off (train every weight)"),
+    Knob("lora.alpha", 16.0, "(0, inf)", "the adapters' update is scaled by alpha / rank"),
+    Knob("lora.dropout", 0.0, "[0, 1)", "dropout on the adapters' input"),
+    Knob("lora.targets", "(wq|wk|wv|wo|w_gate|w_up|w_down)$", None,
+         "a regex over layers/<name>: the weights that get adapters"),
+
+    _section("reward", 'task "reward" (Bradley-Terry on preference pairs); the RL reward'),
+    Knob("reward.center_coef", 0.0, "[0, inf)",
+         "adds coef * (r_chosen + r_rejected)^2 per pair, keeping rewards centered on 0"),
+    Knob("reward.normalize_on", "", None,
+         'after training, rewards get mean 0 and std 1 on this set: "eval" (data.eval) or '
+         "preference-file globs; empty: off"),
+    Knob("reward.fn", "", None,
+         'RL: reward functions, "name[=weight],..." of built-ins or package.module:function'),
+    Knob("reward.model", "", None, "RL: a jaxlm reward run scoring completions"),
+    Knob("reward.model_weight", 1.0, Unranged("any finite number"),
+         "RL: the weight of reward.model's scores in the summed reward"),
+
+    _section("rl", 'tasks "grpo" and "ppo" (data.batch_size: prompts per step)'),
+    Knob("rl.num_generations", 4, "(0, inf)", "completions per prompt (GRPO's group size G)"),
+    Knob("rl.max_new_tokens", 64, "(0, inf)", "the longest completion, in tokens"),
+    Knob("rl.temperature", 1.0, "[0, inf)",
+         "sampling temperature; the trainer's log-probs use it too"),
+    Knob("rl.top_k", 0, "[0, inf)", "sample among the k likeliest tokens; 0: all"),
+    Knob("rl.top_p", 1.0, "(0, 1]",
+         "sample among the likeliest tokens holding this much probability; 1: all"),
+    Knob("rl.epochs", 1, "(0, inf)", "passes over each rollout batch"),
+    Knob("rl.minibatches", 1, "(0, inf)", "optimizer updates per pass"),
+    Knob("rl.clip_low", 0.2, "[0, 1)",
+         "the policy ratio is clipped to [1 - clip_low, 1 + clip_high]"),
+    Knob("rl.clip_high", 0.2, "[0, inf)", "the upper side of that clip"),
+    Knob("rl.kl_coef", 0.04, "[0, inf)",
+         "weight of the KL to the reference; GRPO: 0 drops the reference"),
+    Knob("rl.kl_estimator", "k3", ("k1", "k3"),
+         'PPO: "k1" (a penalty in the reward) | "k3" (a loss term); GRPO always uses k3'),
+    Knob("rl.kl_target", 0.0, "[0, inf)",
+         "PPO: > 0 adapts kl_coef toward this KL per token; 0: kl_coef stays"),
+    Knob("rl.advantage_scale", "group", ("group", "batch", "none"),
+         'GRPO: advantages divided by the "group" or "batch" std, or "none"'),
+    Knob("rl.loss_agg", "sequence", ("sequence", "token", "constant"),
+         'how token losses combine: "sequence" mean | "token" mean (DAPO) | "constant" '
+         "(Dr. GRPO)"),
+    Knob("rl.missing_eos_penalty", 0.0, "[0, inf)",
+         "subtracted from the score of completions that end without EOS"),
+    Knob("rl.gamma", 1.0, "[0, 1]", "PPO: GAE's discount"),
+    Knob("rl.lam", 0.95, "[0, 1]", "PPO: GAE's lambda"),
+    Knob("rl.vf_coef", 0.1, "[0, inf)", "PPO: weight of the value loss"),
+    Knob("rl.value_clip", 0.2, "[0, inf)",
+         "PPO: new values are clipped to within this of the rollout's values"),
+    Knob("rl.whiten_rewards", False, None, "PPO: whiten the per-token rewards of each batch"),
+    Knob("rl.critic_from", "", None,
+         "PPO: where the value head starts (a reward run or an LM); empty: init_from"),
+
+    _section("dpo", 'task "dpo": direct preference optimization and its relatives'),
+    Knob("dpo.loss", "sigmoid", ("sigmoid", "robust", "ipo", "hinge"),
+         '"sigmoid" (DPO, cDPO) | "robust" | "ipo" | "hinge"'),
+    Knob("dpo.beta", 0.1, "(0, inf)", "strength of the implicit KL to the reference"),
+    Knob("dpo.label_smoothing", 0.0, "[0, 0.5)",
+         "sigmoid, robust: the assumed share of flipped labels"),
+    Knob("dpo.reference", "copy", ("copy", "precomputed", "none"),
+         '"copy" (frozen weights; with LoRA the base, adapters off) | "precomputed" (one pass '
+         'first) | "none" (reference-free)'),
+    Knob("dpo.reference_from", "", None, "the reference's weights; empty: init_from"),
+    Knob("dpo.sft_weight", 0.0, "[0, inf)",
+         "adds weight * the per-token NLL of the chosen response (RPO)"),
+
+    _section("eval", 'task "eval", tools/eval.py and pipeline stages'),
+    Knob("eval.model", "", None,
+         "the checkpoint: a jaxlm run (any task) or a Hugging Face directory"),
+    Knob("eval.tasks", "", None, "prompt records with an `answer` (e.g. gsm8k_test.jsonl)"),
+    Knob("eval.max_tasks", 256, "[0, inf)", "only the first N tasks (and pairs); 0: all"),
+    Knob("eval.max_new_tokens", 64, "(0, inf)", "the longest completion, in tokens"),
+    Knob("eval.temperature", 1.0, "[0, inf)",
+         "temperature of the sampled accuracy and KL samples; 0 skips them"),
+    Knob("eval.top_k", 0, "[0, inf)", "sample among the k likeliest tokens; 0: all"),
+    Knob("eval.top_p", 1.0, "(0, 1]",
+         "sample among the likeliest tokens holding this much probability; 1: all"),
+    Knob("eval.seed", 0, "[0, inf)", "sampling seed"),
+    Knob("eval.batch_size", 64, "(0, inf)", "rows per generation or perplexity batch"),
+    Knob("eval.text", "", None, "held-out text for perplexity (globs or builtin:...)"),
+    Knob("eval.text_batches", 8, "[0, inf)", "perplexity over at most this many batches"),
+    Knob("eval.seq_len", 256, "(0, inf)", "perplexity row length, in tokens"),
+    Knob("eval.pairs", "", None, "reward models: held-out preference pairs"),
+    Knob("eval.reward_model", "", None, "a reward run judging greedy completions (reward_mean)"),
+    Knob("eval.baseline", "", None, "another evaluation's folder: win_rate against its samples"),
+    Knob("eval.reference", "", None, "a model to measure kl_to_reference against"),
+    Knob("eval.chat_template", "", ("", "jaxlm", "chatml", "llama3", "hf"),
+         "empty: the run's data.chat_template (hf for Hugging Face directories)"),
+    Knob("eval.show", 4, "[0, inf)", "sample completions kept in eval.json"),
+)
+
+
+def _set(node, key: str, default) -> None:
+  setattr(node, key, ml_collections.ConfigDict() if default is SECTION else default)
+
+
 def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
   """The model section: defaults, then a shape preset, then overrides."""
   if preset not in MODEL_PRESETS:
     raise ConfigError(f"model preset {preset!r}: must be one of {', '.join(MODEL_PRESETS)}")
   m = ml_collections.ConfigDict()
-  m.family = "llama"            # "llama" (RMSNorm, RoPE, SwiGLU, GQA) or "gpt2"
-  m.vocab_size = 0              # 0: take the tokenizer's size, padded to vocab_multiple
-  m.vocab_multiple = 128        # pad the vocabulary to a multiple of this (sharding, MXU tiles)
-  m.d_model = 128
-  m.num_layers = 4
-  m.num_heads = 4
-  m.num_kv_heads = 4            # < num_heads: grouped-query attention
-  m.head_dim = 0                # 0: d_model // num_heads
-  m.ffn_dim = 512
-  m.max_seq_len = 2048          # learned position table size (gpt2 only)
-  m.rope_theta = 10000.0
-  m.rope_scaling_factor = 0.0   # > 0 enables Llama-3 frequency scaling with the three fields below
-  m.rope_low_freq_factor = 1.0
-  m.rope_high_freq_factor = 4.0
-  m.rope_original_max_len = 8192
-  m.norm_eps = 1e-6
-  m.qkv_bias = False            # Qwen2-style biases on q, k, v
-  m.tie_embeddings = False      # share the input embedding with the output projection
-  m.init_std = 0.02
-  m.dtype = "bfloat16"          # compute dtype
-  m.param_dtype = "float32"     # storage dtype of parameters and optimizer state
-  m.remat = "minimal"           # "none" | "minimal" (save projections, attention) | "full"
-  m.attention = "auto"          # "auto" | "xla" | "cudnn" | "splash"
-  m.logits_chunk = 0            # > 0: the loss takes logits this many positions at a time
-  m.layer_loop = "auto"         # "scan" | "unroll" | "auto": unroll when every device holds
-                                # the whole weights (no fsdp or tensor sharding), else scan
+  for knob in _KNOBS:
+    if knob.key.startswith("model."):
+      _set(m, knob.key[len("model."):], knob.default)
   for k, v in {**MODEL_PRESETS[preset], **overrides}.items():
     setattr(m, k, v)
   return m
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults shared by every task. Configs under configs/ start here."""
+  """Defaults shared by every task, built from `_KNOBS`. Configs under configs/ start here."""
   c = ml_collections.ConfigDict()
-  c.task = "pretrain"            # "pretrain" | "sft" | "reward" | "dpo" | "grpo" | "ppo" | "eval"
-                                # | "pipeline"
-  c.steps = 1000
-  c.seed = 0
-  c.log_every = 10
-  c.eval_every = 200            # 0 disables evaluation
-  c.eval_steps = 10             # batches per evaluation
-  c.checkpoint_every = 200      # a checkpoint is also written at the end
-  c.keep_checkpoints = 3
-  c.async_checkpointing = True
-  c.preemption_grace_s = 60.0   # SIGTERM: the checkpoint should be written within this (warned if not)
-  c.nan_policy = "stop"         # non-finite loss or gradients: "stop" (dump, then stop) | "skip" (no update)
-  c.max_skipped_steps = 10      # nan_policy "skip": this many skipped updates in a row stop the run
-  c.loss_spike_factor = 3.0     # log an event when a logged loss exceeds this x the running mean; 0: off
-  c.loss_spike_window = 20      # logged losses in that running mean
-  c.init_from = ""              # a jaxlm workdir / checkpoint, or a Hugging Face model directory
-  c.peak_tflops = 0.0           # per-device peak for MFU; 0: look up the device kind
-  c.progress = "auto"           # "auto" (bar on a terminal) | "bar" | "log"
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1               # pure data parallelism (replicated params)
-  c.mesh.fsdp = -1              # data parallelism with sharded params; -1: fill the devices
-  c.mesh.tensor = 1             # tensor (model) parallelism
-
-  c.sharding = ml_collections.ConfigDict()
-  c.sharding.rules = DEFAULT_RULES
-
-  c.model = model_config("tiny")
-
-  c.data = ml_collections.ConfigDict()
-  c.data.train = ""             # globs, a prepared corpus directory, or tfds:NAME[:VERSION]:SPLIT
-  c.data.eval = ""              # the same; empty disables evaluation
-  c.data.tfds_data_dir = ""     # where TFDS datasets are prepared; empty: TFDS's default
-  c.data.mixture = ""           # prepared corpus: "name=weight,..."; empty: its recorded weights
-  c.data.on_exhausted = "repeat"  # "repeat" (new epoch, reshuffled) | "stop" (end the run)
-  c.data.format = "auto"        # "auto" (by extension) | "text" | "jsonl"
-  c.data.text_field = "text"    # JSONL field holding the document
-  c.data.text_split = "file"    # text files: "file" (one document each) | "paragraph" (blank lines)
-  c.data.tokenizer = ""         # SentencePiece .model; empty: train one into the workdir
-  c.data.tokenizer_vocab_size = 4096
-  c.data.tokenizer_sample_chars = 4_000_000
-  c.data.seq_len = 256
-  c.data.batch_size = 16        # global, in sequences (reward, dpo: records)
-  c.data.shuffle = True
-  c.data.prefetch = 2           # batches prepared ahead in a background thread
-  c.data.shards = 0             # pretrain, sft: data split into this many shards (a multiple of
-                                # the process count, dividing batch_size); batches, losses and
-                                # checkpoints are the same on any process count dividing it.
-                                # 0: auto, gcd(batch_size, lcm(8, processes)): 8 when 8 divides
-                                # batch_size, the same on 1, 2, 4 or 8 processes
-  # SFT (task "sft"): records -> chat template -> tokens with a loss mask
-  c.data.sft_format = "auto"    # "auto" (by fields) | "alpaca" | "messages" | "prompt_completion" | "text"
-  c.data.chat_template = "jaxlm"  # "jaxlm" | "chatml" | "llama3" | "hf" (tokenizer_config.json's)
-  c.data.loss_on = "completion"  # "completion" (assistant turns) | "all" tokens
-  c.data.packing = True         # pack whole examples into rows (first fit); else pad each
-  c.data.truncation = "truncate"  # examples over seq_len: "truncate" | "drop"
-  c.data.on_error = "raise"     # bad records: "raise" (file:line) | "skip" (counted)
-  c.data.max_record_bytes = 1 << 24  # a document, line or record over this is `too_long`
-                                # (under data.on_error); memory stays bounded by it
-
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 3e-4
-  c.optimizer.schedule = "cosine"   # "cosine" | "linear" | "constant" | "wsd"
-  c.optimizer.warmup_steps = 100
-  c.optimizer.decay_fraction = 0.2  # wsd: final fraction of steps that decays
-  c.optimizer.min_lr_ratio = 0.1    # final lr = lr * min_lr_ratio
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.95
-  c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 0.1
-  c.optimizer.decay_embeddings = False
-  c.optimizer.decay_norms_and_biases = False
-  c.optimizer.grad_clip = 1.0       # global-norm clipping; 0 disables
-  c.optimizer.grad_accum_steps = 1  # microbatches per step
-
-  c.loss = ml_collections.ConfigDict()
-  c.loss.z_loss = 0.0               # coefficient of log(Z)^2
-
-  c.lora = ml_collections.ConfigDict()  # low-rank adapters over a frozen init_from base
-  c.lora.rank = 0                   # 0: off (train every weight)
-  c.lora.alpha = 16.0               # the update is scaled by alpha / rank
-  c.lora.dropout = 0.0              # dropout on the adapters' input
-  c.lora.targets = "(wq|wk|wv|wo|w_gate|w_up|w_down)$"  # regex over layers/<name>
-
-  c.reward = ml_collections.ConfigDict()  # task "reward": Bradley-Terry on preference pairs
-  c.reward.center_coef = 0.0        # + coef * (r_chosen + r_rejected)^2 per pair (centering)
-  c.reward.normalize_on = ""        # after training, rewards get mean 0 / std 1 on this set:
-                                    # "eval" (data.eval) or preference-file globs; empty: off
-
-  c.rl = ml_collections.ConfigDict()  # tasks "grpo" and "ppo"; data.batch_size = prompts a step
-  c.rl.num_generations = 4          # completions per prompt (GRPO's group size G)
-  c.rl.max_new_tokens = 64
-  c.rl.temperature = 1.0            # sampling; the trainer's log-probs use it too
-  c.rl.top_k = 0
-  c.rl.top_p = 1.0
-  c.rl.epochs = 1                   # passes over each rollout batch
-  c.rl.minibatches = 1              # optimizer updates per pass
-  c.rl.clip_low = 0.2               # ratio clipped to [1 - clip_low, 1 + clip_high]
-  c.rl.clip_high = 0.2
-  c.rl.kl_coef = 0.04               # KL to the reference; GRPO: 0 drops the reference
-  c.rl.kl_estimator = "k3"          # PPO: "k1" (in the reward) | "k3" (a loss term); GRPO: k3
-  c.rl.kl_target = 0.0              # PPO: > 0 adapts kl_coef toward this KL per token
-  c.rl.advantage_scale = "group"    # GRPO: divide by the "group" | "batch" std, or "none"
-  c.rl.loss_agg = "sequence"        # "sequence" mean | "token" mean (DAPO) | "constant" (Dr. GRPO)
-  c.rl.missing_eos_penalty = 0.0    # subtracted from the score of completions without EOS
-  c.rl.gamma = 1.0                  # PPO: GAE discount
-  c.rl.lam = 0.95                   # PPO: GAE lambda
-  c.rl.vf_coef = 0.1                # PPO: weight of the value loss
-  c.rl.value_clip = 0.2             # PPO: value updates clipped around the rollout's values
-  c.rl.whiten_rewards = False       # PPO: whiten the per-token rewards of each batch
-  c.rl.critic_from = ""             # PPO: value head's start (a reward run or an LM); empty: init_from
-  c.reward.fn = ""                  # RL: "name[=weight],..." built-ins or package.module:function
-  c.reward.model = ""               # RL: a jaxlm reward run scoring completions
-  c.reward.model_weight = 1.0
-
-  c.dpo = ml_collections.ConfigDict()  # task "dpo": direct preference optimization and its relatives
-  c.dpo.loss = "sigmoid"            # "sigmoid" (DPO, cDPO) | "robust" | "ipo" | "hinge"
-  c.dpo.beta = 0.1                  # strength of the implicit KL to the reference
-  c.dpo.label_smoothing = 0.0       # sigmoid/robust: assumed share of flipped labels, < 0.5
-  c.dpo.reference = "copy"          # "copy" (frozen weights; with LoRA the base, adapters
-                                    # off) | "precomputed" (one pass first) | "none" (free)
-  c.dpo.reference_from = ""         # the reference's weights; empty: init_from
-  c.dpo.sft_weight = 0.0            # + weight * per-token NLL of chosen (RPO)
-
-  c.eval = ml_collections.ConfigDict()  # task "eval", tools/eval.py, pipeline stages
-  c.eval.model = ""                 # the checkpoint: a jaxlm run (any task) or a HF directory
-  c.eval.tasks = ""                 # prompt records with an `answer` (e.g. gsm8k_test.jsonl)
-  c.eval.max_tasks = 256            # the first N tasks (and pairs); 0: all
-  c.eval.max_new_tokens = 64
-  c.eval.temperature = 1.0          # sampled accuracy and KL samples; 0 skips them
-  c.eval.top_k = 0
-  c.eval.top_p = 1.0
-  c.eval.seed = 0
-  c.eval.batch_size = 64            # rows per generation or perplexity batch
-  c.eval.text = ""                  # held-out text for perplexity (globs or builtin:...)
-  c.eval.text_batches = 8           # perplexity over at most this many batches
-  c.eval.seq_len = 256              # perplexity row length
-  c.eval.pairs = ""                 # reward models: held-out preference pairs
-  c.eval.reward_model = ""          # a reward run judging greedy completions (reward_mean)
-  c.eval.baseline = ""              # another evaluation's folder: win_rate against its samples
-  c.eval.reference = ""             # a model to measure kl_to_reference against
-  c.eval.chat_template = ""         # default: the run's data.chat_template (hf for HF dirs)
-  c.eval.show = 4                   # sample completions kept in eval.json
+  for knob in _KNOBS:
+    *parents, leaf = knob.key.split(".")
+    if knob.key == "model":
+      c.model = model_config("tiny")
+    elif parents[:1] != ["model"]:
+      _set(get_key(c, ".".join(parents)) if parents else c, leaf, knob.default)
   return c
 
 
-class ConfigError(ValueError):
-  """A config problem, phrased as one line naming the key."""
+def describe() -> list[Knob]:
+  """Every key of base_config in its order, for docs: Knob(key, default, rule,
+  description), the default being base_config's (SECTION for a section)."""
+  c = base_config()
+  return [knob if knob.default is SECTION else knob._replace(default=get_key(c, knob.key))
+          for knob in _KNOBS]
 
 
-_CHOICES = {
-    "model.family": ("llama", "gpt2"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "minimal", "full"),
-    "model.layer_loop": ("auto", "scan", "unroll"),
-    "model.attention": ("auto", "xla", "cudnn", "splash"),
-    "data.format": ("auto", "text", "jsonl"),
-    "data.on_exhausted": ("repeat", "stop"),
-    "data.sft_format": ("auto", "alpaca", "messages", "prompt_completion", "text"),
-    "data.chat_template": ("jaxlm", "chatml", "llama3", "hf"),
-    "data.loss_on": ("completion", "all"),
-    "data.truncation": ("truncate", "drop"),
-    "data.on_error": ("raise", "skip"),
-    "data.text_split": ("file", "paragraph"),
-    "optimizer.schedule": ("cosine", "linear", "constant", "wsd"),
-    "progress": ("auto", "bar", "log"),
-    "nan_policy": ("stop", "skip"),
-    "dpo.loss": ("sigmoid", "robust", "ipo", "hinge"),
-    "dpo.reference": ("copy", "precomputed", "none"),
-    "rl.kl_estimator": ("k1", "k3"),
-    "rl.advantage_scale": ("group", "batch", "none"),
-    "rl.loss_agg": ("sequence", "token", "constant"),
-    "eval.chat_template": ("", "jaxlm", "chatml", "llama3", "hf"),
-}
+_CHOICES = {knob.key: knob.rule for knob in _KNOBS if isinstance(knob.rule, tuple)}
 
-# Every numeric field of base_config has a range: > 0, >= 0, or a narrower interval.
-# Every float must also be finite (no key gives inf or nan a meaning), and every integer
-# must fit in 32 bits (JAX's default integer).
+# Every numeric field of base_config has a range: > 0, >= 0, or a narrower interval (the
+# Unranged ones excepted). Every float must also be finite (no key gives inf or nan a
+# meaning), and every integer must fit in 32 bits (JAX's default integer).
 _RANGES = {  # interval notation: "[0, 1)" holds 0 but not 1
-    **dict.fromkeys(("steps", "log_every", "keep_checkpoints", "checkpoint_every", "model.d_model",
-                      "model.num_layers", "model.num_heads", "model.num_kv_heads",
-                      "model.ffn_dim", "data.seq_len", "data.batch_size", "optimizer.lr",
-                      "optimizer.grad_accum_steps", "model.vocab_multiple",
-                      "max_skipped_steps", "loss_spike_window", "model.max_seq_len",
-                      "model.rope_theta", "model.rope_low_freq_factor",
-                      "model.rope_high_freq_factor", "model.rope_original_max_len",
-                      "model.init_std", "data.tokenizer_vocab_size",
-                      "data.tokenizer_sample_chars", "data.max_record_bytes", "optimizer.eps",
-                      "lora.alpha", "dpo.beta",
-                      "rl.num_generations", "rl.max_new_tokens", "rl.epochs", "rl.minibatches",
-                      "eval.max_new_tokens", "eval.batch_size", "eval.seq_len"), "(0, inf)"),
-    **dict.fromkeys(("eval_every", "eval_steps", "optimizer.warmup_steps", "optimizer.weight_decay",
-                      "optimizer.grad_clip", "loss.z_loss", "model.vocab_size",
-                      "model.head_dim", "model.logits_chunk", "peak_tflops",
-                      "preemption_grace_s", "loss_spike_factor", "data.prefetch",
-                      "data.shards", "model.rope_scaling_factor", "seed", "reward.center_coef",
-                      "dpo.sft_weight", "rl.kl_coef", "rl.kl_target", "rl.temperature",
-                      "rl.top_k", "rl.missing_eos_penalty", "rl.vf_coef", "rl.value_clip",
-                      "rl.clip_high", "lora.rank", "eval.max_tasks", "eval.temperature",
-                      "eval.top_k", "eval.seed", "eval.text_batches", "eval.show"), "[0, inf)"),
-    "optimizer.b1": "[0, 1)",
-    "optimizer.b2": "[0, 1)",
-    "optimizer.min_lr_ratio": "[0, 1]",
-    "optimizer.decay_fraction": "(0, 1]",
-    "model.norm_eps": "(0, 1)",
-    "lora.dropout": "[0, 1)",
-    "dpo.label_smoothing": "[0, 0.5)",
-    "rl.top_p": "(0, 1]",
-    "rl.clip_low": "[0, 1)",
-    "rl.gamma": "[0, 1]",
-    "rl.lam": "[0, 1]",
-    "eval.top_p": "(0, 1]",
-}
+    knob.key: knob.rule for knob in _KNOBS if isinstance(knob.rule, str)}
 _INT_LIMIT = 2**31 - 1
 
 
@@ -320,18 +400,6 @@ def _in_interval(value, interval: str) -> bool:
   above = value > low if interval[0] == "(" else value >= low
   below = value < high if interval[-1] == ")" else value <= high
   return above and below
-
-
-def one_line(message) -> str:
-  """`message` as one line: line breaks (from a value or a library's text) escaped."""
-  text = str(message).strip()
-  return text.replace("\r", "\\r").replace("\n", "\\n")
-
-
-def error_detail(e: BaseException) -> str:
-  """An exception as one line: its type and the first line of its message."""
-  lines = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def get_key(config, dotted):
@@ -393,37 +461,7 @@ def set_key(config, dotted: str, value) -> None:
     raise ConfigError(one_line(f"{dotted}={value!r}: {e}")) from None
 
 
-def expand_globs(spec: str, key: str) -> list[str]:
-  """Comma-separated globs or directories -> sorted file list (the rules are
-  `fileio.expand`'s: `**` recurses, a directory means every file under it); an error
-  naming `key` if one matches nothing."""
-  try:
-    expanded = fileio.expand(spec)
-  except ValueError as e:  # a NUL byte, a path too long
-    raise ConfigError(one_line(f"{key}: {e}")) from None
-  files = []
-  for pattern, matched in expanded:
-    if not matched:
-      raise ConfigError(one_line(f"{key}: no file matches {pattern!r}"))
-    files.extend(matched)
-  return files
-
-
-def mesh_shape(config, num_devices: int) -> dict[str, int]:
-  """Resolve `config.mesh` (one size may be -1) against the device count."""
-  from jaxlm import sharding  # pylint: disable=import-outside-toplevel
-  sizes = {a: int(config.mesh[a]) for a in sharding.MESH_AXES}
-  for a, s in sizes.items():
-    if s == 0 or s < -1:
-      raise ConfigError(f"mesh.{a}={s}: mesh sizes must be positive or -1")
-  try:
-    shape = sharding.resolve_mesh_shape(sizes, num_devices)
-  except sharding.ShardingError as e:
-    raise ConfigError(f"mesh: {e}") from None
-  return dict(zip(sharding.MESH_AXES, shape))
-
-
-def _structure_errors(config) -> tuple[list[str], list[str], set]:
+def structure_errors(config) -> tuple[list[str], list[str], set]:
   """(missing, unknown or mistyped keys; non-finite or out-of-32-bit numbers; the keys
   named), checked against base_config: a section overridden whole
   (`--config.optimizer="{'lr': 1}"`), a sweep's None or a bool for a number all land here."""
@@ -461,7 +499,6 @@ def _structure_errors(config) -> tuple[list[str], list[str], set]:
 
 
 def _rules_errors(rules) -> list[str]:
-  from jaxlm.sharding import MESH_AXES  # pylint: disable=import-outside-toplevel
   for i, rule in enumerate(rules):
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
       return [f"sharding.rules[{i}]={rule!r}: each rule is (logical axis name, mesh axes "
@@ -474,21 +511,7 @@ def _rules_errors(rules) -> list[str]:
   return []
 
 
-def _reward_fn_errors(spec: str) -> list[str]:
-  """reward.fn's syntax, and each user function imported and checked (rewards.py)."""
-  from jaxlm import rewards  # pylint: disable=import-outside-toplevel
-  return rewards.spec_errors(spec)
-
-
-def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
-  """Every problem in `config`, each as one line naming the key. Empty when valid."""
-  shape_errors, errors, bad = _structure_errors(config)
-  if shape_errors:  # every check below reads base_config's keys and types
-    return [one_line(e) for e in shape_errors + errors]
-  return [one_line(e) for e in _semantic_errors(config, num_devices, num_processes, errors, bad)]
-
-
-def _range_errors(config, errors: list, bad: set) -> None:
+def range_errors(config, errors: list, bad: set) -> None:
   """Choices and numeric ranges, added to `errors`; each key reported joins `bad`."""
   def require(key, holds, rule):
     value = get_key(config, key)
@@ -526,6 +549,30 @@ def _model_shape_errors(m, ok) -> list[str]:
   return errors
 
 
+def schema_errors(config, bad: set | None = None) -> list[str]:
+  """The problems `config` shows by itself, each one line naming the key: unknown,
+  missing or mistyped keys first (when there are any, nothing else is checked: every
+  later rule reads base_config's keys and types); then non-finite or too-large numbers,
+  choices, ranges, the sharding rules, lora.targets' regex and the model's shape rules.
+  Files, devices and each task's own rules are `jaxlm.validate`'s. `bad`, when given,
+  receives every key reported; when it holds some after the call with no shape error,
+  rules across those keys were skipped (they would compare values already wrong)."""
+  bad = set() if bad is None else bad
+  shape_errors, errors, named = structure_errors(config)
+  bad.update(named)
+  if shape_errors:
+    bad.add("*")  # keys or types are wrong: no rule below can read them
+    return [one_line(e) for e in shape_errors + errors]
+  range_errors(config, errors, bad)
+  errors += _rules_errors(config.sharding.rules)
+  try:
+    re.compile(config.lora.targets)
+  except (re.error, ValueError) as e:
+    errors.append(f"lora.targets={config.lora.targets!r}: not a regular expression ({e})")
+  errors += _model_shape_errors(config.model, lambda *keys: not bad.intersection(keys))
+  return [one_line(e) for e in errors]
+
+
 def section_errors(name: str, section, rules=None) -> list[str]:
   """The problems of one section alone (`NAME.KEY=...`, one line each), for a section
   read from elsewhere (a model's from a Hugging Face config.json, an eval's from
@@ -533,10 +580,10 @@ def section_errors(name: str, section, rules=None) -> list[str]:
   `rules(section, ok)` across keys (`ok(*keys)`: none of them is reported already)."""
   c = base_config()
   c[name] = section
-  shape_errors, errors, bad = _structure_errors(c)
+  shape_errors, errors, bad = structure_errors(c)
   errors = [e for e in shape_errors + errors if e.startswith(f"{name}.")]
   if not errors:
-    _range_errors(c, errors, bad)
+    range_errors(c, errors, bad)
     errors = [e for e in errors if e.startswith(f"{name}.")]
     errors += rules(section, lambda *keys: not bad.intersection(keys)) if rules else []
   return [one_line(e) for e in errors]
@@ -545,160 +592,6 @@ def section_errors(name: str, section, rules=None) -> list[str]:
 def model_errors(m) -> list[str]:
   """The problems of a model section alone: `section_errors` and the shape rules."""
   return section_errors("model", m, _model_shape_errors)
-
-
-def _semantic_errors(config, num_devices, num_processes, errors, bad) -> list[str]:
-  from jaxlm.data.prepare import is_prepared  # pylint: disable=import-outside-toplevel
-
-  def check(fn):
-    try:
-      fn()
-    except ConfigError as e:
-      errors.append(str(e))
-
-  def ok(*keys):  # none of these keys is already reported: checks across them are safe
-    return not bad.intersection(keys)
-
-  _range_errors(config, errors, bad)
-  errors += _rules_errors(config.sharding.rules)
-  try:
-    re.compile(config.lora.targets)
-  except (re.error, ValueError) as e:
-    errors.append(f"lora.targets={config.lora.targets!r}: not a regular expression ({e})")
-
-  m = config.model
-  errors += _model_shape_errors(m, ok)
-  if ok("lora.rank") and config.lora.rank > 0 and not config.init_from:
-    errors.append(f"lora.rank={config.lora.rank} needs init_from: adapters tune a trained "
-                  f"base model")
-  if config.task == "dpo":
-    dpo = config.dpo
-    if not config.init_from:
-      errors.append("init_from: task='dpo' needs the model it aligns (a jaxlm run or a "
-                    "Hugging Face directory); the policy starts there and, by default, "
-                    "the reference is a copy of it")
-    if dpo.reference_from and config.lora.rank:
-      errors.append("dpo.reference_from: with LoRA the reference is the base (init_from) "
-                    "with the adapters off; leave dpo.reference_from empty")
-    if dpo.reference_from and not os.path.exists(dpo.reference_from):
-      errors.append(f"dpo.reference_from: no such path {dpo.reference_from!r}")
-  if config.task in ("grpo", "ppo"):
-    rl_cfg = config.rl
-    if not config.init_from:
-      errors.append(f"init_from: task={config.task!r} needs the policy to start from")
-    if not config.reward.fn and not config.reward.model:
-      errors.append("reward.fn / reward.model: set a reward source (e.g. reward.fn=math_answer)")
-    if config.reward.fn:
-      errors += _reward_fn_errors(config.reward.fn)
-    if config.reward.model and not os.path.exists(config.reward.model):
-      errors.append(f"reward.model: no such path {config.reward.model!r}")
-    if config.task == "grpo" and ok("rl.num_generations") and rl_cfg.num_generations < 2:
-      errors.append(f"rl.num_generations={rl_cfg.num_generations}: GRPO needs groups of >= 2")
-    if ok("data.batch_size", "rl.num_generations", "rl.minibatches",
-          "optimizer.grad_accum_steps"):
-      rows = config.data.batch_size * rl_cfg.num_generations
-      accum = config.optimizer.grad_accum_steps
-      if rows % rl_cfg.minibatches:
-        errors.append(f"rl.minibatches={rl_cfg.minibatches} does not divide the "
-                      f"{rows} completions of a step (data.batch_size * rl.num_generations)")
-      elif (rows // rl_cfg.minibatches) % accum:
-        errors.append(f"optimizer.grad_accum_steps={accum} does not divide the "
-                      f"{rows // rl_cfg.minibatches} completions of a minibatch")
-    if ok("rl.temperature") and not rl_cfg.temperature > 0:
-      errors.append(f"rl.temperature={rl_cfg.temperature}: must be > 0 (the policy's "
-                    f"log-probs are taken at it)")
-  if config.task == "reward":
-    spec = config.reward.normalize_on
-    if spec == "eval" and not config.data.eval:
-      errors.append("reward.normalize_on='eval' but data.eval is empty")
-    elif spec and spec != "eval" and not spec.strip().startswith("builtin:"):
-      check(lambda: expand_globs(spec, "reward.normalize_on"))
-
-  if (ok("data.seq_len", "model.max_seq_len") and m.family == "gpt2"
-      and config.data.seq_len > m.max_seq_len):
-    errors.append(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
-                  f"(learned positions)")
-
-  try:
-    sizes = mesh_shape(config, num_devices)
-  except ConfigError as e:
-    errors.append(str(e))
-    sizes = None
-  if sizes and ok("data.batch_size", "optimizer.grad_accum_steps"):
-    dp = sizes["data"] * sizes["fsdp"]
-    accum = config.optimizer.grad_accum_steps
-    micro = config.data.batch_size // accum
-    if config.data.batch_size % accum:
-      errors.append(f"data.batch_size={config.data.batch_size} is not divisible by "
-                    f"optimizer.grad_accum_steps={accum}")
-    elif micro % dp:
-      errors.append(f"data.batch_size={config.data.batch_size} (per microbatch {micro}) is not "
-                    f"divisible by the data-parallel size mesh.data*mesh.fsdp={dp}")
-    if config.data.batch_size % num_processes:
-      errors.append(f"data.batch_size={config.data.batch_size} is not divisible by the "
-                    f"{num_processes} processes")
-  shards = config.data.shards
-  if shards and ok("data.shards", "data.batch_size"):
-    if config.task not in ("pretrain", "sft"):
-      errors.append(f"data.shards={shards}: only pretrain and sft split their data into "
-                    f"shards; leave it 0 for task={config.task!r}")
-    elif shards % num_processes or config.data.batch_size % shards:
-      errors.append(f"data.shards={shards} must be a multiple of the {num_processes} "
-                    f"process(es) and divide data.batch_size={config.data.batch_size}")
-
-  if config.task == "eval":
-    if not config.eval.model:
-      errors.append("eval.model: empty; name the checkpoint to evaluate (a jaxlm run or a "
-                    "Hugging Face directory)")
-    elif not os.path.exists(config.eval.model):
-      errors.append(f"eval.model: no such path {config.eval.model!r}")
-    if not (config.eval.tasks or config.eval.text or config.eval.pairs):
-      errors.append("eval.tasks / eval.text / eval.pairs: all empty; nothing to evaluate")
-  errors += _eval_path_errors(config.eval)
-  for key in ("data.train", "data.eval") if config.task != "eval" else ():
-    spec = get_key(config, key)
-    if is_prepared(spec):
-      pass  # a prepared corpus (tools/prepare_data.py); its sources are checked when read
-    elif spec and spec.strip().startswith("builtin:"):
-      pass  # generated data (jaxlm.data.sft.BUILTINS), checked when the task builds it
-    elif spec and spec.strip().startswith("tfds:"):
-      from jaxlm.data.sources import parse_tfds_spec  # pylint: disable=import-outside-toplevel
-      check(lambda spec=spec, key=key: parse_tfds_spec(spec, key))
-    elif spec:
-      check(lambda spec=spec, key=key: expand_globs(spec, key))
-  if not config.data.train and config.task != "eval":
-    errors.append("data.train: empty; give one or more comma-separated globs")
-  if config.data.mixture:
-    from jaxlm.data.lm import parse_mixture  # pylint: disable=import-outside-toplevel
-    check(lambda: parse_mixture(config.data.mixture))
-    if not is_prepared(config.data.train):
-      errors.append("data.mixture: set, but data.train is not a prepared corpus (a directory "
-                    "with prepared.json), so there are no sources to weigh")
-  if config.data.tokenizer and not os.path.isfile(config.data.tokenizer):
-    errors.append(f"data.tokenizer: no such file {config.data.tokenizer!r}")
-  if config.init_from and not os.path.exists(config.init_from):
-    errors.append(f"init_from: no such path {config.init_from!r}")
-  return errors
-
-
-def _eval_path_errors(e) -> list[str]:
-  errors = []
-  for key in ("tasks", "text", "pairs"):
-    spec = e[key].strip()
-    if spec and not spec.startswith(("builtin:", "@")):
-      try:
-        expand_globs(spec, f"eval.{key}")
-      except ConfigError as err:
-        errors.append(str(err))
-  for key in ("reward_model", "baseline", "reference"):
-    if e[key] and not e[key].startswith("@") and not os.path.exists(e[key]):
-      errors.append(f"eval.{key}: no such path {e[key]!r}")
-  return errors
-
-
-def eval_errors(e) -> list[str]:
-  """Problems of an eval section (`@stage` paths are a pipeline's, checked when it runs)."""
-  return [one_line(x) for x in _eval_path_errors(e)] + section_errors("eval", e)
 
 
 def parse_arg(arg: str | None, choices: dict | None = None, **defaults):
@@ -730,119 +623,3 @@ def parse_arg(arg: str | None, choices: dict | None = None, **defaults):
       raise ConfigError(one_line(f"config arg {key}={out[key]!r}: must be one of "
                                  f"{', '.join(map(str, allowed))}"))
   return out
-
-
-def parse_config_flags(argv: list[str], flag_values=None) -> list[str]:
-  """absl's parsing of `argv` into `flag_values` (absl's FLAGS by default), where every
-  problem is a ConfigError of one line naming the flag, the key or the config file:
-  a bad value or an unknown flag (absl's message), an override naming a key the locked
-  config lacks (ml_collections raises KeyError/AttributeError), a config file that is
-  missing (ml_collections defers that to the config's first use) or whose loading or
-  `get_config(ARG)` fails (ml_collections embeds the whole traceback)."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections.config_flags.config_flags import (  # pylint: disable=import-outside-toplevel
-      ConfigFileFlagParser)
-  fv = flags.FLAGS if flag_values is None else flag_values
-  try:
-    rest = fv(argv)
-    for name in list(fv):  # a config file that failed to load raises on first use: its
-      # value is ml_collections' _ErrorConfig, which raises on an attribute, not before
-      if isinstance(fv[name].parser, ConfigFileFlagParser) and fv[name].present:
-        getattr(fv[name].value, "lock", None)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ConfigError(one_line(_parse_error(e, argv))) from None
-  return rest
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """`parse_config_flags` for a command line: each problem is printed as one line,
-  `config error: ...`, and the exit status is 2. Pass as
-  `app.run(main, flags_parser=parse_flags)`."""
-  import sys  # pylint: disable=import-outside-toplevel
-  try:
-    return parse_config_flags(argv)
-  except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _chain(e):
-  """`e` and the exceptions it was raised from or while handling, outermost first."""
-  seen = []
-  while e is not None and e not in seen:
-    seen.append(e)
-    e = e.__cause__ if e.__cause__ is not None else (
-        None if e.__suppress_context__ else e.__context__)
-  return seen
-
-
-def _config_file_load(chain):
-  """(flag name, `FILE[:ARG]`) when an exception in `chain` passed through ml_collections'
-  loading of a config file; else None."""
-  from ml_collections.config_flags.config_flags import (  # pylint: disable=import-outside-toplevel
-      ConfigFileFlagParser)
-  for exc in chain:
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-      if frame.f_code is ConfigFileFlagParser.parse.__code__:
-        parser, path = frame.f_locals.get("self"), frame.f_locals.get("path")
-        return getattr(parser, "name", "config"), str(path)
-  return None
-
-
-def _override_in_progress(chain) -> str | None:
-  """The dotted key of the override ml_collections was resolving when it raised."""
-  path = None
-  for exc in chain:
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-      if "ml_collections" in frame.f_code.co_filename:
-        found = frame.f_locals.get("field_path", frame.f_locals.get("override"))
-        path = found if isinstance(found, str) else path
-  return path
-
-
-def _parse_error(e, argv) -> str:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  chain = _chain(e)
-  loading = _config_file_load(chain)
-  if loading:
-    name, spec = loading
-    file = spec.split(":", 1)[0]
-    # ml_collections re-raises get_config's error as its own type with the traceback
-    # embedded: the innermost ConfigError (or exception) is the one that says what's wrong
-    root = next((x for x in reversed(chain) if isinstance(x, ConfigError)), chain[-1])
-    if isinstance(root, OSError) and not os.path.isfile(file):
-      why = "is a directory, not a config file" if os.path.isdir(file) else "no such file"
-      return f"--{name}={spec}: {why}"
-    if isinstance(root, ConfigError):
-      return f"--{name}={spec}: {root}"
-    where = getattr(root, "lineno", None) if isinstance(root, SyntaxError) else None
-    for frame, lineno in traceback.walk_tb(root.__traceback__):
-      if os.path.abspath(frame.f_code.co_filename) == os.path.abspath(file):
-        where = lineno
-    text = root.msg if isinstance(root, SyntaxError) else str(root)
-    text = text.strip().splitlines()[0] if text.strip() else ""
-    return (f"--{name}={spec}: {type(root).__name__}: {text}"
-            + (f" (line {where})" if where else ""))
-  if isinstance(e, flags.Error):  # a bad value or an unknown flag: absl's message
-    return str(e)
-  path = _override_in_progress(chain)
-  if isinstance(e, (KeyError, AttributeError, TypeError, IndexError)) and (
-      path or not isinstance(e, (TypeError, IndexError))):
-    # an override naming a key the config lacks: ml_collections nests the key in quotes,
-    # sometimes with a "Did you mean" line
-    text = str(e).encode().decode("unicode_escape", errors="replace")
-    lookup = re.search(r"Attempting to lookup: ([\w.]+)", text)
-    path = path or (lookup.group(1) if lookup else None)
-    flag_args = [a.split("=")[0] for a in argv[1:] if a.startswith("-")]
-    if path and (lookup or isinstance(e, (TypeError, IndexError))):  # a key below a value
-      culprit = next((a for a in flag_args if a.endswith("." + path)), f"--config.{path}")
-      return (f"{culprit}: the config has no key {path!r} ({path.rsplit('.', 1)[0]} is a "
-              f"value, not a section)")
-    words = re.findall(r"[A-Za-z0-9_]+", text)
-    key = words[0] if words else "?"
-    hint = re.search(r'Did you mean "([^"]+)"', text)
-    culprits = ([a for a in flag_args if a.endswith("." + path)] if path else []) or [
-        a for a in flag_args if "." in a and key in a.split(".")[1:]]
-    return (f"{', '.join(culprits) or 'an override'}: the config has no key {key!r}"
-            + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
-  return (f"--config.{path}: " if path else "") + f"{type(e).__name__}: {e}"

@@ -6,15 +6,24 @@ ERROR; tensorstore's callbacks print "Event loop is closed" tracebacks when they
 after orbax closed its event loop. `quiet()` keeps those out, and other libraries' INFO
 lines, unless the user asks with absl's --verbosity (then everything shows, as the
 libraries wrote it); warnings from jaxlm and the rest still show.
+
+`environment()` is what a record says about where it was made (report.json, the
+benchmark results).
 """
 
 from __future__ import annotations
 
+import datetime
 import logging as py_logging
+import os
+import platform
+import subprocess
 import sys
 import threading
 
 from absl import flags, logging
+import jax
+
 
 # Errors raised in library callbacks after their event loop is gone: the failure they
 # follow has been reported already, in jaxlm's own line.
@@ -62,3 +71,27 @@ def quiet() -> None:
       unraisable(args)
 
   sys.excepthook, threading.excepthook, sys.unraisablehook = hook, in_thread, unraisable_hook
+
+
+def environment() -> dict:
+  """Where and from what a run or a measurement came: the date (UTC), the command, the
+  device kind, platform and count, CPU cores, the JAX and Python versions, XLA_FLAGS and
+  the git revision of this checkout (marked when it has uncommitted changes)."""
+  # launch imports this module before its flags are parsed; jax loads once a run starts
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    rev += " (with uncommitted changes)" if dirty else ""
+  except (OSError, subprocess.SubprocessError):
+    rev = "unknown (not a git checkout)"
+  device = jax.devices()[0]
+  return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+          "command": " ".join([os.path.basename(sys.executable),
+                               *getattr(sys, "orig_argv", sys.argv)[1:]]),
+          "device": device.device_kind, "platform": device.platform,
+          "devices": jax.device_count(), "cpu_cores": os.cpu_count(), "jax": jax.__version__,
+          "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "git": rev}

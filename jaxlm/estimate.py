@@ -34,13 +34,16 @@ import os
 import re
 from typing import Any, Mapping
 
+import jax
 import ml_collections
 
-from jaxlm.config import MODEL_PRESETS, model_config
+from jaxlm import model
+from jaxlm.config import MESH_AXES, MODEL_PRESETS, model_config
+from jaxlm.errors import EstimateError
+
 
 GIB = 1024 ** 3
 HOURS_PER_YEAR = 8766.0  # 365.25 days
-MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_POLICIES = ("none", "minimal", "full")
 DEFAULT_SEQ_LEN = 2048
 
@@ -84,10 +87,6 @@ REFERENCE_SHAPES: dict[str, ml_collections.ConfigDict] = {
 }
 # The sequence length each reference model was (mostly) trained at.
 REFERENCE_SEQ_LEN = {"llama3_405b": 8192, "gpt3_175b": 2048}
-
-
-class EstimateError(ValueError):
-  """A bad input, phrased as one line."""
 
 
 def model_names() -> list[str]:
@@ -215,12 +214,10 @@ def _leaf_shapes(tree) -> list[tuple[int, ...]]:
 
 def count_params(cfg) -> int:
   """Every parameter of the model, as jaxlm.model.init would make them."""
-  from jaxlm import model  # pylint: disable=import-outside-toplevel
   return sum(math.prod(s) for s in _leaf_shapes(model.param_shapes_and_axes(cfg)))
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
-  from jaxlm import model  # pylint: disable=import-outside-toplevel
   return float(model.flops_per_token(cfg, seq_len))
 
 
@@ -420,7 +417,6 @@ def format_text(r: Mapping[str, Any]) -> str:
 def device_memory_bytes() -> int | None:
   """What one local device can hold: its allocator's limit (GPU, TPU), or on the CPU the
   host's physical memory shared by its local devices; None when unknown."""
-  import jax  # pylint: disable=import-outside-toplevel
   device = jax.local_devices()[0]
   try:
     stats = device.memory_stats() or {}

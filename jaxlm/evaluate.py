@@ -33,8 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, generate, hf, losses, model, rewards
-from jaxlm.config import ConfigError
+from jaxlm import (checkpoint, config as config_lib, fileio, generate, hf, losses, model,
+                   reward_fns, reward_model, runs)
+from jaxlm.config import base_config
+from jaxlm.data import lm, preference, prompts as prompts_lib, sft, sources
+from jaxlm.errors import ConfigError, one_line
+from jaxlm.tasks import common
+
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -42,16 +47,11 @@ SAMPLES_FILE = "samples.jsonl"
 
 def strict_answer(text: str) -> float | None:
   """The number on the last `####` line; None without one."""
-  return rewards.final_answer(text) if "####" in text else None
+  return reward_fns.final_answer(text) if "####" in text else None
 
 
 def _same(a: float | None, b: float | None) -> bool:
   return a is not None and b is not None and abs(a - b) < 1e-6
-
-
-def _files(spec: str, workdir: str, key: str) -> list[str]:
-  from jaxlm.tasks.sft import files  # pylint: disable=import-outside-toplevel
-  return files(spec, workdir, key)
 
 
 # ---------------------------------------------------------------------------------------
@@ -61,12 +61,9 @@ def _files(spec: str, workdir: str, key: str) -> list[str]:
 def perplexity(policy, spec: str, workdir: str, *, seq_len: int, batch_size: int,
                batches: int) -> float:
   """exp(mean next-token NLL) over up to `batches` packed batches of `spec`'s documents."""
-  from jaxlm.config import base_config  # pylint: disable=import-outside-toplevel
-  from jaxlm.data import lm  # pylint: disable=import-outside-toplevel
-  from jaxlm.tasks.pretrain import documents  # pylint: disable=import-outside-toplevel
   data = base_config().data
   data.on_error = "skip"  # an empty file among many is no reason to stop; counted
-  docs = documents(spec, data, "eval.text", workdir)
+  docs = common.documents(spec, data, "eval.text", workdir)
   if policy.model_config.family == "gpt2":
     seq_len = min(seq_len, policy.model_config.max_seq_len)
   ds = lm.lm_dataset(docs, policy.tokenizer.path, seq_len=seq_len, batch_size=batch_size, seed=0,
@@ -127,10 +124,10 @@ def _generate_all(policy, engine, prompt_ids, sampling, seed: int, rows: int):
 
 def task_metrics(records, greedy: list[str], sampled: list[str] | None) -> dict:
   """Strict and flexible accuracy against each record's `answer`, overall and per kind."""
-  want = [rewards.final_answer(str(r.fields.get("answer", ""))) for r in records]
+  want = [reward_fns.final_answer(str(r.fields.get("answer", ""))) for r in records]
   strict = [_same(strict_answer(g), w) for g, w in zip(greedy, want)]
   m = {"task_accuracy": float(np.mean(strict)),
-       "task_accuracy_flexible": float(np.mean([_same(rewards.final_answer(g), w)
+       "task_accuracy_flexible": float(np.mean([_same(reward_fns.final_answer(g), w)
                                                 for g, w in zip(greedy, want)])),
        "well_formed": float(np.mean([strict_answer(g) is not None for g in greedy]))}
   if sampled is not None:
@@ -157,8 +154,6 @@ def _baseline(path: str) -> dict:
 def evaluate_policy(e, policy, workdir: str, log=print) -> tuple[dict, list[dict]]:
   """Every language-model metric `e` (the config's eval section) asks for, and the
   per-prompt samples."""
-  from jaxlm import reward  # pylint: disable=import-outside-toplevel
-  from jaxlm.data import prompts as prompts_lib, sft  # pylint: disable=import-outside-toplevel
   metrics, samples = {}, []
   if e.text:
     t0 = time.perf_counter()
@@ -168,12 +163,12 @@ def evaluate_policy(e, policy, workdir: str, log=print) -> tuple[dict, list[dict
         f"({time.perf_counter() - t0:.1f}s)")
   if not e.tasks:
     return metrics, samples
-  loaded = prompts_lib.load_prompts(_files(e.tasks, workdir, "eval.tasks"), on_error="skip")
+  loaded = prompts_lib.load_prompts(sft.spec_files(e.tasks, workdir, "eval.tasks"), on_error="skip")
   records = loaded.examples[:e.max_tasks or None]
   if not records:
     raise ConfigError(f"eval.tasks={e.tasks!r}: no usable prompt record ({dict(loaded.counts)})")
   if loaded.skipped:
-    log(sft.summary("eval.tasks", loaded))
+    log(sources.summary("eval.tasks", loaded))
   metrics["tasks"] = len(records)
   tok, template = policy.tokenizer, policy.template
   stop = generate.stop_ids(tok, sft.end_of_turn(template))
@@ -195,8 +190,7 @@ def evaluate_policy(e, policy, workdir: str, log=print) -> tuple[dict, list[dict
       f"({time.perf_counter() - t0:.1f}s)")
   texts = [r.text for r in records]
   if e.reference and sampled_tokens is not None:
-    from jaxlm import policy as policy_lib  # pylint: disable=import-outside-toplevel
-    ref = policy_lib.load(e.reference)
+    ref = runs.load_lm(e.reference)
     if ref.tokenizer.vocab_size != tok.vocab_size:
       raise ConfigError(f"eval.reference={e.reference!r}: its tokenizer differs from the model's")
     rows = [np.concatenate([p, np.asarray(s, np.int32)]) for p, s in zip(prompt_ids, sampled_tokens)]
@@ -206,23 +200,23 @@ def evaluate_policy(e, policy, workdir: str, log=print) -> tuple[dict, list[dict
     metrics["kl_to_reference"] = float(np.mean(diff))
   scores = None
   if e.reward_model:
-    rm = reward.load(e.reward_model)
+    rm = runs.load_reward_model(e.reward_model)
     messages = [[{"role": a, "content": b} for a, b in r.turns] for r in records]
-    scores = reward.score(rm, messages, greedy)
+    scores = reward_model.score(rm, messages, greedy)
     metrics["reward_mean"] = float(np.mean(scores))
     if e.baseline:
       base = _baseline(e.baseline)
       shared = [i for i, t in enumerate(texts) if t in base]
       if not shared:
         raise ConfigError(f"eval.baseline={e.baseline!r}: none of its prompts are these tasks'")
-      base_scores = reward.score(rm, [messages[i] for i in shared],
+      base_scores = reward_model.score(rm, [messages[i] for i in shared],
                                  [base[texts[i]] for i in shared])
       ours = scores[shared]
       metrics["win_rate"] = float(np.mean((ours > base_scores) + 0.5 * (ours == base_scores)))
   for i, r in enumerate(records):
     s = {"prompt": texts[i], "answer": r.fields.get("answer"), "greedy": greedy[i],
          "correct": _same(strict_answer(greedy[i]),
-                          rewards.final_answer(str(r.fields.get("answer", ""))))}
+                          reward_fns.final_answer(str(r.fields.get("answer", ""))))}
     if sampled is not None:
       s["sampled"] = sampled[i]
     if scores is not None:
@@ -237,14 +231,12 @@ def evaluate_policy(e, policy, workdir: str, log=print) -> tuple[dict, list[dict
 
 def evaluate_reward_model(e, path: str, workdir: str, log=print) -> dict:
   """Pairwise accuracy and mean margin of a reward model on `eval.pairs`."""
-  from jaxlm import reward  # pylint: disable=import-outside-toplevel
-  from jaxlm.data import preference, sft  # pylint: disable=import-outside-toplevel
   if not e.pairs:
     return {}
-  rm = reward.load(path)
+  rm = runs.load_reward_model(path)
   prompts, chosen, rejected = [], [], []
   counted = sft.Examples()  # for sft.summary's line
-  for f in _files(e.pairs, workdir, "eval.pairs"):
+  for f in sft.spec_files(e.pairs, workdir, "eval.pairs"):
     for where, record in sft.read_records(f):
       counted.counts["records"] += 1
       pref = record if isinstance(record, str) else preference.to_preference(record)
@@ -261,12 +253,12 @@ def evaluate_reward_model(e, path: str, workdir: str, log=print) -> dict:
     prompts, chosen, rejected = (x[:e.max_tasks] for x in (prompts, chosen, rejected))
   if not prompts:
     raise ConfigError(f"eval.pairs={e.pairs!r}: no usable pair "
-                      f"({sft.summary('eval.pairs', counted)})")
-  rc = reward.score(rm, prompts, chosen)
-  rr = reward.score(rm, prompts, rejected)
+                      f"({sources.summary('eval.pairs', counted)})")
+  rc = reward_model.score(rm, prompts, chosen)
+  rr = reward_model.score(rm, prompts, rejected)
   m = {"pairwise_accuracy": float(np.mean(rc > rr)), "reward_margin": float(np.mean(rc - rr)),
        "reward_chosen": float(np.mean(rc)), "reward_rejected": float(np.mean(rr))}
-  log(sft.summary("eval.pairs", counted))
+  log(sources.summary("eval.pairs", counted))
   log(f"{len(prompts)} pairs of {e.pairs}: pairwise accuracy {m['pairwise_accuracy']:.3f}")
   return m
 
@@ -278,18 +270,16 @@ def evaluate_reward_model(e, path: str, workdir: str, log=print) -> dict:
 def evaluate(e, path: str, workdir: str, log=print) -> dict:
   """Evaluate the checkpoint at `path` as `e` (a config's eval section) says; write
   eval.json and samples.jsonl into `workdir`; return the eval.json contents."""
-  from jaxlm import policy as policy_lib  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   try:
     step = None if hf.is_hf_dir(path) else checkpoint.step_of(path)
   except FileNotFoundError as err:
     raise ConfigError(f"eval.model: {err}") from None
   samples = []
-  from jaxlm import reward  # pylint: disable=import-outside-toplevel
-  if reward.is_reward_checkpoint(path):
+  if runs.is_reward_checkpoint(path):
     metrics = evaluate_reward_model(e, path, workdir, log)
   else:
-    policy = policy_lib.load(path, e.chat_template)
+    policy = runs.load_lm(path, e.chat_template)
     metrics, samples = evaluate_policy(e, policy, workdir, log)
   shown = min(e.show, len(samples))  # spread over the tasks, so of several kinds
   result = {"model": os.path.abspath(path), "step": step, "config": e.to_dict(),
@@ -297,9 +287,8 @@ def evaluate(e, path: str, workdir: str, log=print) -> dict:
             "samples": [samples[i * len(samples) // shown] for i in range(shown)],
             "seconds": time.perf_counter() - t0}
   if jax.process_index() == 0:
-    from jaxlm.data.sft import write_jsonl  # pylint: disable=import-outside-toplevel
-    write_jsonl(os.path.join(workdir, SAMPLES_FILE), samples)
-    checkpoint.write_json(os.path.join(workdir, EVAL_FILE), result)
+    fileio.write_jsonl(os.path.join(workdir, SAMPLES_FILE), samples)
+    fileio.atomic_write_json(os.path.join(workdir, EVAL_FILE), result)
   return result
 
 
@@ -312,3 +301,39 @@ def run(config, workdir: str) -> dict:
   result = evaluate(e, e.model, workdir)
   print(json.dumps(result["metrics"], indent=2), flush=True)
   return result["metrics"]
+
+
+def config_errors(config) -> list[str]:
+  """`task="eval"`'s rules: a model to evaluate, and something to evaluate it on."""
+  errors = []
+  if not config.eval.model:
+    errors.append("eval.model: empty; name the checkpoint to evaluate (a jaxlm run or a "
+                  "Hugging Face directory)")
+  elif not os.path.exists(config.eval.model):
+    errors.append(f"eval.model: no such path {config.eval.model!r}")
+  if not (config.eval.tasks or config.eval.text or config.eval.pairs):
+    errors.append("eval.tasks / eval.text / eval.pairs: all empty; nothing to evaluate")
+  return errors
+
+
+def path_errors(e) -> list[str]:
+  """The files an eval section names (`@stage` paths are a pipeline's, checked when it
+  runs; `builtin:` sets are generated)."""
+  errors = []
+  for key in ("tasks", "text", "pairs"):
+    spec = e[key].strip()
+    if spec and not spec.startswith(("builtin:", "@")):
+      try:
+        fileio.expand_globs(spec, f"eval.{key}")
+      except ConfigError as err:
+        errors.append(str(err))
+  for key in ("reward_model", "baseline", "reference"):
+    if e[key] and not e[key].startswith("@") and not os.path.exists(e[key]):
+      errors.append(f"eval.{key}: no such path {e[key]!r}")
+  return errors
+
+
+def section_errors(e) -> list[str]:
+  """The problems of an eval section alone (tools/eval.py's flags): its files, then its
+  keys, types and ranges."""
+  return [one_line(x) for x in path_errors(e)] + config_lib.section_errors("eval", e)

@@ -11,6 +11,7 @@ which callers turn into their own one-line messages.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import glob
 import json
@@ -21,6 +22,8 @@ import shutil
 import socket
 import sys
 import tempfile
+
+from jaxlm.errors import ConfigError, FolderError, one_line
 
 
 def fsync_dir(directory: str) -> None:
@@ -89,19 +92,32 @@ def atomic_copy(source: str, path: str) -> None:
     atomic_write(path, f.read())
 
 
-def read_json(path: str, expect: type | None = None):
+def read_json(path: str, expect: type | None = None, *, optional: bool = False):
   """A JSON file, or ValueError naming the file (cut short, not JSON, nested too deep; or,
-  with `expect`, not of that type: dict for a JSON object)."""
+  with `expect`, not of that type: dict for a JSON object). `optional`: None instead when
+  the file is missing or not readable JSON (a record another run may not have written)."""
   try:
     with open(path, encoding="utf-8") as f:
       value = json.load(f)
+  except FileNotFoundError:
+    if optional:
+      return None
+    raise
   except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    if optional:
+      return None
     reason = "nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
     raise ValueError(f"{path}: not readable JSON ({reason})") from None
   if expect is not None and not isinstance(value, expect):
     what = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
     raise ValueError(f"{path}: must hold {what}")
   return value
+
+
+def write_jsonl(path: str, records) -> str:
+  """Records as JSON lines, written whole or not at all; returns `path`."""
+  atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
+  return path
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,6 +152,24 @@ def expand(spec: str) -> list[tuple[str, list[str]]]:
       raise ValueError(f"can't read {pattern!r}: {e}") from None
     out.append((pattern, matched))
   return out
+
+
+def expand_globs(spec: str, key: str) -> list[str]:
+  """Comma-separated globs or directories -> sorted file list (the rules are
+  `fileio.expand`'s: `**` recurses, a directory means every file under it); an error
+  naming `key` if one matches nothing."""
+  try:
+    expanded = expand(spec)
+  except ValueError as e:  # a NUL byte, a path too long
+    raise ConfigError(one_line(f"{key}: {e}")) from None
+  files = []
+  for pattern, matched in expanded:
+    if not matched:
+      raise ConfigError(one_line(f"{key}: no file matches {pattern!r}"))
+    files.extend(matched)
+  return files
+
+
 
 
 def glob_roots(pattern: str) -> str | None:
@@ -186,10 +220,6 @@ def remove_inside(path: str, root: str) -> None:
 
 # ---------------------------------------------------------------------------------------
 # A folder replaced whole.
-
-
-class FolderError(ValueError):
-  """A target a folder can't replace (not empty, not an earlier one of its kind)."""
 
 
 def _line(message) -> str:
@@ -350,7 +380,6 @@ def _exchange(a: str, b: str) -> bool:
   system or the filesystem can't."""
   if not sys.platform.startswith("linux"):
     return False
-  import ctypes  # pylint: disable=import-outside-toplevel
   try:
     renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
   except (AttributeError, OSError):  # a libc older than glibc 2.28

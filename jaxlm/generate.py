@@ -16,6 +16,7 @@ import dataclasses
 import functools
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -186,6 +187,5 @@ class Engine:
       tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
     out, logps, lens, done = self._fn(sampling, lora is not None)(params, tokens_in, lengths_in,
                                                                   rng, lora)
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     fetch = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n]  # noqa: E731
     return Generation(fetch(out), fetch(logps), fetch(lens), fetch(done))

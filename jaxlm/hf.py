@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 
+import jax
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from jaxlm import fileio
-from jaxlm.config import ConfigError, error_detail, model_config, model_errors, one_line
+from jaxlm import fileio, model
+from jaxlm.config import model_config, model_errors
+from jaxlm.errors import HFError, one_line
+
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 # Weight formats jaxlm never reads. Pickle-based ones (torch.save, Meta's consolidated.*.pth,
@@ -28,11 +33,6 @@ OTHER_SUFFIXES = {".h5": "a TensorFlow format", ".msgpack": "a Flax format",
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # The first bytes of a pickle (protocol 2-5) and of torch.save's zip archive (a pickle inside)
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
-
-
-class HFError(ConfigError):
-  """A Hugging Face directory jaxlm can't read or write, phrased as one line naming the
-  file (a ConfigError, so the launcher prints it as one line)."""
 
 
 def refused_format(name: str) -> str | None:
@@ -316,7 +316,6 @@ def open_safetensors(file: str):
   """A safetensors file opened for reading (nothing in it is executed: a JSON header and
   raw tensor bytes), or HFError naming it: a pickle renamed .safetensors, a truncated
   or foreign file."""
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   try:
     with open(file, "rb") as f:
       head = f.read(9)
@@ -382,7 +381,6 @@ def load_hf(path: str, param_dtype: str | None = None):
   hf = read_json(config_path)
   m = model_config_from_hf(hf, config_path)
   tensors = _Tensors(path)
-  from jaxlm import model  # pylint: disable=import-outside-toplevel  (jax: after the checks)
   fields = _Fields(hf, config_path)
   stored = fields.get("dtype", str, None) or fields.get("torch_dtype", str, "float32")
   m.param_dtype = param_dtype or ("bfloat16" if stored == "bfloat16" else "float32")
@@ -391,7 +389,6 @@ def load_hf(path: str, param_dtype: str | None = None):
   names = _names(m)
 
   def cast(x):
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
     return x.astype(dtype if dtype is not None else ml_dtypes.bfloat16)
 
   def convert(hf_name, kind, shape):
@@ -434,13 +431,11 @@ def save_hf(m, params, path: str, *, max_shard_bytes: int = 5 * 2**30):
   """Write `params` of model config `m` as a Hugging Face model directory at `path`, whole
   or not at all (see `staged_export`): `path` must be empty, absent or an earlier export."""
   with staged_export(path, "huggingface") as folder:
-    _write_hf(m, params, folder, max_shard_bytes)
+    write_hf(m, params, folder, max_shard_bytes)
 
 
-def _write_hf(m, params, folder: str, max_shard_bytes: int, extra_config: dict | None = None):
+def write_hf(m, params, folder: str, max_shard_bytes: int, extra_config: dict | None = None):
   """config.json and safetensors for `params` into `folder` (a staging folder)."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   params = jax.tree.map(np.asarray, jax.device_get(params))
   names = _names(m)
   out = {}
@@ -536,117 +531,6 @@ def copy_tokenizer(src: str, dst: str) -> list[str]:
       fileio.atomic_copy(os.path.join(src, name), os.path.join(dst, name))
       copied.append(name)
   return copied
-
-
-def import_hf(hf_dir: str, out: str) -> str:
-  """A HF model directory -> a jaxlm directory that `init_from` takes:
-  `out/config.json` (its model section), `out/checkpoints/0/params`, and the tokenizer;
-  written whole or not at all, like an export (`staged_export`)."""
-  check_export_target(out, "jaxlm")  # before the (long) read
-  m, params = load_hf(hf_dir)
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  with staged_export(out, "jaxlm") as folder:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(folder, "checkpoints", "0", "params"), params)
-    fileio.atomic_write_json(os.path.join(folder, "config.json"),
-                             {"model": m.to_dict(), "converted_from": os.path.abspath(hf_dir)})
-    copy_tokenizer(hf_dir, folder)
-  return out
-
-
-def load_jaxlm(jaxlm_path: str):
-  """A jaxlm workdir, checkpoints folder or step folder -> (model config, params, its
-  workdir, the run's config as a dict), the latest step unless a step folder is given.
-  A LoRA run's adapters come merged into its base."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jaxlm import checkpoint, model  # pylint: disable=import-outside-toplevel
-  params_dir = checkpoint.find_params_dir(jaxlm_path)
-  workdir = find_workdir(params_dir)
-  if workdir is None:
-    raise HFError(f"{jaxlm_path}: no config.json in it or above it; can't tell the model shape")
-  config_path = os.path.join(workdir, "config.json")
-  run_config = read_json(config_path)
-  if run_config.get("task") == "reward":
-    raise HFError(f"{jaxlm_path}: a reward model (a scalar head, no output projection); "
-                  f"load it with jaxlm.reward.load")
-  if not isinstance(run_config.get("model"), dict):
-    raise HFError(f"{config_path}: no 'model' section; not a jaxlm run's config")
-  try:
-    m = model_config("tiny", **run_config["model"])
-  except (ConfigError, TypeError, ValueError, AttributeError, KeyError) as e:
-    raise HFError(one_line(f"{config_path}: its model section is not a jaxlm model "
-                           f"config ({e})")) from None
-  like = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
-  lora_cfg = run_config.get("lora") or {}
-
-  def restore(policy_like):  # a PPO run keeps {"policy", "critic"}: the policy is the model
-    if run_config.get("task") != "ppo":
-      return checkpoint.load_params(os.path.dirname(params_dir), policy_like)
-    from jaxlm import reward  # pylint: disable=import-outside-toplevel
-    critic_like = jax.eval_shape(lambda r: reward.init(m, r), jax.random.PRNGKey(0))
-    return checkpoint.load_params(os.path.dirname(params_dir),
-                                  {"policy": policy_like, "critic": critic_like})["policy"]
-
-  try:
-    if lora_cfg.get("rank", 0) > 0:  # adapters only: merge them into the run's base
-      import ml_collections  # pylint: disable=import-outside-toplevel
-      from jaxlm import lora  # pylint: disable=import-outside-toplevel
-      lora_cfg = ml_collections.ConfigDict(lora_cfg)
-      adapters_like = jax.eval_shape(lambda r: lora.init(m, lora_cfg, r), jax.random.PRNGKey(0))
-      adapters = restore(adapters_like)
-      base = checkpoint.load_params(lora_base(workdir, run_config["init_from"]), like)
-      params = lora.merge(base, adapters, lora_cfg)
-    else:
-      params = restore(like)
-  except (ConfigError, checkpoint.CheckpointError):
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions)
-    detail = re.split(r" \[tensorstore_spec|\. See full TensorStore", error_detail(e))[0]
-    raise HFError(one_line(f"{os.path.dirname(params_dir)}: can't restore this checkpoint "
-                           f"({detail[:300]})")) from None
-  return m, params, workdir, run_config
-
-
-def export_hf(jaxlm_path: str, out: str) -> str:
-  """A jaxlm workdir, checkpoints folder or step folder -> a HF model directory
-  (its latest step unless a step folder is given), with the tokenizer files, written
-  whole or not at all (`staged_export`). A LoRA run's adapters are merged into its base
-  (its init_from)."""
-  check_export_target(out, "huggingface")  # before the (long) restore
-  m, params, workdir, _ = load_jaxlm(jaxlm_path)
-  token_ids = _token_ids(workdir)
-  with staged_export(out, "huggingface") as folder:
-    _write_hf(m, params, folder, 5 * 2**30, extra_config=token_ids)
-    copy_tokenizer(workdir, folder)
-  return out
-
-
-def _token_ids(workdir: str) -> dict:
-  """bos/eos/pad ids for the exported config.json, from the run's tokenizer, so that
-  generation in transformers stops where the model learned to."""
-  from jaxlm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  for name in ("tokenizer.json", "tokenizer.model"):
-    if os.path.isfile(os.path.join(workdir, name)):
-      tok = tokenizer_lib.load(os.path.join(workdir, name))
-      return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-  return {}
-
-
-def find_workdir(params_dir: str) -> str | None:
-  """The folder holding config.json: the step's workdir (…/checkpoints/<step>/params)."""
-  here = os.path.abspath(params_dir)
-  for _ in range(4):
-    here = os.path.dirname(here)
-    if os.path.isfile(os.path.join(here, "config.json")):
-      return here
-  return None
-
-
-def lora_base(workdir: str, init_from: str) -> str:
-  """The base a LoRA run trains on, pinned in `<workdir>/lora_base.json` at its first
-  start, so a resume or an export uses that same base even if the base run has moved on."""
-  from jaxlm import checkpoint  # pylint: disable=import-outside-toplevel
-  return checkpoint.pin(workdir, "lora_base.json", init_from)
 
 
 # ---------------------------------------------------------------------------------------

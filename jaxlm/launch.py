@@ -11,13 +11,17 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
-from jaxlm import console
-from jaxlm.config import parse_flags
+from jaxlm import (config as config_lib, console, estimate, evaluate, pipeline, sharding, sweep,
+                   tasks, tpu, validate, workdir as workdir_lib)
+from jaxlm.cli import define_config_file, parse_flags
+from jaxlm.errors import CheckpointError, ConfigError, DataError, TrainingError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                          lock_config=True)
+
+_CONFIG = define_config_file("config", "Config file (configs/*.py[:arg]).")  # locked
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0 for multi-process runs "
@@ -46,10 +50,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _tpu(config) -> int:
   """The run, or each sweep trial, as a Cloud TPU job (jaxlm.tpu)."""
-  from jaxlm import sweep, tpu  # pylint: disable=import-outside-toplevel
-  from jaxlm.config import validate  # pylint: disable=import-outside-toplevel
-  spec = config_flags.get_config_filename(flags.FLAGS["config"])
-  cli = config_flags.get_override_values(flags.FLAGS["config"])
+  spec, cli = _CONFIG.spec, _CONFIG.overrides
   devices = tpu.slice_devices(_ACCELERATOR.value or "")
   hosts = max(devices // 4, 1)  # 4 devices a TPU VM worker
   remote = tpu.REMOTE_KEYS  # paths the workers see, not this machine: checked there
@@ -57,7 +58,9 @@ def _tpu(config) -> int:
     trials = sweep.plan(spec, config, cli, _WORKDIR.value, devices, hosts, ignore=remote)
     jobs = [(f"{_TPU.value}-{i}", t) for i, t in enumerate(trials)]
   else:
-    errors = [e for e in validate(config, devices, hosts) if not e.startswith(remote)]
+    tasks.resolve(config)
+    errors = [e for e in validate.config_errors(config, devices, hosts)
+              if not e.startswith(remote)]
     if errors:
       raise tpu.TpuError(errors[0])
     jobs = [(_TPU.value, {"workdir": _WORKDIR.value, "flags": sweep.override_flags(cli)})]
@@ -76,10 +79,8 @@ def _tpu(config) -> int:
 
 
 def _sweep(config, num_devices: int, num_processes: int) -> int:
-  from jaxlm import sweep  # pylint: disable=import-outside-toplevel
-  spec = config_flags.get_config_filename(flags.FLAGS["config"])
-  trials = sweep.plan(spec, config, config_flags.get_override_values(flags.FLAGS["config"]),
-                      _WORKDIR.value, num_devices, num_processes)
+  trials = sweep.plan(_CONFIG.spec, config, _CONFIG.overrides, _WORKDIR.value, num_devices,
+                      num_processes)
   failed = sweep.run(trials, _WORKDIR.value, dry_run=_DRY_RUN.value)
   if failed:
     print(f"error: {failed} of {len(trials)} trials failed", file=sys.stderr)
@@ -90,8 +91,6 @@ def _sweep(config, num_devices: int, num_processes: int) -> int:
 def _locked(workdir: str):
   """The workdir's lock, held by process 0 for the whole run; every process of a
   multi-process job stops if process 0 could not take it."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jaxlm import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   with contextlib.ExitStack() as stack:
     error = None
     if jax.process_index() == 0:
@@ -102,8 +101,6 @@ def _locked(workdir: str):
       except OSError as e:  # a read-only or full disk, no permission
         error = workdir_lib.WorkdirError(f"--workdir {workdir}: can't lock it ({e})")
     if jax.process_count() > 1:
-      import numpy as np  # pylint: disable=import-outside-toplevel
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       held = multihost_utils.broadcast_one_to_all(np.int32(error is None))
       if not held and error is None:
         error = workdir_lib.WorkdirError(f"--workdir {workdir}: process 0 could not lock it")
@@ -112,21 +109,22 @@ def _locked(workdir: str):
     yield
 
 
+def _run(config, workdir: str):
+  """`config.task` into `workdir`: a training task, an evaluation or a pipeline."""
+  if config.task == "pipeline":
+    return pipeline.run(config, workdir)
+  if config.task == "eval":
+    return evaluate.run(config, workdir)
+  return tasks.run(config, workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  import jax  # pylint: disable=import-outside-toplevel
-  from jaxlm import sharding, tasks  # pylint: disable=import-outside-toplevel
-  from jaxlm.config import ConfigError, mesh_shape, validate  # pylint: disable=import-outside-toplevel
-  from jaxlm.data.sft import DataError  # pylint: disable=import-outside-toplevel
-  from jaxlm.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
-  from jaxlm.loop import TrainingError  # pylint: disable=import-outside-toplevel
-  from jaxlm import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
 
   console.quiet()  # orbax's INFO lines and async tracebacks, unless --verbosity
   config = _CONFIG.value
   if _TPU.value:  # nothing runs here: gcloud starts it on the slice
-    from jaxlm import tpu  # pylint: disable=import-outside-toplevel
     try:
       sys.exit(_tpu(config))
     except (ConfigError, tpu.TpuError) as e:
@@ -156,16 +154,18 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if config.task == "pipeline":
-    from jaxlm import pipeline  # pylint: disable=import-outside-toplevel
-    errors = pipeline.validate(config, jax.device_count(), jax.process_count())
-  else:
-    errors = validate(config, jax.device_count(), jax.process_count())
+    errors = pipeline.config_errors(config, jax.device_count(), jax.process_count())
+  else:  # resolve (shapes from init_from, the vocabulary from the tokenizer), then validate
+    errors = config_lib.schema_errors(config)
+    try:
+      if not errors:
+        tasks.resolve(config, _WORKDIR.value)
+        errors = validate.config_errors(config, jax.device_count(), jax.process_count())
+    except ConfigError as e:  # init_from's config.json, a tokenizer that can't be read
+      errors = [str(e)]
     if not errors:  # lengths the devices can't hold fail here, not after minutes of work
-      from jaxlm import estimate  # pylint: disable=import-outside-toplevel
-      errors = estimate.memory_errors(config, mesh_shape(config, jax.device_count()),
+      errors = estimate.memory_errors(config, sharding.mesh_shape(config, jax.device_count()),
                                       estimate.device_memory_bytes())
-  if config.task not in tasks.REGISTRY:
-    errors.insert(0, f"task={config.task!r}: unknown; one of {', '.join(sorted(tasks.REGISTRY))}")
   if errors:
     for e in errors:
       print(f"config error: {e}", file=sys.stderr)
@@ -173,7 +173,7 @@ def main(argv):
   try:
     workdir_lib.check(config, _WORKDIR.value, resolved=False)  # before anything is written
     with _locked(_WORKDIR.value):
-      tasks.run(config, _WORKDIR.value)
+      _run(config, _WORKDIR.value)
   except workdir_lib.WorkdirError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

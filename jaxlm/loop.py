@@ -8,22 +8,24 @@ accumulation, metrics, evaluation, checkpoints and SIGTERM.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 import dataclasses
 import os
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
-from jaxlm import attention, checkpoint, metrics as metrics_lib, optimizer, sharding
-from jaxlm import workdir as workdir_lib
-from jaxlm.config import ConfigError, mesh_shape
+from jaxlm import (attention, checkpoint, fileio, metrics as metrics_lib, optimizer, runs, sharding,
+                   workdir as workdir_lib)
+from jaxlm.errors import ConfigError, TrainingError
+
 
 # loss_fn(params, batch, rng, frozen) -> (loss_sum, sums): `sums` is a dict of summed
 # scalars that must include "weight", the count the sums are normalized by. `frozen` is
@@ -44,7 +46,7 @@ class Task:
   data_report: dict = dataclasses.field(default_factory=dict)  # counts for metrics.jsonl
   # How init_from becomes the first params: (path, params placed as wanted) -> params;
   # None when init_from feeds only the frozen tree (LoRA's adapters start fresh).
-  load_init: Callable[[str, Any], Any] | None = checkpoint.load_params
+  load_init: Callable[[str, Any], Any] | None = runs.load_params
   # A frozen tree the loss reads but never trains (LoRA's base, DPO's reference):
   frozen_shapes: Callable[[jax.Array], Any] | None = None  # rng -> params (only traced)
   frozen_axes: Any = None
@@ -56,10 +58,12 @@ class Task:
   rollout: Callable[[Any, Any, dict, int], tuple[dict, dict]] | None = None
   epochs: int = 1
   minibatches: int = 1
+  # Once the run has trained to its last step (tasks.run): the reward model's statistics.
+  after_training: Callable[[], Any] | None = None
 
 
 def make_sharder(config) -> sharding.Sharder:
-  mesh = sharding.make_mesh(mesh_shape(config, jax.device_count()))
+  mesh = sharding.make_mesh(sharding.mesh_shape(config, jax.device_count()))
   return sharding.Sharder(mesh, config.sharding.rules)
 
 
@@ -82,6 +86,7 @@ def state_shardings(sharder, param_axes, abstract_state):
           **{k: replicated for k in abstract_state if k not in ("params", "opt_state")}}
 
 
+# long: one traced step (accumulation, update, epochs x minibatches) kept whole
 def make_train_step(task: Task, tx, lr_schedule, accum_steps: int, sharder):
   """(state, frozen, batch) -> (state, metrics); batch leading axis is the global batch.
   With task.epochs x task.minibatches > 1, that many optimizer updates, each on a
@@ -318,7 +323,6 @@ def setup(config, task: Task, sharder: sharding.Sharder) -> Setup:
   updates_per_step = task.epochs * task.minibatches
   opt_cfg = config.optimizer
   if updates_per_step > 1:  # the schedule counts optimizer updates
-    import ml_collections  # pylint: disable=import-outside-toplevel
     opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
     opt_cfg.warmup_steps *= updates_per_step
   tx, lr_schedule = optimizer.make(opt_cfg, config.steps * updates_per_step)
@@ -355,11 +359,6 @@ def setup(config, task: Task, sharder: sharding.Sharder) -> Setup:
   return Setup(state, frozen_sh, train_step, eval_step)
 
 
-class TrainingError(RuntimeError):
-  """Training cannot go on (a non-finite loss under nan_policy="stop", too many skipped
-  updates); one line naming the step."""
-
-
 def _failpoint(name: str, step: int):
   """Fault injection for tests (tests/faults): JAXLM_FAILPOINT=name:step kills this
   process with SIGKILL when it reaches point `name` at `step`. Points: "step" (the step
@@ -385,7 +384,7 @@ def _dump_nonfinite(workdir, step, m, params, host_batch) -> tuple[str, dict]:
             "nonfinite_parameters": bad_params,
             "consecutive_skips": int(m["consecutive_skips"])}
   if jax.process_index() == 0:
-    checkpoint.write_json(os.path.join(out, "report.json"), report)
+    fileio.atomic_write_json(os.path.join(out, "report.json"), report)
   if host_batch is not None:
     arrays = {k: np.asarray(v) for k, v in host_batch.items()
               if not isinstance(v, jax.Array) or v.is_fully_addressable}
@@ -403,19 +402,147 @@ def train(config, workdir: str, task: Task, sharder: sharding.Sharder) -> dict:
     return _train(config, workdir, task, sharder, stop)
 
 
-def _train(config, workdir, task, sharder, stop) -> dict:
-  total = config.steps
-  rng = jax.random.PRNGKey(config.seed)
-  s = setup(config, task, sharder)
-  state, train_step, eval_step = s.state, s.train_step, s.eval_step
+@dataclasses.dataclass
+class _Run:
+  """What a run holds from its start to its end: the task, the jitted steps, the frozen
+  tree, and where it writes (metrics, checkpoints)."""
+  config: Any
+  workdir: str
+  task: Task
+  sharder: sharding.Sharder
+  stop: _StopSignal
+  log: metrics_lib.MetricsWriter
+  ckpt: checkpoint.Checkpointer
+  data_iter: Any
+  train_step: Any           # jitted, compiled per attention layout into `compiled`
+  eval_step: Any
+  frozen: Any               # the frozen tree the loss reads, or None
+  start: int                # the first step this process runs (0, or the restored step)
+  peak_total: float | None  # peak FLOP/s of all devices, for MFU
+  agree_on_end: bool        # processes agree on when the data runs out (see _next_batch)
+  compiled: dict = dataclasses.field(default_factory=dict)  # attention layout -> step
 
+
+class _LossWatch:
+  """Loss spikes: a logged loss over loss_spike_factor x the mean of the last
+  loss_spike_window logged losses that were not spikes themselves (those kept from
+  before a resume included, so a resumed run reports the same events).
+
+  The window starts with the first step's loss (the model as initialized), so spikes
+  show from the first logged step on. A cross-entropy loss (one that reports `nll`:
+  pretraining, SFT) over loss_spike_factor**2 x that mean is a divergence: no checkpoint
+  is written while it lasts (see _may_save). Other tasks' losses (DPO, reward, RL) are
+  not on a scale where a ratio says the model is dead; their spikes are events only.
+  """
+
+  def __init__(self, config, log):
+    self.factor = config.loss_spike_factor
+    spiked = {step for step, _ in log.history("event/loss_spike")}
+    kept = dict(log.history("initial_loss"))
+    kept.update((step, v) for step, v in log.history("loss") if step not in spiked)
+    self.recent = collections.deque((kept[step] for step in sorted(kept)),
+                                    maxlen=config.loss_spike_window)
+    self.diverged = None  # (step, loss, mean) while the last logged loss is a divergence
+
+  def observe(self, step: int, m: dict, log):
+    """Reads one logged record's loss: a spike is an event, anything else joins the window."""
+    loss = m.get("loss")
+    if loss is None or not np.isfinite(loss):
+      return
+    if self.factor and self.recent:
+      mean = float(np.mean(self.recent))
+      if mean > 0 and loss > self.factor * mean:
+        log.info(f"step {step}: loss spike, {loss:.4f} is {loss / mean:.1f}x the mean of "
+                 f"the last {len(self.recent)} logged losses ({mean:.4f})")
+        log.write(step, {"event/loss_spike": loss / mean}, console=False)
+        if "nll" in m and loss > self.factor ** 2 * mean:
+          self.diverged = (step, loss, mean)
+        return
+    self.diverged = None
+    self.recent.append(loss)
+
+
+@dataclasses.dataclass
+class _Progress:
+  """The loop's running state, carried from one step to the next."""
+  state: dict               # the train state the last dispatched step returns
+  # Dispatch is asynchronous, so the host clock means something only where the host has
+  # waited for the device: throughput runs from one fetched step to the next.
+  synced_step: int
+  synced_time: float
+  spikes: _LossWatch
+  saved_step: int           # the newest checkpoint's step (the start step before any)
+  last: dict = dataclasses.field(default_factory=dict)  # the last logged metrics
+  pending: tuple | None = None    # (step, metrics) to log once the next step is dispatched
+  unchecked: tuple | None = None  # (step, metrics, host batch) not yet checked finite
+  stopped_by: str | None = None   # "signal", "data", or None (ran all its steps)
+
+  def sync(self, step: int):
+    self.synced_step, self.synced_time = step, time.perf_counter()
+
+
+@dataclasses.dataclass
+class _StepInput:
+  """What one step trains on: a host batch placed on the mesh, or (RL) a batch a rollout
+  made on the devices from the current params, with the rollout's host metrics."""
+  batch: dict                       # device arrays
+  layout: str | None                # the cuDNN attention kernel it needs (attention_layout)
+  rollout_metrics: dict | None = None  # None: the batch came from the data
+  update_started: float = 0.0       # when the rollout handed the batch over
+
+  @property
+  def waited(self) -> bool:
+    """Whether the step has finished once `finish` returns (the rollout waited for it)."""
+    return self.rollout_metrics is not None
+
+  def finish(self, m: dict) -> dict:
+    """The step's metrics. A data step is left running; after a rollout the host waits
+    (the next rollout needs these params anyway), times the update and adds the
+    rollout's metrics."""
+    if self.rollout_metrics is None:
+      return m
+    jax.block_until_ready(m)
+    self.rollout_metrics["time/update_s"] = time.perf_counter() - self.update_started
+    return {**m, **self.rollout_metrics}
+
+
+def _step_input(run: _Run, state: dict, host_batch: dict, step: int) -> _StepInput:
+  """The batch step `step` trains on: the host batch itself, or what the task's rollout
+  (generate, score) makes of it with the current params."""
+  if run.task.rollout is None:
+    return _StepInput(device_batch(host_batch, run.sharder),
+                      attention_layout(run.config, host_batch, jax.process_count() > 1))
+  batch, rollout_metrics = run.task.rollout(state["params"], run.frozen, host_batch, step)
+  update_started = time.perf_counter()
+  return _StepInput(batch, attention_layout(run.config, batch, False), rollout_metrics,
+                    update_started)
+
+
+def _compiled_step(run: _Run, state: dict, step_input: _StepInput):
+  """The train step compiled for the input's attention layout, compiled explicitly the
+  first time a layout appears, to report the step's memory plan."""
+  layout = step_input.layout
+  if layout not in run.compiled:
+    if run.compiled:
+      run.log.info(f"compiling the step for attention layout {layout!r}")
+    run.compiled[layout] = run.train_step.lower(state, run.frozen, step_input.batch,
+                                                layout).compile()
+    _log_memory_plan(run.log, run.compiled[layout])
+  return run.compiled[layout]
+
+
+def _start(config, workdir, task, sharder, stop) -> tuple[_Run, dict]:
+  """The run's steps and writers, and its first state: restored from the newest
+  checkpoint (with the data position), else from init_from, else fresh; with the frozen
+  tree loaded."""
+  s = setup(config, task, sharder)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=config.keep_checkpoints,
                                  async_save=config.async_checkpointing)
   data_iter = iter(task.train_data)
   notes = []  # said once the metrics writer exists (it keeps records up to the restored step)
-  start, state, data_state = ckpt.restore_latest(state, notes.append)
-  log = metrics_lib.MetricsWriter(workdir, total_steps=total, start_step=start,
+  start, state, data_state = ckpt.restore_latest(s.state, notes.append)
+  log = metrics_lib.MetricsWriter(workdir, total_steps=config.steps, start_step=start,
                                   progress=config.progress)
   for note in notes:
     log.info(note)
@@ -431,21 +558,39 @@ def _train(config, workdir, task, sharder, stop) -> dict:
       except FileNotFoundError as e:
         raise ConfigError(f"init_from: {e}") from None
       log.info(f"initialized params from {config.init_from}")
-  frozen = None
-  if task.frozen_shapes is not None:  # loaded on every start: checkpoints hold only `params`
-    like = sharder.placed(task.frozen_axes, jax.eval_shape(task.frozen_shapes, rng))
-    try:
-      if isinstance(task.frozen_source, dict):  # several frozen models, one source each
-        frozen = {k: checkpoint.load_params(task.frozen_source[k], like[k]) for k in like}
-      else:
-        frozen = checkpoint.load_params(task.frozen_source, like)
-    except FileNotFoundError as e:
-      raise ConfigError(f"init_from: {e}") from None
-    log.info(f"frozen weights loaded from {task.frozen_source}")
-
+  frozen = _load_frozen(config, task, sharder, log)
   if task.data_report and start == 0:  # records read, used, skipped, truncated
     log.write(start, task.data_report, console=False)
-  n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
+  _log_sizes(log, state["params"], frozen, sharder)
+  peak = metrics_lib.peak_flops_per_device(config.peak_tflops)
+  run = _Run(config=config, workdir=workdir, task=task, sharder=sharder, stop=stop, log=log,
+             ckpt=ckpt, data_iter=data_iter, train_step=s.train_step, eval_step=s.eval_step,
+             frozen=frozen, start=start,
+             peak_total=peak * jax.device_count() if peak else None,
+             agree_on_end=jax.process_count() > 1 and config.data.on_exhausted == "stop")
+  return run, state
+
+
+def _load_frozen(config, task: Task, sharder, log):
+  """The task's frozen tree, or None; loaded on every start: checkpoints hold only `params`."""
+  if task.frozen_shapes is None:
+    return None
+  rng = jax.random.PRNGKey(config.seed)
+  like = sharder.placed(task.frozen_axes, jax.eval_shape(task.frozen_shapes, rng))
+  try:
+    if isinstance(task.frozen_source, dict):  # several frozen models, one source each
+      frozen = {k: runs.load_params(task.frozen_source[k], like[k]) for k in like}
+    else:
+      frozen = runs.load_params(task.frozen_source, like)
+  except FileNotFoundError as e:
+    raise ConfigError(f"init_from: {e}") from None
+  log.info(f"frozen weights loaded from {task.frozen_source}")
+  return frozen
+
+
+def _log_sizes(log, params, frozen, sharder):
+  """Parameter counts, mesh and devices, said once at the start."""
+  n_params = sum(int(x.size) for x in jax.tree.leaves(params))
   if frozen is not None:
     n_frozen = sum(int(x.size) for x in jax.tree.leaves(frozen))
     log.info(f"{n_frozen:,} frozen parameters, {n_params:,} trained "
@@ -454,224 +599,221 @@ def _train(config, workdir, task, sharder, stop) -> dict:
            f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
            f"{jax.process_count()} process(es)")
 
-  peak = metrics_lib.peak_flops_per_device(config.peak_tflops)
-  peak_total = peak * jax.device_count() if peak else None
 
-  def evaluate(params, step) -> dict:
-    if task.eval_data is None or not config.eval_steps:
-      return {}
-    it = iter(task.eval_data())
-    sums = None
-    for i in range(config.eval_steps):
-      b = next(it)
-      s = eval_step(params, frozen, device_batch(b, sharder),
-                    attention_layout(config, b, jax.process_count() > 1))
-      sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
-      if i == 0:
-        _failpoint("eval", step)
-    if hasattr(it, "close"):
-      it.close()
-    sums = _host(sums)
-    weight = max(sums.pop("weight"), 1.0)
-    return {f"eval_{k}": v for k, v in task.summarize({k: v / weight for k, v in sums.items()}).items()}
-
-  # Dispatch is asynchronous, so the host clock means something only where the host has
-  # waited for the device: throughput runs from one fetched step to the next.
-  synced = {"step": start, "time": time.perf_counter()}
-  # Loss spikes: a logged loss over loss_spike_factor x the mean of the last
-  # loss_spike_window logged losses that were not spikes themselves (those kept from
-  # before a resume included, so a resumed run reports the same events).
-  # The window starts with the first step's loss (the model as initialized), so spikes
-  # show from the first logged step on. A cross-entropy loss (one that reports `nll`:
-  # pretraining, SFT) over loss_spike_factor**2 x that mean is a divergence: no checkpoint
-  # is written while it lasts (see may_save). Other tasks' losses (DPO, reward, RL) are
-  # not on a scale where a ratio says the model is dead; their spikes are events only.
-  spiked = {step for step, _ in log.history("event/loss_spike")}
-  kept = dict(log.history("initial_loss"))
-  kept.update((step, v) for step, v in log.history("loss") if step not in spiked)
-  recent = collections.deque((kept[step] for step in sorted(kept)),
-                             maxlen=config.loss_spike_window)
-  diverged = None  # (step, loss, mean) while the last logged loss is a divergence
-
-  def log_step(step, m):
-    m = _host(m)  # waits until `step` has finished
-    now = time.perf_counter()
-    steps, elapsed = step - synced["step"], now - synced["time"]
-    synced.update(step=step, time=now)
-    for k in ("weight", "nonfinite", "nonfinite_grad", "consecutive_skips"):
-      m.pop(k, None)
-    m = task.summarize(m)
-    tps = steps * task.tokens_per_batch / elapsed if steps > 0 and elapsed > 0 else None
-    m["tokens_per_s"] = tps
-    m["mfu"] = (tps * task.flops_per_token / peak_total) if (peak_total and tps) else None
-    log.write(step, m)
-    loss = m.get("loss")
-    if loss is not None and np.isfinite(loss):
-      nonlocal diverged
-      if config.loss_spike_factor and recent:
-        mean = float(np.mean(recent))
-        if mean > 0 and loss > config.loss_spike_factor * mean:
-          log.info(f"step {step}: loss spike, {loss:.4f} is {loss / mean:.1f}x the mean of "
-                   f"the last {len(recent)} logged losses ({mean:.4f})")
-          log.write(step, {"event/loss_spike": loss / mean}, console=False)
-          if "nll" in m and loss > config.loss_spike_factor ** 2 * mean:
-            diverged = (step, loss, mean)
-          return m
-      diverged = None
-      recent.append(loss)
-    return m
-
-  def may_save(step) -> bool:
-    """Whether `step` may be checkpointed: not while the last logged loss is a divergence,
-    so a dead model never takes the place of the last healthy checkpoint. Under
-    nan_policy="stop" the run ends there, as it does on a non-finite loss."""
-    if diverged is None:
-      return True
-    at, loss, mean = diverged
-    what = (f"the loss diverged at step {at} ({loss:.4g}, {loss / mean:.1f}x the mean of the "
-            f"last {len(recent)} logged losses, over loss_spike_factor**2="
-            f"{config.loss_spike_factor ** 2:g})")
-    kept = (f"the newest checkpoint, step {saved_step}, is kept as it was" if saved_step
-            else "no checkpoint was written")
-    if config.nan_policy == "stop":
-      raise TrainingError(f"step {step}: {what}; stopped before checkpointing it "
-                          f"(nan_policy=stop); {kept}")
-    log.info(f"step {step}: not checkpointed, {what}; {kept}")
-    return False
-
-  def check_finite(step, m, host_batch):
-    """After each step (read one step late, so the device keeps a step queued): a skipped
-    update is counted, and ends the run under nan_policy="stop" or past
-    max_skipped_steps in a row."""
-    m = jax.device_get({k: m[k] for k in ("nonfinite", "nonfinite_grad", "consecutive_skips",
-                                          "loss", "grad_norm") if k in m})
-    if not int(m["nonfinite"]):
-      return
-    run_of = int(m["consecutive_skips"])
-    if config.nan_policy == "skip" and run_of <= config.max_skipped_steps:
-      log.info(f"step {step}: non-finite loss or gradients; update skipped "
-               f"({run_of} in a row, at most {config.max_skipped_steps})")
-      return
-    where, report = _dump_nonfinite(workdir, step, m, state["params"], host_batch)
-    name = report["first_nonfinite_gradient"] or "none (the loss itself)"
-    why = ("nan_policy=stop" if config.nan_policy == "stop" else
-           f"{run_of} skipped updates in a row, over max_skipped_steps={config.max_skipped_steps}")
-    raise TrainingError(f"step {step}: non-finite loss ({m.get('loss')}) or gradients, first "
-                        f"non-finite gradient {name}; stopped ({why}); diagnostics in {where}")
-
-  last = {}
-  pending, compiled, unchecked = None, {}, None
-  stopped_by = None
-  saved_step = start
-  agree_on_end = jax.process_count() > 1 and config.data.on_exhausted == "stop"
+def _train(config, workdir, task, sharder, stop) -> dict:
+  """Start (or resume), then step until config.steps, SIGTERM or the end of the data.
+  Each step is dispatched before the previous one's metrics are fetched, so the device
+  always has work queued; see _after_step for logging, evaluation and checkpoints."""
+  run, state = _start(config, workdir, task, sharder, stop)
+  progress = _Progress(state, synced_step=run.start, synced_time=time.perf_counter(),
+                       spikes=_LossWatch(config, run.log), saved_step=run.start)
   try:
-    for step in range(start, total):
+    for step in range(run.start, config.steps):
       if stop.should_stop(step):
-        log.info(f"SIGTERM: saving checkpoint at step {step} and exiting")
-        stopped_by = "signal"
+        run.log.info(f"SIGTERM: saving checkpoint at step {step} and exiting")
+        progress.stopped_by = "signal"
         break
-      host_batch = _next_batch(data_iter, agree_on_end)
+      host_batch = _next_batch(run.data_iter, run.agree_on_end)
       if host_batch is None:  # data.on_exhausted="stop"
-        log.info(f"training data exhausted after step {step}: stopping")
-        stopped_by = "data"
+        run.log.info(f"training data exhausted after step {step}: stopping")
+        progress.stopped_by = "data"
         break
-      rollout_metrics = {}
-      if task.rollout is not None:  # generate, score: the batch this step trains on
-        batch, rollout_metrics = task.rollout(state["params"], frozen, host_batch, step)
-        update_started = time.perf_counter()
-        layout = attention_layout(config, batch, False)
-      else:
-        batch = device_batch(host_batch, sharder)
-        layout = attention_layout(config, host_batch, jax.process_count() > 1)
-      if layout not in compiled:  # compiled explicitly, to report the step's memory plan
-        if compiled:
-          log.info(f"compiling the step for attention layout {layout!r}")
-        compiled[layout] = train_step.lower(state, frozen, batch, layout).compile()
-        _log_memory_plan(log, compiled[layout])
-      state, m = compiled[layout](state, frozen, batch)
+      step_input = _step_input(run, progress.state, host_batch, step)
+      train_step = _compiled_step(run, progress.state, step_input)
+      progress.state, m = train_step(progress.state, run.frozen, step_input.batch)
       done = step + 1
       _failpoint("step", done)
-      if unchecked is not None:
-        check_finite(*unchecked)
-      unchecked = (done, m, host_batch)
-      if task.rollout is not None:  # the next rollout needs these params anyway
-        jax.block_until_ready(m)
-        rollout_metrics["time/update_s"] = time.perf_counter() - update_started
-        m = {**m, **rollout_metrics}
-      if step == start:  # first step of this process: compile, measured apart
-        jax.block_until_ready(m)
-        log.info(f"first step (compile + run) took {time.perf_counter() - synced['time']:.1f}s")
-        synced.update(step=done, time=time.perf_counter())
-        if start == 0 and done % config.log_every and done != total:
-          first_loss = float(jax.device_get(m["loss"]))  # the spike window's first entry
-          if np.isfinite(first_loss):
-            log.write(done, {"initial_loss": first_loss}, console=False)
-            recent.append(first_loss)
-      if pending is not None:  # fetch the previous log step only after dispatching this one
-        last = log_step(*pending)
-        pending = None
-      if done % config.log_every == 0 or done == total:
-        pending = (done, m)
-        if task.rollout is not None:  # the step has finished (the rollout waited for it)
-          last = log_step(*pending)
-          pending = None
-      evaluate_now = config.eval_every and (done % config.eval_every == 0 or done == total)
-      saving = done % config.checkpoint_every == 0 and done < total
-      if (evaluate_now or saving) and unchecked is not None:
-        check_finite(*unchecked)  # nothing non-finite is evaluated or saved
-        unchecked = None
-      if (evaluate_now or saving) and pending is not None:  # its record before its checkpoint
-        last = log_step(*pending)
-        pending = None
-      if evaluate_now and not stop.requested:
-        ev = evaluate(state["params"], done)
-        if ev:
-          log.write(done, ev)
-          last.update(ev)
-        jax.block_until_ready(state["step"])
-        synced.update(step=done, time=time.perf_counter())  # evaluation is not training time
-      if saving and may_save(done):
-        ckpt.save(done, state, data_iter.get_state())
-        saved_step = done
-        _failpoint("checkpoint", done)
-      log.advance(done)
-    if unchecked is not None:
-      check_finite(*unchecked)
-    if pending is not None:
-      last = log_step(*pending)
-    final = int(jax.device_get(state["step"]))
-    if final != saved_step and may_save(final):
-      ckpt.save(final, state, data_iter.get_state())
-      saved_step = final
-    if stopped_by == "signal":
-      ckpt.wait()
-      took = time.monotonic() - stop.received
-      note = "" if took <= config.preemption_grace_s else (
-          f"; WARNING: over preemption_grace_s={config.preemption_grace_s:g}, so a "
-          f"preemption with that notice would have cut it short")
-      log.info(f"SIGTERM: checkpoint at step {saved_step} complete {took:.1f}s after the "
-               f"signal{note}")
+      _check_finite(run, progress)  # the previous step's, read one step late: the device keeps busy
+      progress.unchecked = (done, m, host_batch)
+      m = step_input.finish(m)
+      if step == run.start:
+        _first_step_done(run, progress, done, m)
+      _after_step(run, progress, done, m, step_input.waited)
+      run.log.advance(done)
+    final = _finish(run, progress)
   finally:
-    ckpt.close()  # the last write completes (or its failure is raised) before any exit
-    if hasattr(data_iter, "close"):
-      data_iter.close()
+    run.ckpt.close()  # the last write completes (or its failure is raised) before any exit
+    if hasattr(run.data_iter, "close"):
+      run.data_iter.close()
+  _report_end(run, progress, final)
+  return progress.last
+
+
+def _first_step_done(run: _Run, progress: _Progress, done: int, m: dict):
+  """The first step of this process (compile + run) is timed apart, and throughput counts
+  from its end. A fresh run's first loss (the model as initialized) is the spike window's
+  first entry, recorded unless that step is logged anyway."""
+  jax.block_until_ready(m)
+  run.log.info(f"first step (compile + run) took {time.perf_counter() - progress.synced_time:.1f}s")
+  progress.sync(done)
+  if run.start == 0 and done % run.config.log_every and done != run.config.steps:
+    first_loss = float(jax.device_get(m["loss"]))
+    if np.isfinite(first_loss):
+      run.log.write(done, {"initial_loss": first_loss}, console=False)
+      progress.spikes.recent.append(first_loss)
+
+
+def _after_step(run: _Run, progress: _Progress, done: int, m: dict, finished: bool):
+  """Once step `done` is dispatched: log the previous log step (fetched only now), keep
+  this one to log after the next dispatch (at once if it has `finished`), and evaluate and
+  checkpoint when due; a step is checked finite and logged before it is evaluated or
+  saved."""
+  config = run.config
+  _log_pending(run, progress)
+  if done % config.log_every == 0 or done == config.steps:
+    progress.pending = (done, m)
+    if finished:
+      _log_pending(run, progress)
+  evaluate_now = config.eval_every and (done % config.eval_every == 0 or done == config.steps)
+  saving = done % config.checkpoint_every == 0 and done < config.steps
+  if evaluate_now or saving:
+    _check_finite(run, progress)  # nothing non-finite is evaluated or saved
+    _log_pending(run, progress)  # its record before its checkpoint
+  if evaluate_now and not run.stop.requested:
+    ev = _evaluate(run, progress.state["params"], done)
+    if ev:
+      run.log.write(done, ev)
+      progress.last.update(ev)
+    jax.block_until_ready(progress.state["step"])
+    progress.sync(done)  # evaluation is not training time
+  if saving and _may_save(run, progress, done):
+    run.ckpt.save(done, progress.state, run.data_iter.get_state())
+    progress.saved_step = done
+    _failpoint("checkpoint", done)
+
+
+def _finish(run: _Run, progress: _Progress) -> int:
+  """After the last step: its checks and record, the final checkpoint, and after SIGTERM
+  how long the save took against the preemption notice. Returns the final step."""
+  _check_finite(run, progress)
+  _log_pending(run, progress)
+  final = int(jax.device_get(progress.state["step"]))
+  if final != progress.saved_step and _may_save(run, progress, final):
+    run.ckpt.save(final, progress.state, run.data_iter.get_state())
+    progress.saved_step = final
+  if progress.stopped_by == "signal":
+    config = run.config
+    run.ckpt.wait()
+    took = time.monotonic() - run.stop.received
+    note = "" if took <= config.preemption_grace_s else (
+        f"; WARNING: over preemption_grace_s={config.preemption_grace_s:g}, so a "
+        f"preemption with that notice would have cut it short")
+    run.log.info(f"SIGTERM: checkpoint at step {progress.saved_step} complete {took:.1f}s "
+                 f"after the signal{note}")
+  return final
+
+
+def _report_end(run: _Run, progress: _Progress, final: int):
+  """The run's closing records: peak memory, tokens per source, and summary.json (what a
+  pipeline or a sweep reads back)."""
+  log = run.log
   peak = _peak_device_memory()
   if peak is not None:
     log.info(f"peak device memory: {peak / 2**30:.2f} GiB (device 0)")
     log.write(final, {"peak_memory_gib": peak / 2**30}, console=False)
-  if hasattr(data_iter, "consumed_tokens"):
-    consumed = _all_processes_sum(data_iter.consumed_tokens())
+  if hasattr(run.data_iter, "consumed_tokens"):
+    consumed = _all_processes_sum(run.data_iter.consumed_tokens())
     total_tokens = max(sum(consumed.values()), 1)
     log.info("tokens consumed per source: " + ", ".join(
         f"{n} {v:,} ({100 * v / total_tokens:.1f}%)" for n, v in consumed.items()))
     log.write(final, {f"tokens_consumed/{n}": v for n, v in consumed.items()}, console=False)
   log.close()
-  if jax.process_index() == 0:  # what a pipeline or a sweep reads back
-    summary = {"step": final, "steps": total, "finished": final >= total,
-               "stopped_by": stopped_by, "tokens_per_step": task.tokens_per_batch,
-               "metrics": last}
-    checkpoint.write_json(os.path.join(workdir, "summary.json"), summary)
-  return last
+  if jax.process_index() == 0:
+    summary = {"step": final, "steps": run.config.steps, "finished": final >= run.config.steps,
+               "stopped_by": progress.stopped_by, "tokens_per_step": run.task.tokens_per_batch,
+               "metrics": progress.last}
+    fileio.atomic_write_json(os.path.join(run.workdir, "summary.json"), summary)
+
+
+def _log_pending(run: _Run, progress: _Progress):
+  """Log the pending step's metrics, if any (this waits until that step has finished)."""
+  if progress.pending is None:
+    return
+  step, m = progress.pending
+  progress.pending = None
+  m = _host(m)
+  now = time.perf_counter()
+  steps, elapsed = step - progress.synced_step, now - progress.synced_time
+  progress.synced_step, progress.synced_time = step, now
+  for k in ("weight", "nonfinite", "nonfinite_grad", "consecutive_skips"):
+    m.pop(k, None)
+  m = run.task.summarize(m)
+  tps = steps * run.task.tokens_per_batch / elapsed if steps > 0 and elapsed > 0 else None
+  m["tokens_per_s"] = tps
+  m["mfu"] = (tps * run.task.flops_per_token / run.peak_total) if (run.peak_total and tps) else None
+  run.log.write(step, m)
+  progress.spikes.observe(step, m, run.log)
+  progress.last = m
+
+
+def _evaluate(run: _Run, params, step: int) -> dict:
+  """config.eval_steps batches of fresh eval data: the task's summary of the normalized
+  sums, as eval_<name>; {} without eval data."""
+  config, task = run.config, run.task
+  if task.eval_data is None or not config.eval_steps:
+    return {}
+  it = iter(task.eval_data())
+  sums = None
+  for i in range(config.eval_steps):
+    b = next(it)
+    s = run.eval_step(params, run.frozen, device_batch(b, run.sharder),
+                      attention_layout(config, b, jax.process_count() > 1))
+    sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+    if i == 0:
+      _failpoint("eval", step)
+  if hasattr(it, "close"):
+    it.close()
+  sums = _host(sums)
+  weight = max(sums.pop("weight"), 1.0)
+  summary = task.summarize({k: v / weight for k, v in sums.items()})
+  return {f"eval_{k}": v for k, v in summary.items()}
+
+
+def _may_save(run: _Run, progress: _Progress, step: int) -> bool:
+  """Whether `step` may be checkpointed: not while the last logged loss is a divergence,
+  so a dead model never takes the place of the last healthy checkpoint. Under
+  nan_policy="stop" the run ends there, as it does on a non-finite loss."""
+  if progress.spikes.diverged is None:
+    return True
+  config = run.config
+  at, loss, mean = progress.spikes.diverged
+  what = (f"the loss diverged at step {at} ({loss:.4g}, {loss / mean:.1f}x the mean of the "
+          f"last {len(progress.spikes.recent)} logged losses, over loss_spike_factor**2="
+          f"{config.loss_spike_factor ** 2:g})")
+  saved = progress.saved_step
+  kept = (f"the newest checkpoint, step {saved}, is kept as it was" if saved
+          else "no checkpoint was written")
+  if config.nan_policy == "stop":
+    raise TrainingError(f"step {step}: {what}; stopped before checkpointing it "
+                        f"(nan_policy=stop); {kept}")
+  run.log.info(f"step {step}: not checkpointed, {what}; {kept}")
+  return False
+
+
+def _check_finite(run: _Run, progress: _Progress):
+  """The unchecked step, if any (read one step late, so the device keeps a step queued):
+  a skipped update is counted, and ends the run under nan_policy="stop" or past
+  max_skipped_steps in a row."""
+  if progress.unchecked is None:
+    return
+  step, m, host_batch = progress.unchecked
+  progress.unchecked = None
+  config = run.config
+  m = jax.device_get({k: m[k] for k in ("nonfinite", "nonfinite_grad", "consecutive_skips",
+                                        "loss", "grad_norm") if k in m})
+  if not int(m["nonfinite"]):
+    return
+  run_of = int(m["consecutive_skips"])
+  if config.nan_policy == "skip" and run_of <= config.max_skipped_steps:
+    run.log.info(f"step {step}: non-finite loss or gradients; update skipped "
+                 f"({run_of} in a row, at most {config.max_skipped_steps})")
+    return
+  where, report = _dump_nonfinite(run.workdir, step, m, progress.state["params"], host_batch)
+  name = report["first_nonfinite_gradient"] or "none (the loss itself)"
+  why = ("nan_policy=stop" if config.nan_policy == "stop" else
+         f"{run_of} skipped updates in a row, over max_skipped_steps={config.max_skipped_steps}")
+  raise TrainingError(f"step {step}: non-finite loss ({m.get('loss')}) or gradients, first "
+                      f"non-finite gradient {name}; stopped ({why}); diagnostics in {where}")
 
 
 def write_config(config, workdir: str):

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import model
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
+
 
 # How many leading (after `layers`) dimensions of each adaptable weight are its inputs.
 IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
@@ -89,6 +90,15 @@ def init(model_cfg, lora_cfg, rng) -> dict:
 
 def as_model_lora(adapters, lora_cfg, rng=None) -> model.Lora:
   return model.Lora(adapters, scale(lora_cfg), lora_cfg.dropout, rng)
+
+
+def split(trainable, base, lora_cfg, rng=None):
+  """The (weights, adapters) a forward pass runs with, the one place a task decides it:
+  under LoRA the frozen `base` and the trainable tree as adapters (dropout when `rng` is
+  given), else the trainable tree itself and no adapters."""
+  if lora_cfg is not None and enabled(lora_cfg):
+    return base, as_model_lora(trainable, lora_cfg, rng)
+  return trainable, None
 
 
 def merge(base, adapters, lora_cfg) -> dict:

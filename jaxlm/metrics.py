@@ -13,8 +13,11 @@ import sys
 import time
 
 import jax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 from jaxlm import fileio
+
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
 PEAK_TFLOPS = (
@@ -62,13 +65,11 @@ class MetricsWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._truncate_after(-1 if start_step is None else start_step)
     self.file = open(self.path, "a", encoding="utf-8")
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     # purge_step: TensorBoard hides the events of steps after the restored one.
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
                             purge_step=None if start_step is None else start_step + 1)
     use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
     if use_bar:
-      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
       self.bar = tqdm(total=total_steps, initial=self.start_step, dynamic_ncols=True,
                       unit="step")
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import functools
 import math
-import zlib
 from typing import Any, NamedTuple
+import zlib
 
 import jax
-import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
 
 from jaxlm import attention, losses
 from jaxlm.sharding import Sharder

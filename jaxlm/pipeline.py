@@ -20,16 +20,22 @@ selects a subset; a selected stage whose input stage is absent is an error.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import time
 
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
-from jaxlm import fileio
-from jaxlm.config import ConfigError
-from jaxlm.checkpoint import read_json, write_json
+from jaxlm import checkpoint, config as config_lib, evaluate, fileio, loop, report, tasks, validate
+from jaxlm.config import base_config
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.errors import ConfigError, Interrupted, StageIncomplete
+from jaxlm.tasks.common import documents
+
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "rl")
 STAGE_FILE = "stage.json"    # per stage: seconds spent training, over every attempt
@@ -56,10 +62,9 @@ def selected(config) -> list[str]:
   return [s for s in STAGES if s in names]
 
 
-def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
+def config_errors(config, num_devices: int, num_processes: int = 1) -> list[str]:
   """Every stage's config problems, each prefixed with its key (`sft.optimizer.lr=...`).
   `@` paths are produced by earlier stages, so here they only need to be there."""
-  from jaxlm import config as config_lib  # pylint: disable=import-outside-toplevel
   try:
     names = selected(config)
   except ConfigError as e:
@@ -72,14 +77,14 @@ def validate(config, num_devices: int, num_processes: int = 1) -> list[str]:
       spec = config.tokenizer.train.strip()
       if not spec.startswith(("builtin:", "tfds:")):
         try:
-          config_lib.expand_globs(spec, "tokenizer.train")
+          fileio.expand_globs(spec, "tokenizer.train")
         except ConfigError as e:
           errors.append(str(e))
       continue
     stage = resolve_paths(config[name], os.getcwd())
     for key, _ in _at_paths(config[name]):  # not there yet: stand in an existing path
       config_lib.set_key(stage, key, "" if key == "data.tokenizer" else ".")
-    errors += [f"{name}.{e}" for e in config_lib.validate(stage, num_devices, num_processes)]
+    errors += [f"{name}.{e}" for e in validate.config_errors(stage, num_devices, num_processes)]
   return errors
 
 
@@ -106,25 +111,19 @@ def _stage_record(stage_dir: str) -> dict | None:
 def finished(stage_dir: str, steps: int | None = None) -> bool:
   """Whether a stage's run reached its last step (the loop's summary.json says so), and
   at least `steps` of them (a re-run with more steps continues it)."""
-  summary = read_json(os.path.join(stage_dir, "summary.json"))
+  summary = fileio.read_json(os.path.join(stage_dir, "summary.json"), optional=True)
   return bool(summary and summary.get("finished") and summary["step"] >= (steps or 0))
 
 
 def _barrier(name: str):
   """Every process waits here: what process 0 wrote before it is there for all."""
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
 
 
 def train_tokenizer(config, folder: str, log=print) -> str:
   """The tokenizer stage: SentencePiece on up to `tokenizer.sample_chars` characters of
   `tokenizer.train`, by process 0."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jaxlm.config import base_config  # pylint: disable=import-outside-toplevel
-  from jaxlm.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  from jaxlm.tasks.pretrain import documents  # pylint: disable=import-outside-toplevel
   path = os.path.join(folder, "tokenizer.model")
   _barrier("pipeline tokenizer check")  # all processes see the same file, or none
   if os.path.exists(path):
@@ -140,7 +139,7 @@ def train_tokenizer(config, folder: str, log=print) -> str:
                           config.tokenizer.vocab_size)
     except ValueError as e:
       raise ConfigError(f"tokenizer.vocab_size={config.tokenizer.vocab_size}: {e}") from None
-    write_json(os.path.join(folder, STAGE_FILE),
+    fileio.atomic_write_json(os.path.join(folder, STAGE_FILE),
                 {"seconds": time.perf_counter() - t0, "attempts": 1})
   _barrier("pipeline tokenizer")
   log(f"[tokenizer] {config.tokenizer.vocab_size} pieces -> {path} "
@@ -159,14 +158,13 @@ _NOT_FINGERPRINTED = ("steps", "progress", "log_every", "eval_every", "eval_step
 def _inputs(config, name: str, workdir: str) -> dict:
   """What a stage trains from: its config (less _NOT_FINGERPRINTED) and, for each
   `@stage` it reads, that stage's last step and config fingerprint."""
-  import hashlib  # pylint: disable=import-outside-toplevel
   own = {k: v for k, v in config[name].to_dict().items() if k not in _NOT_FINGERPRINTED}
   out = {"config": hashlib.sha256(json.dumps(own, sort_keys=True, default=str).encode())
                    .hexdigest()[:16]}
   for key, value in _at_paths(config[name]):
     stage = value[1:].split("/")[0]
     record = _stage_record(os.path.join(workdir, stage)) or {}
-    summary = read_json(os.path.join(workdir, stage, "summary.json")) or {}
+    summary = fileio.read_json(os.path.join(workdir, stage, "summary.json"), optional=True) or {}
     if not key.startswith("eval."):
       out[stage] = {"step": summary.get("step"), "config": record.get("inputs", {}).get("config")}
   return out
@@ -207,8 +205,6 @@ def _check_inputs(config, name: str, workdir: str):
 
 
 def run_stage(config, name: str, workdir: str, log=print) -> None:
-  import jax  # pylint: disable=import-outside-toplevel
-  from jaxlm import checkpoint, evaluate, tasks  # pylint: disable=import-outside-toplevel
   stage_dir = os.path.join(workdir, name)
   stage = resolve_paths(config[name], workdir)
   if not stage.seed:
@@ -242,7 +238,7 @@ def run_stage(config, name: str, workdir: str, log=print) -> None:
         fileio.atomic_write_json(os.path.join(stage_dir, STAGE_FILE), record)
       _barrier(f"pipeline {name} trained")
     if not finished(stage_dir, stage.steps):
-      summary = read_json(os.path.join(stage_dir, "summary.json")) or {}
+      summary = fileio.read_json(os.path.join(stage_dir, "summary.json"), optional=True) or {}
       if summary.get("stopped_by") == "data":
         raise ConfigError(f"{name}.steps={stage.steps}: its data ran out at step "
                           f"{summary.get('step')} ({name}.data.on_exhausted='stop'); lower "
@@ -251,7 +247,7 @@ def run_stage(config, name: str, workdir: str, log=print) -> None:
                             f"{stage.steps} (a signal); re-run the same command to resume it")
   eval_dir = os.path.join(stage_dir, "eval")
   e = eval_section(config, name, workdir)
-  done = read_json(os.path.join(eval_dir, evaluate.EVAL_FILE))
+  done = fileio.read_json(os.path.join(eval_dir, evaluate.EVAL_FILE), optional=True)
   step = checkpoint.step_of(stage_dir)
   if (done and done.get("step") == step and done.get("config") == e.to_dict()
       and not trained):  # the same weights, evaluated the same way
@@ -264,20 +260,11 @@ def run_stage(config, name: str, workdir: str, log=print) -> None:
     raise ConfigError(f"{name}.{err}" if str(err).startswith("eval.") else str(err)) from None
 
 
-class StageIncomplete(RuntimeError):
-  pass
-
-
-class Interrupted(BaseException):
-  """SIGTERM outside a stage's training (which stops at a checkpoint on its own)."""
-
-
 @contextlib.contextmanager
 def _sigterm_interrupts():
   """SIGTERM raises Interrupted wherever the pipeline is (a tokenizer, an evaluation, the
   report), so that unit is abandoned whole: each writes its result atomically at its end,
   and the next run redoes it. The training loop installs its own handler while it runs."""
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_count() > 1:  # JAX's preemption notifier owns SIGTERM there (the loop
     yield                      # agrees on a step to stop at); a Python handler would
     return                     # replace it
@@ -295,7 +282,6 @@ def _sigterm_interrupts():
 
 
 def run(config, workdir: str) -> dict:
-  from jaxlm import loop, report  # pylint: disable=import-outside-toplevel
   names = selected(config)
   workdir = os.path.abspath(workdir)  # @paths are pinned by later stages: one spelling
   loop.write_config(config, workdir)

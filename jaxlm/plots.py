@@ -13,6 +13,7 @@ import os
 
 from jaxlm import fileio
 
+
 STAGE_LABELS = {"pretrain": "base", "sft": "sft", "reward": "reward", "dpo": "dpo", "rl": "rl"}
 
 
@@ -46,9 +47,9 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib  # lazy: only when plotting
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt  # lazy: only when plotting
   return plt
 
 

@@ -12,14 +12,14 @@ pairwise_accuracy, win_rate, kl_to_reference, ...) and its run's `steps`, `token
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
-import subprocess
-import sys
 
-from jaxlm import fileio, plots
-from jaxlm.checkpoint import read_json, write_json
+import jax
+import ml_collections
+
+from jaxlm import console, fileio, model, plots
+from jaxlm.config import model_config
+
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
@@ -39,32 +39,14 @@ ROWS = (
 )
 
 
-def environment() -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True, timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    rev += " (with uncommitted changes)" if dirty else ""
-  except (OSError, subprocess.SubprocessError):
-    rev = "unknown (not a git checkout)"
-  device = jax.devices()[0]
-  return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-          "command": " ".join([os.path.basename(sys.executable),
-                               *getattr(sys, "orig_argv", sys.argv)[1:]]),
-          "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
-          "cpu_cores": os.cpu_count(), "jax": jax.__version__,
-          "python": platform.python_version(), "git": rev}
 
+def _record(path: str) -> dict | None:
+  """A run's JSON record, or None when it is missing or cut short (not written yet)."""
+  return fileio.read_json(path, optional=True)
 
 def _train_flops(stage_dir: str, tokens: int) -> float:
   """Training FLOPs of a run: PaLM-style per-token FLOPs of its model x tokens."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from jaxlm import model  # pylint: disable=import-outside-toplevel
-  from jaxlm.config import model_config  # pylint: disable=import-outside-toplevel
-  run = read_json(os.path.join(stage_dir, "config.json")) or {}
+  run = _record(os.path.join(stage_dir, "config.json")) or {}
   if "model" not in run:
     return 0.0
   cfg = model_config("tiny", **ml_collections.ConfigDict(run["model"]).to_dict())
@@ -76,14 +58,14 @@ def collect(workdir: str) -> dict:
   stages = {}
   for name, label in plots.STAGE_LABELS.items():
     d = os.path.join(workdir, name)
-    summary = read_json(os.path.join(d, "summary.json"))
+    summary = _record(os.path.join(d, "summary.json"))
     if summary is None:
       continue
-    ev = read_json(os.path.join(d, "eval", "eval.json")) or {"metrics": {}, "samples": []}
+    ev = _record(os.path.join(d, "eval", "eval.json")) or {"metrics": {}, "samples": []}
     tokens = int(summary["step"] * summary.get("tokens_per_step", 0))
     s = dict(ev["metrics"])
     s.update(steps=summary["step"], tokens=tokens,
-             train_seconds=(read_json(os.path.join(d, "stage.json")) or {}).get("seconds"),
+             train_seconds=(_record(os.path.join(d, "stage.json")) or {}).get("seconds"),
              eval_seconds=ev.get("seconds"), train_flops=_train_flops(d, tokens),
              train_loss=summary.get("metrics", {}).get("loss"))
     s["samples"] = ev.get("samples", [])
@@ -107,9 +89,8 @@ def _seconds(v) -> str:
 
 def write(config, workdir: str) -> dict:
   """Write report.md, report.json and plots/ for the pipeline in `workdir`."""
-  import jax  # pylint: disable=import-outside-toplevel
   stages = collect(workdir)
-  tok = read_json(os.path.join(workdir, "tokenizer", "stage.json")) or {}
+  tok = _record(os.path.join(workdir, "tokenizer", "stage.json")) or {}
   seconds = (tok.get("seconds") or 0.0) + sum((s["train_seconds"] or 0.0) + (s["eval_seconds"] or 0.0)
                                               for s in stages.values())
   r = config.report
@@ -120,13 +101,13 @@ def write(config, workdir: str) -> dict:
           "train_flops": flops, "accelerator": r.accelerator,
           "accelerator_price_per_hour": r.accelerator_price, "accelerator_mfu": r.accelerator_mfu,
           "accelerator_hours": accel_hours, "accelerator_cost": accel_hours * r.accelerator_price}
-  env = environment()
+  env = console.environment()
   result = {"environment": env, "total_seconds": seconds, "cost": cost,
             "stages": {k: {m: v for m, v in s.items() if m != "samples"} for k, s in stages.items()}}
   if jax.process_index() != 0:
     return result
   plot_files = plots.plot_all({"": workdir}, os.path.join(workdir, "plots"))
-  write_json(os.path.join(workdir, REPORT_JSON), result)
+  fileio.atomic_write_json(os.path.join(workdir, REPORT_JSON), result)
   fileio.atomic_write(os.path.join(workdir, REPORT_MD),
                       _markdown(result, stages, plot_files, workdir, tok, r.samples))
   return result

@@ -1,118 +1,64 @@
-"""Sample from a model: `python -m jaxlm.sample --model DIR [--prompt TEXT] [--chat]`.
+"""Text from a language model with the engine RL uses (jaxlm.generate).
 
-DIR is a jaxlm run (any step folder of it; a LoRA run comes merged) or a Hugging Face
-model directory. Without --chat the prompt is continued as plain text; with --chat it is
-a user turn rendered with the chat template, and without --prompt the session is
-interactive and multi-turn (each reply joins the history). The engine is jaxlm.generate,
-the same one RL rollouts use.
+A `TextSampler` holds a loaded model (runs.LanguageModel), its sampling settings and a
+random key: plain prompts are continued as text, conversations [(role, text), ...] are
+answered through the chat template (the reply stops at its end-of-turn marker), and
+`reply` carries a multi-turn chat. tools/sample.py is the command line over it;
+jaxlm.selfdata samples its data through it.
 """
 
 from __future__ import annotations
 
-import sys
+import jax
+import numpy as np
 
-from absl import app, flags, logging
-
-from jaxlm.policy import load
-
-_MODEL = flags.DEFINE_string("model", None, "A jaxlm run or a Hugging Face model directory.")
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch). "
-                                    "Without it and with --chat: an interactive session.")
-_CHAT = flags.DEFINE_bool("chat", False, "Render prompts as user turns with the chat template.")
-_TEMPLATE = flags.DEFINE_string("chat_template", "", "jaxlm | chatml | llama3 | hf; default: "
-                                "the run's data.chat_template, or hf for a HF directory with one.")
-_SYSTEM = flags.DEFINE_string("system", "", "A system turn before the conversation (--chat).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this much mass.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.mark_flag_as_required("model")
+from jaxlm import generate
+from jaxlm.data import sft
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from jaxlm import generate  # pylint: disable=import-outside-toplevel
-  from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
-  from jaxlm.data import sft  # pylint: disable=import-outside-toplevel
-  from jaxlm.data.sources import DataError  # pylint: disable=import-outside-toplevel
-  try:
-    policy = load(_MODEL.value, _TEMPLATE.value)
-  except (ConfigError, OSError, KeyError, ValueError) as e:  # ValueError: bad JSON, named
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  tok, template = policy.tokenizer, policy.template
-  stop = generate.stop_ids(tok, sft.end_of_turn(template)) if _CHAT.value else ()
-  sampling = generate.Sampling(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-                               top_k=_TOP_K.value, top_p=_TOP_P.value,
-                               stop=(stop,) if stop else ())
-  engine = generate.Engine(policy.model_config, eos_id=tok.eos_id, vocab_size=tok.vocab_size)
-  rng = jax.random.PRNGKey(_SEED.value)
-  system = [("system", _SYSTEM.value)] if _SYSTEM.value else []
+class TextSampler:
+  """Prompt ids in, completion texts out, one key split off per call. With `chat`, a
+  completion ends at the template's end-of-turn marker (and at EOS, as without)."""
 
-  def reply_text(tokens, length):
-    return tok.decode(generate.completion_ids(tokens, length, tok.eos_id, stop))
+  def __init__(self, lm, *, chat: bool, max_new_tokens: int, temperature: float,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0):
+    self.lm = lm
+    tok = lm.tokenizer
+    self.stop = generate.stop_ids(tok, sft.end_of_turn(lm.template)) if chat else ()
+    self.sampling = generate.Sampling(max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_k=top_k, top_p=top_p,
+                                      stop=(self.stop,) if self.stop else ())
+    self.engine = generate.Engine(lm.model_config, eos_id=tok.eos_id, vocab_size=tok.vocab_size)
+    self.rng = jax.random.PRNGKey(seed)
 
-  def run(prompts_ids):
-    nonlocal rng
-    rng, key = jax.random.split(rng)
-    return engine.generate(policy.params, prompts_ids, key, sampling)
+  def text_ids(self, text: str) -> np.ndarray:
+    """A plain-text prompt: BOS, then the text."""
+    tok = self.lm.tokenizer
+    return np.asarray([tok.bos_id] + tok.encode(text), np.int32)
 
-  def chat_ids(turns):
-    """The conversation as ids (its text encoded as content: a `<|user|>` typed in a
-    message is text, not a turn), or None after saying why the template refused it."""
-    try:
-      return sft.generation_prompt(turns, tok, template)
-    except ConfigError as e:  # the template itself (the Jinja sandbox refused it)
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    except DataError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return None
+  def chat_ids(self, turns) -> np.ndarray:
+    """A conversation as the prompt of the assistant's next turn, its text encoded as
+    content (a `<|user|>` typed in a message is text, not a turn). DataError when the
+    template can't render this conversation; ConfigError when it can't render any (the
+    Jinja sandbox refused the template itself)."""
+    return sft.generation_prompt(turns, self.lm.tokenizer, self.lm.template)
 
-  if _PROMPT.value:
-    if _CHAT.value:
-      ids = [chat_ids(system + [("user", p)]) for p in _PROMPT.value]
-      if any(i is None for i in ids):
-        sys.exit(2)
-    else:
-      ids = [np.asarray([tok.bos_id] + tok.encode(p), np.int32) for p in _PROMPT.value]
-    out = run(ids)
-    for i, p in enumerate(_PROMPT.value):
-      text = reply_text(out.tokens[i], out.lengths[i])
-      print(text if _CHAT.value else p + text)
-      if len(_PROMPT.value) > 1:
-        print("---")
-    return
-  if not _CHAT.value:
-    raise app.UsageError("give --prompt, or --chat for an interactive session")
-  history = list(system)
-  print("chat with the model; an empty line or end of input quits", file=sys.stderr)
-  while True:
-    try:
-      line = input("> ")
-    except EOFError:
-      break
-    if not line.strip():
-      break
-    ids = chat_ids(history + [("user", line)])
-    if ids is None:  # this message is dropped; the session goes on
-      continue
-    history.append(("user", line))
-    out = run([ids])
-    text = reply_text(out.tokens[0], out.lengths[0])
-    history.append(("assistant", text))
-    print(text, flush=True)
+  def complete(self, prompts_ids: list, rows: int = 0) -> list[str]:
+    """One completion per prompt, without the EOS or stop sequence that ended it. `rows`
+    pads the batch to a fixed row count, so batches share one compiled program."""
+    tok = self.lm.tokenizer
+    self.rng, key = jax.random.split(self.rng)
+    out = self.engine.generate(self.lm.params, prompts_ids, key, self.sampling, rows=rows)
+    return [tok.decode(generate.completion_ids(tokens, n, tok.eos_id, self.stop))
+            for tokens, n in zip(out.tokens, out.lengths)]
 
 
-def run():
-  app.run(main)
-
-
-if __name__ == "__main__":
-  run()
+def reply(sampler: TextSampler, history: list, message: str) -> str:
+  """The model's answer to a user `message` after `history` [(role, text), ...]; the
+  message and the answer join the history. A message the template can't render raises
+  (DataError, as `TextSampler.chat_ids`) and leaves the history as it was."""
+  ids = sampler.chat_ids(history + [("user", message)])
+  history.append(("user", message))
+  text = sampler.complete([ids])[0]
+  history.append(("assistant", text))
+  return text

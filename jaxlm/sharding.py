@@ -12,21 +12,20 @@ replicated. Typical use:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
+import os
 from typing import Any
 
 import jax
-import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from jaxlm.config import MESH_AXES
+from jaxlm.errors import ConfigError, ShardingError
+
 
 Rules = Sequence[tuple[str, Any]]
-
-
-class ShardingError(ValueError):
-  pass
 
 
 def maybe_initialize_distributed(coordinator_address: str | None = None,
@@ -78,7 +77,6 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   devices = list(devices) if devices is not None else jax.devices()
   shape = resolve_mesh_shape(sizes, len(devices))
   try:  # topology-aware device order (ICI rings on TPU) when the devices allow it
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # pylint: disable=broad-except
     grid = np.asarray(devices).reshape(shape)
@@ -191,7 +189,7 @@ class Sharder:
 
   def placed(self, axes_tree, abstract_tree):
     """Shape/dtype structs of `abstract_tree`, each with its sharding by the rules: a
-    restore target (checkpoint.load_params) that lands already sharded."""
+    restore target (runs.load_params) that lands already sharded."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract_tree, self.tree(axes_tree, abstract_tree))
 
@@ -209,3 +207,17 @@ def global_batch(batch: dict, sharder) -> dict:
     spec = sharder.sharding(("batch",) + (None,) * (x.ndim - 1))
     return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
   return {k: put(v) for k, v in batch.items()}
+
+
+def mesh_shape(config, num_devices: int) -> dict[str, int]:
+  """Resolve `config.mesh` (one size may be -1) against the device count; ConfigError
+  naming `mesh.AXIS` when it can't be."""
+  sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
+  for a, s in sizes.items():
+    if s == 0 or s < -1:
+      raise ConfigError(f"mesh.{a}={s}: mesh sizes must be positive or -1")
+  try:
+    shape = resolve_mesh_shape(sizes, num_devices)
+  except ShardingError as e:
+    raise ConfigError(f"mesh: {e}") from None
+  return dict(zip(MESH_AXES, shape))

@@ -32,7 +32,9 @@ import sys
 import ml_collections
 
 from jaxlm import fileio
-from jaxlm.config import ConfigError, set_key, validate
+from jaxlm.config import set_key
+from jaxlm.errors import ConfigError
+from jaxlm.validate import config_errors as validate
 
 
 def load_trials(config_spec: str) -> list[dict]:
@@ -216,9 +218,9 @@ def report(directory: str, metric: str = "eval_loss", mode: str = "min") -> list
 
 
 def _plot(rows, metric: str, path: str):
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib  # lazy: only when plotting
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt  # lazy: only when plotting
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for r in rows:
     if r["values"]:

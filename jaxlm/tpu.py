@@ -36,6 +36,9 @@ import subprocess
 import sys
 import time
 
+from jaxlm.errors import TpuError
+
+
 # Config keys naming paths on the workers, which only the run there can check.
 REMOTE_KEYS = ("data.train", "data.eval", "data.tokenizer", "init_from", "dpo.reference_from",
                "eval.model")
@@ -47,10 +50,6 @@ LOG = "~/jaxlm.log"
 # The TPU VM software each generation boots with (gcloud's --runtime-version).
 RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
             "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
-
-
-class TpuError(ValueError):
-  """A bad TPU setting, as one line."""
 
 
 # flag -> (pattern, what it must be). The TPU name is a Google Cloud resource name (RFC

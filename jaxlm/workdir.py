@@ -22,7 +22,9 @@ import os
 import socket
 import sys
 
-from jaxlm import fileio
+from jaxlm import checkpoint, fileio
+from jaxlm.errors import WorkdirError
+
 
 LOCK = ".jaxlm.lock"
 _NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
@@ -33,18 +35,9 @@ SHAPE_FIELDS = ("family", "vocab_size", "d_model", "num_layers", "num_heads", "n
                 "head_dim", "ffn_dim", "qkv_bias", "tie_embeddings")
 
 
-class WorkdirError(Exception):
-  """The workdir holds something this run must not touch, or another run holds it."""
-
-
 def _is_run_config(d) -> bool:
   return isinstance(d, dict) and isinstance(d.get("task"), str) and isinstance(
       d.get("model", {}), dict) and "model_type" not in d and "architectures" not in d
-
-
-def _has_checkpoints(workdir: str) -> bool:
-  folder = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(folder) and any(d.isdigit() for d in os.listdir(folder))
 
 
 def architecture(model: dict, lora: dict | None) -> dict:
@@ -93,7 +86,7 @@ def check(config, workdir: str, resolved: bool = True) -> None:
     raise WorkdirError(f"--workdir {workdir}: holds a task={theirs['task']!r} run, and this "
                        f"config is task={config.task!r}; nothing was changed. Choose another "
                        f"--workdir")
-  if not _has_checkpoints(workdir) or "model" not in config:
+  if not checkpoint.steps_in(os.path.join(workdir, "checkpoints")) or "model" not in config:
     return  # nothing trained there yet: this run's config replaces that one
   lora = config.lora.to_dict() if "lora" in config else None
   ours = architecture(config.model.to_dict(), lora)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxlm import bench, model
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import small_config
-from jaxlm.config import validate
+from jaxlm.validate import config_errors as validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def test_each_problem_is_one_line_naming_the_key(overrides, message):
 
 
 def test_config_arg_values_are_checked():
-  from jaxlm.config import ConfigError
+  from jaxlm.errors import ConfigError
   import importlib.util
   spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "pretrain_tiny.py"))
   module = importlib.util.module_from_spec(spec)
@@ -79,3 +79,131 @@ def test_launcher_rejects_bad_overrides_before_compiling():
   assert any(l.startswith("config error: mesh") for l in lines), invalid.stderr
   assert "Traceback" not in invalid.stderr
   assert not os.path.exists("/tmp/jaxlm-never-written")
+
+
+def _parse(config_file, *args):
+  """jaxlm.cli's reading of a launcher-like command line, in this process: (the config
+  flag's holder, absl's flags, the arguments left)."""
+  from absl import flags
+  from jaxlm import cli
+  fv = flags.FlagValues()
+  holder = cli.define_config_file("config", "", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "", flag_values=fv)
+  flags.DEFINE_bool("sweep", False, "", flag_values=fv)
+  rest = cli.parse_config_flags(["launch", "--config", str(config_file), *args], fv)
+  return holder, fv, rest
+
+
+def test_config_flags_apply_in_order_and_the_other_flags_stay_absls(tmp_path):
+  flagfile = tmp_path / "flags"
+  flagfile.write_text("--config.eval_every=5\n")
+  holder, fv, rest = _parse(
+      os.path.join(ROOT, "configs", "pretrain_tiny.py"), "--config.steps", "7", "--workdir",
+      "w", "--sweep", "--config.data.shuffle", "--noconfig.async_checkpointing",
+      "--config.optimizer.lr=1", "--config.sharding.rules=x", "--config.sharding.rules=y",
+      "--config.steps=0x10", f"--flagfile={flagfile}", "extra", "--", "--config.seed=3")
+  c = holder.value
+  assert (c.steps, c.data.shuffle, c.async_checkpointing, c.optimizer.lr) == (16, True, False, 1.0)
+  assert c.sharding.rules == ("x", "y") and c.eval_every == 5 and c.seed == 0
+  assert fv.workdir == "w" and fv.sweep and rest == ["launch", "extra", "--config.seed=3"]
+  assert holder.spec == os.path.join(ROOT, "configs", "pretrain_tiny.py")
+  assert holder.overrides == {"steps": 16, "data.shuffle": True, "async_checkpointing": False,
+                              "optimizer.lr": 1.0, "sharding.rules": ("x", "y"),
+                              "eval_every": 5}
+  with pytest.raises(AttributeError):
+    c.new_key = 1  # locked
+
+
+def test_a_config_file_gets_its_arg_only_when_given(tmp_path):
+  import ml_collections
+  path = tmp_path / "cfg.py"
+  path.write_text("import ml_collections\n\ndef get_config(*args):\n"
+                  "  return ml_collections.ConfigDict({'args': repr(args), 'file': __file__,\n"
+                  "                                    'name': __name__})\n")
+  assert _parse(path)[0].value.args == "()"
+  holder = _parse(f"{path}:a=1,b")[0]
+  assert holder.value.args == "('a=1,b',)" and holder.spec == f"{path}:a=1,b"
+  assert holder.value.file == str(path) and holder.value.name == "config_config"
+  assert isinstance(holder.value, ml_collections.ConfigDict)
+
+
+@pytest.mark.parametrize("key, text, value", [
+    ("data.train", "a, b", "a, b"),           # a string: the text as it is
+    ("data.shuffle", "F", False), ("data.shuffle", "1", True), ("data.shuffle", None, True),
+    ("steps", "0x10", 16), ("steps", " 7 ", 7), ("steps", "1_000", 1000),
+    ("optimizer.lr", "1", 1.0), ("optimizer.lr", "nan", "nan"),
+    ("sharding.rules", "data/*.txt", ("data/*.txt",)),
+    ("sharding.rules", "(('embed', None),)", (("embed", None),)),
+    ("sharding.rules", "[1, 2]", (1, 2)),
+    ("optimizer", "{'lr': 1.0}", {"lr": 1.0}),  # a section, whole
+])
+def test_override_text_is_read_by_the_type_of_the_keys_value(key, text, value):
+  import math
+  import ml_collections
+  from jaxlm.cli import parse_override
+  from jaxlm.config import base_config
+  got = parse_override(base_config(), key, text)
+  if value == "nan":
+    assert math.isnan(got)
+  elif isinstance(value, dict):
+    assert isinstance(got, ml_collections.ConfigDict) and got.to_dict() == value
+  else:
+    assert got == value and type(got) is type(value), (got, value)
+
+
+def test_a_none_valued_key_takes_a_literal_or_else_the_text():
+  import ml_collections
+  from jaxlm.cli import parse_override
+  c = ml_collections.ConfigDict({"x": None})
+  assert [parse_override(c, "x", t) for t in ("3", "(1, 'a')", "true", "abc", "a b")] == [
+      3, (1, "a"), True, "abc", "a b"]
+
+
+@pytest.mark.parametrize("key, text, message", [
+    ("data.shuffle", "yes", "flag --config.data.shuffle=yes: must be true or false"),
+    ("steps", "1.5", "flag --config.steps=1.5: invalid literal for int() with base 10: '1.5'"),
+    ("optimizer.lr", "fast", "flag --config.optimizer.lr=fast: could not convert string"),
+    ("sharding.rules", "a b", "flag --config.sharding.rules=a b: not a tuple literal"),
+    ("optimizer", "lr=1", "flag --config.optimizer=lr=1: a section takes a dict"),
+    ("steps", None, "Missing value for flag --config.steps"),
+    ("optimizer.lrr", "1", "--config.optimizer.lrr: the config has no key 'lrr' (did you mean "
+                           "'lr'?)"),
+    ("steps.x", "1", "--config.steps.x: the config has no key 'steps.x' (steps is a value, "
+                     "not a section)"),
+])
+def test_an_override_that_cant_be_read_is_one_line_naming_it(key, text, message):
+  from jaxlm.cli import apply_override
+  from jaxlm.config import base_config
+  from jaxlm.errors import ConfigError
+  with pytest.raises(ConfigError) as e:
+    apply_override(base_config(), key, text)
+  assert str(e.value).startswith(message), str(e.value)
+
+
+def test_every_knob_has_a_description_and_every_number_a_rule():
+  import ml_collections
+  from jaxlm import config as config_lib
+
+  def keys(node, prefix=""):
+    for k, v in node.items():
+      yield prefix + k, v
+      if isinstance(v, ml_collections.ConfigDict):
+        yield from keys(v, f"{prefix}{k}.")
+
+  values = dict(keys(config_lib.base_config()))
+  knobs = {knob.key: knob for knob in config_lib.describe()}
+  assert set(knobs) == set(values), sorted(set(knobs) ^ set(values))
+  for key, value in values.items():
+    knob = knobs[key]
+    assert isinstance(knob.description, str) and knob.description.strip(), key
+    assert "\n" not in knob.description, key
+    if isinstance(value, ml_collections.ConfigDict):
+      assert knob.default is config_lib.SECTION, key
+      continue
+    assert knob.default == value and type(knob.default) is type(value), (key, knob.default)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      assert knob.rule is not None, f"{key}: a number with no rule"
+    if isinstance(knob.rule, tuple):  # each default obeys its own rule
+      assert value in knob.rule, (key, value, knob.rule)
+    elif isinstance(knob.rule, str):
+      assert config_lib._in_interval(value, knob.rule), (key, value, knob.rule)

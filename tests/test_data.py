@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
 from jaxlm.data import lm, tokenizer
-from jaxlm.data.sources import DataError, Documents
+from jaxlm.data.sources import Documents
+from jaxlm.errors import DataError
 
 
 def test_row_to_example_masks_targets_across_documents():

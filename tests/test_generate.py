@@ -89,7 +89,7 @@ def test_sample_cli_continues_text_from_a_run(tmp_path):
   tasks.run(small_config(**{"steps": 2, "eval_every": 0, "checkpoint_every": 2}),
             str(tmp_path / "run"))
   result = subprocess.run(
-      [sys.executable, "-m", "jaxlm.sample", "--model", str(tmp_path / "run"), "--prompt",
+      [sys.executable, "tools/sample.py", "--model", str(tmp_path / "run"), "--prompt",
        "import os", "--prompt", "def f(", "--max_new_tokens", "8", "--temperature", "0"],
       capture_output=True, text=True, check=True, cwd=ROOT,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -100,13 +100,13 @@ def test_sample_cli_continues_text_from_a_run(tmp_path):
 
 def test_a_hugging_face_directory_samples_like_its_run(tmp_path):
   """policy.load reads an exported HF directory; greedy completions equal the run's."""
-  from jaxlm import hf, policy as policy_lib, tasks
+  from jaxlm import runs, tasks
   tasks.run(small_config(**{"steps": 2, "eval_every": 0, "checkpoint_every": 2,
                             "model.dtype": "float32"}), str(tmp_path / "run"))
-  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
+  runs.export_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
   outs = []
   for path in (tmp_path / "run", tmp_path / "hf"):
-    policy = policy_lib.load(str(path))
+    policy = runs.load_lm(str(path))
     engine = generate.Engine(policy.model_config, eos_id=policy.tokenizer.eos_id,
                              vocab_size=policy.tokenizer.vocab_size)
     ids = np.asarray([policy.tokenizer.bos_id] + policy.tokenizer.encode("import os"), np.int32)

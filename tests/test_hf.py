@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import hf, model
+from jaxlm import hf, model, runs
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -121,7 +121,7 @@ def test_init_from_a_hf_directory_takes_its_shape_and_weights(tmp_path):
                            "optimizer.lr": 1e-12, "optimizer.weight_decay": 0.0,
                            "model.d_model": 48, "model.num_layers": 3})
   tasks.run(config, str(tmp_path / "run"))
-  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+  runs.export_hf(str(tmp_path / "run"), str(tmp_path / "out"))
   out = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
   for name, tensor in ref.state_dict().items():
     np.testing.assert_allclose(out.state_dict()[name].numpy(), tensor.numpy(), atol=1e-7)

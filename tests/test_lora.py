@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import small_config, small_model
-from jaxlm import checkpoint, hf, lora, model, tasks
-from jaxlm.config import ConfigError, base_config, validate
+from jaxlm import checkpoint, lora, model, runs, tasks
+from jaxlm.config import base_config
+from jaxlm.validate import config_errors as validate
+from jaxlm.errors import ConfigError
 
 
 def lora_cfg(rank=4, targets="(wq|wk|wv|wo|w_gate|w_up|w_down)$"):
@@ -65,7 +67,7 @@ def test_lora_needs_init_from():
 
 def test_adapters_fit_a_batch_while_the_base_stays_put():
   import optax
-  from jaxlm.tasks.pretrain import lm_loss_fn
+  from jaxlm.tasks.common import lm_loss_fn
   config = small_config(**{"lora.rank": 8, "init_from": "/unused", "model.vocab_size": 512,
                            "model.dtype": "float32"})
   parts = {"init_params": lambda rng: lora.init(config.model, config.lora, rng),
@@ -122,7 +124,7 @@ def test_lora_run_starts_from_the_base_and_trains_only_adapters(base_run, tmp_pa
   m = ml_collections.ConfigDict(cfg["model"])
   lc = ml_collections.ConfigDict(cfg["lora"])
   like = jax.eval_shape(lambda r: lora.init(m, lc, r), jax.random.PRNGKey(0))
-  adapters = checkpoint.load_params(str(tmp_path / "lora"), like)
+  adapters = runs.load_params(str(tmp_path / "lora"), like)
   assert all(jnp.any(ab["b"]) for ab in adapters["layers"].values())  # the adapters trained
   import orbax.checkpoint as ocp
 
@@ -139,15 +141,15 @@ def test_merged_export_matches_the_unmerged_model(base_run, tmp_path):
   transformers = pytest.importorskip("transformers")
   tasks.run(small_config(**{"init_from": str(base_run), "steps": 4, "eval_every": 0,
                             "lora.rank": 4, "optimizer.lr": 3e-2}), str(tmp_path / "run"))
-  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
+  runs.export_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
   cfg = json.load(open(tmp_path / "run" / "config.json"))
   m = ml_collections.ConfigDict(cfg["model"])
   m.dtype = "float32"
   m.attention = "xla"
   lc = ml_collections.ConfigDict(cfg["lora"])
-  base = checkpoint.load_params(str(base_run), jax.eval_shape(lambda r: model.init(m, r),
+  base = runs.load_params(str(base_run), jax.eval_shape(lambda r: model.init(m, r),
                                                                jax.random.PRNGKey(0)))
-  adapters = checkpoint.load_params(str(tmp_path / "run"), jax.eval_shape(
+  adapters = runs.load_params(str(tmp_path / "run"), jax.eval_shape(
       lambda r: lora.init(m, lc, r), jax.random.PRNGKey(0)))
   tokens = np.random.default_rng(0).integers(0, 500, size=(2, 20))
   unmerged = np.asarray(model.forward(base, jnp.asarray(tokens), m,

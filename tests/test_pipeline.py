@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from jaxlm import evaluate, pipeline, rewards
-from jaxlm.config import ConfigError
+from jaxlm import evaluate, pipeline, reward_fns
+from jaxlm.errors import ConfigError
 from jaxlm.data import prompts as prompts_lib, world
 
 from conftest import SHARED_DATA
@@ -109,7 +109,7 @@ def test_world_data_splits_formats_and_noise(tmp_path):
   # Preference pairs: chosen is right and well formed; rejected is sloppy or wrong.
   for r in rows("world_pairs", "train")[:300]:
     chosen, rejected = evaluate.strict_answer(r["chosen"]), evaluate.strict_answer(r["rejected"])
-    assert chosen is not None and chosen == rewards.final_answer(r["chosen"].split("\n")[0])
+    assert chosen is not None and chosen == reward_fns.final_answer(r["chosen"].split("\n")[0])
     assert rejected is None or rejected != chosen
   # Held-out tasks' reference answers are right (recomputed from the question).
   for r in held_out:
@@ -305,20 +305,20 @@ def test_plot_tool_overlays_runs(pipeline_run, tmp_path):
 
 
 def test_pipeline_config_errors_name_the_stage_key():
-  from jaxlm.config import parse_flags  # noqa: F401  (the launcher's parser)
+  from jaxlm.cli import parse_flags  # noqa: F401  (the launcher's parser)
   import importlib.util
   spec = importlib.util.spec_from_file_location("p", os.path.join(REPO, "configs",
                                                                   "pipeline_tiny.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  assert pipeline.validate(c, 8) == []
-  assert pipeline.validate(module.get_config("rl=ppo"), 8) == []
+  assert pipeline.config_errors(c, 8) == []
+  assert pipeline.config_errors(module.get_config("rl=ppo"), 8) == []
   c.sft.optimizer.lr = -1.0
   c.stages = "tokenizer,sft"
-  assert pipeline.validate(c, 8) == ["sft.optimizer.lr=-1.0: must be > 0"]
+  assert pipeline.config_errors(c, 8) == ["sft.optimizer.lr=-1.0: must be > 0"]
   c.stages = "tokenizer,sft,magic"
-  assert "stages=" in pipeline.validate(c, 8)[0]
+  assert "stages=" in pipeline.config_errors(c, 8)[0]
   with pytest.raises(ConfigError):
     pipeline.selected(c)
 

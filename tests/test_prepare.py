@@ -12,7 +12,8 @@ import pytest
 
 from conftest import small_config
 from jaxlm import tasks
-from jaxlm.config import ConfigError, validate
+from jaxlm.validate import config_errors as validate
+from jaxlm.errors import ConfigError
 from jaxlm.data import clean, dedup, lm, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

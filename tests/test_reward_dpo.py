@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import rule_records, small_config, write_jsonl
-from jaxlm import checkpoint, model, reward, tasks
-from jaxlm.config import validate
+from jaxlm import model, reward_model, runs, tasks
+from jaxlm.validate import config_errors as validate
 from jaxlm.data import preference, sft, tokenizer
-from jaxlm.tasks import dpo as dpo_task, reward as reward_task
+from jaxlm.tasks import common as task_common, dpo as dpo_task, reward_model as reward_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +97,7 @@ def test_reward_loss_reads_the_last_token_and_averages_a_rankings_pairs():
   cfg = small_config().model
   cfg.unlock()
   cfg.vocab_size, cfg.dtype = 64, "float32"
-  params = reward.init(cfg, jax.random.PRNGKey(0))
+  params = reward_model.init(cfg, jax.random.PRNGKey(0))
   params["head"]["w"] = params["head"]["w"] * 50  # rewards far enough apart to see
   rng = np.random.default_rng(0)
   lengths = [[9, 5, 12], [7, 11, 0]]  # the second record: a pair, and a padding sequence
@@ -114,7 +114,7 @@ def test_reward_loss_reads_the_last_token_and_averages_a_rankings_pairs():
   batch = {k: jnp.asarray(np.stack(v)) for k, v in batch.items()}
   loss, sums = reward_task.reward_loss_fn(cfg, 0.1, None)(params, batch, None)
   # Each sequence alone, unpadded: its reward is the head at its own last token.
-  alone = [[float(reward.rewards(params, jnp.asarray(s)[None], cfg,
+  alone = [[float(reward_model.rewards(params, jnp.asarray(s)[None], cfg,
                                  segment_ids=jnp.ones((1, len(s)), jnp.int32))[0])
             if len(s) else 0.0 for s in row] for row in seqs]
   want = []
@@ -132,16 +132,16 @@ def test_reward_init_from_a_language_model_keeps_its_backbone(world):
   import ml_collections
   m = ml_collections.ConfigDict(cfg["model"])
   sharder = __import__("jaxlm.loop", fromlist=["x"]).make_sharder(small_config())
-  fresh = reward.init(m, jax.random.PRNGKey(1))
-  loaded = reward.load_init(m, sharder)(world["sft"], fresh)
-  lm = checkpoint.load_params(world["sft"], model.init(m, jax.random.PRNGKey(2)))
+  fresh = reward_model.init(m, jax.random.PRNGKey(1))
+  loaded = runs.reward_init_loader(m, sharder)(world["sft"], fresh)
+  lm = runs.load_params(world["sft"], model.init(m, jax.random.PRNGKey(2)))
   assert "lm_head" not in loaded["backbone"]
   for name in ("embed", "final_norm"):
     np.testing.assert_array_equal(np.asarray(loaded["backbone"][name]), np.asarray(lm[name]))
   np.testing.assert_array_equal(np.asarray(loaded["head"]["w"]), np.asarray(fresh["head"]["w"]))
   # The first rewards, on real token sequences through the loaded backbone, are near 0.
   tokens = jax.random.randint(jax.random.PRNGKey(3), (16, 24), 4, m.vocab_size)
-  first = reward.rewards(loaded, tokens, m, segment_ids=jnp.ones((16, 24), jnp.int32))
+  first = reward_model.rewards(loaded, tokens, m, segment_ids=jnp.ones((16, 24), jnp.int32))
   assert float(jnp.max(jnp.abs(first))) < 0.5 and float(jnp.std(first)) > 0, first
 
 
@@ -158,19 +158,19 @@ def test_reward_model_learns_the_rule_and_scores(world, tmp_path):
   first = metrics(workdir)[0]
   assert first["data/train_pairs"] == 400 and first["data/eval_used"] == 64
 
-  rm = reward.load(workdir)
+  rm = runs.load_reward_model(workdir)
   held_out = [json.loads(line) for line in open(world["eval"])]
   prompts = [r["prompt"] for r in held_out]
-  chosen = reward.score(rm, prompts, [r["chosen"] for r in held_out])
-  rejected = reward.score(rm, prompts, [r["rejected"] for r in held_out])
+  chosen = reward_model.score(rm, prompts, [r["chosen"] for r in held_out])
+  rejected = reward_model.score(rm, prompts, [r["rejected"] for r in held_out])
   assert np.mean(chosen > rejected) >= 0.97
   both = np.concatenate([chosen, rejected])  # normalized on exactly these responses
   assert abs(both.mean()) < 0.05 and abs(both.std() - 1) < 0.05
-  raw = reward.score(rm, prompts[:3], [r["chosen"] for r in held_out[:3]], normalize=False)
+  raw = reward_model.score(rm, prompts[:3], [r["chosen"] for r in held_out[:3]], normalize=False)
   n = rm.normalization
   np.testing.assert_allclose((raw - n["mean"]) / n["std"], chosen[:3], rtol=1e-3, atol=1e-3)
   # A conversation prompt is the same text as a plain one.
-  as_messages = reward.score(rm, [[{"role": "user", "content": prompts[0]}]], [held_out[0]["chosen"]])
+  as_messages = reward_model.score(rm, [[{"role": "user", "content": prompts[0]}]], [held_out[0]["chosen"]])
   np.testing.assert_allclose(as_messages, chosen[:1], rtol=1e-5)
   # A run written before a model key existed still loads; the key takes its default.
   path = os.path.join(workdir, "config.json")
@@ -179,7 +179,7 @@ def test_reward_model_learns_the_rule_and_scores(world, tmp_path):
   del run["model"]["layer_loop"]
   with open(path, "w", encoding="utf-8") as f:
     json.dump(run, f)
-  again = reward.score(reward.load(workdir), prompts[:3], [r["chosen"] for r in held_out[:3]])
+  again = reward_model.score(runs.load_reward_model(workdir), prompts[:3], [r["chosen"] for r in held_out[:3]])
   np.testing.assert_allclose(again, chosen[:3], rtol=1e-5)
 
   out = tmp_path / "scored.jsonl"
@@ -237,8 +237,8 @@ def test_dpo_raises_implicit_reward_accuracy_and_moves_the_policy(world, tmp_pat
   like = model.init(m, jax.random.PRNGKey(0))
   tok = tokenizer.Tokenizer(world["tok"])
   held_out = [json.loads(line) for line in open(world["eval"])][:32]
-  before = first_token_preference(checkpoint.load_params(world["sft"], like), m, tok, held_out)
-  after = first_token_preference(checkpoint.load_params(workdir, like), m, tok, held_out)
+  before = first_token_preference(runs.load_params(world["sft"], like), m, tok, held_out)
+  after = first_token_preference(runs.load_params(workdir, like), m, tok, held_out)
   assert after >= 0.75 and after > before + 0.2, (before, after)
 
 
@@ -273,7 +273,7 @@ def test_reference_modes_agree_and_precomputing_resumes(world, tmp_path):
   config = small_config(**common, **{"dpo.reference": "precomputed"})
   from jaxlm import loop
   sharder = loop.make_sharder(config)
-  data = reward_task.PreferenceData(config, str(tmp_path / "precomputed"), shifted=True)
+  data = task_common.PreferenceData(config, str(tmp_path / "precomputed"), shifted=True)
   source = dpo_task.reference_source(config, str(tmp_path / "precomputed"))
   dpo_task.precompute_reference(config, str(tmp_path / "precomputed"), sharder, data, source,
                                 chunk_batches=2)

@@ -5,8 +5,8 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from jaxlm import rewards, rl
-from jaxlm.config import ConfigError
+from jaxlm import losses, reward_fns, runs
+from jaxlm.errors import ConfigError
 
 
 def test_gae_equals_a_numpy_loop():
@@ -15,7 +15,7 @@ def test_gae_equals_a_numpy_loop():
   mask = np.zeros((3, 7))
   mask[0, 2:7], mask[1, 0:3], mask[2, 3:5] = 1, 1, 1
   gamma, lam = 0.97, 0.9
-  adv, ret = rl.gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(mask), gamma, lam)
+  adv, ret = losses.gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(mask), gamma, lam)
   want = np.zeros_like(r)
   for b in range(3):
     idx = np.flatnonzero(mask[b])
@@ -33,59 +33,59 @@ def test_gae_equals_a_numpy_loop():
 def test_kl_estimators_equal_their_formulas():
   rng = np.random.default_rng(1)
   logp, ref = rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
-  np.testing.assert_allclose(np.asarray(rl.kl_k1(jnp.asarray(logp), jnp.asarray(ref))), logp - ref,
+  np.testing.assert_allclose(np.asarray(losses.kl_k1(jnp.asarray(logp), jnp.asarray(ref))), logp - ref,
                              rtol=1e-6)
   k3 = np.exp(ref - logp) - (ref - logp) - 1
-  np.testing.assert_allclose(np.asarray(rl.kl_k3(jnp.asarray(logp), jnp.asarray(ref))), k3,
+  np.testing.assert_allclose(np.asarray(losses.kl_k3(jnp.asarray(logp), jnp.asarray(ref))), k3,
                              rtol=1e-5)
   assert (k3 >= 0).all()
 
 
 def test_group_advantages_and_clipped_losses():
   r = np.array([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
-  a = np.asarray(rl.group_advantages(jnp.asarray(r), "group"))
+  a = np.asarray(losses.group_advantages(jnp.asarray(r), "group"))
   np.testing.assert_allclose(a[0], (r[0] - 0.5) / (0.5 + 1e-4), rtol=1e-5)
   assert np.allclose(a[1], 0)
-  np.testing.assert_allclose(np.asarray(rl.group_advantages(jnp.asarray(r), "none")),
+  np.testing.assert_allclose(np.asarray(losses.group_advantages(jnp.asarray(r), "none")),
                              r - r.mean(1, keepdims=True))
   logp, old = np.log(np.array([[0.5, 0.9]])), np.log(np.array([[0.25, 0.9]]))
   adv = np.array([[1.0, -1.0]])
-  loss, clipfrac, _ = rl.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(old),
+  loss, clipfrac, _ = losses.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(old),
                                              jnp.asarray(adv), 0.2, 0.28)
   # ratio 2 with A=1 is clipped at 1.28; ratio 1 is not.
   np.testing.assert_allclose(np.asarray(loss), [[-1.28, 1.0]], rtol=1e-5)
   assert np.asarray(clipfrac).tolist() == [[1.0, 0.0]]
   v, old_v, ret = jnp.array([2.0]), jnp.array([1.0]), jnp.array([0.0])
-  vl, _ = rl.clipped_value_loss(v, old_v, ret, 0.2)
+  vl, _ = losses.clipped_value_loss(v, old_v, ret, 0.2)
   np.testing.assert_allclose(np.asarray(vl), [0.5 * max(4.0, 1.2 ** 2)])
 
 
 def test_loss_aggregations():
   x = jnp.array([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
   mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]])
-  total, weight = rl.aggregate(x, mask, "sequence", 4)
+  total, weight = losses.aggregate(x, mask, "sequence", 4)
   assert float(total / weight) == pytest.approx((2.0 + 4.0) / 2)
-  total, weight = rl.aggregate(x, mask, "token", 4)
+  total, weight = losses.aggregate(x, mask, "token", 4)
   assert float(total / weight) == pytest.approx(10.0 / 4)
-  total, weight = rl.aggregate(x, mask, "constant", 4)
+  total, weight = losses.aggregate(x, mask, "constant", 4)
   assert float(total / weight) == pytest.approx(10.0 / 8)
 
 
 def test_reward_sources():
-  assert rewards.final_answer("so 3 + 4 = 7.\n#### 1,234") == 1234
-  assert rewards.final_answer("it is 12, then 15.5 apples") == 15.5
-  assert rewards.math_answer(["q"] * 3, ["#### 72", "The answer is 72.", "about 70"],
+  assert reward_fns.final_answer("so 3 + 4 = 7.\n#### 1,234") == 1234
+  assert reward_fns.final_answer("it is 12, then 15.5 apples") == 15.5
+  assert reward_fns.math_answer(["q"] * 3, ["#### 72", "The answer is 72.", "about 70"],
                              answer=["...\n#### 72"] * 3) == [1.0, 1.0, 0.0]
-  assert rewards.format_reward(["q", "q"], ["x\n#### 5", "5"]) == [1.0, 0.0]
-  assert rewards.overlap(["q"], ["the cat sat"], output=["a cat sat down"])[0] == pytest.approx(
+  assert reward_fns.format_reward(["q", "q"], ["x\n#### 5", "5"]) == [1.0, 0.0]
+  assert reward_fns.overlap(["q"], ["the cat sat"], output=["a cat sat down"])[0] == pytest.approx(
       2 * 2 / 7)
-  combined = rewards.Rewards("math_answer=2,format")
+  combined = reward_fns.Rewards("math_answer=2,format")
   total, means = combined(["q", "q"], ["#### 72", "72"], {"answer": ["#### 72", "#### 72"]})
   assert total.tolist() == [3.0, 2.0] and means == {"math_answer": 1.0, "format": 0.5}
   with pytest.raises(ConfigError, match="neither a built-in"):
-    rewards.Rewards("nothing")
+    reward_fns.Rewards("nothing")
   with pytest.raises(ConfigError, match="can't load"):
-    rewards.Rewards("no_such_module:f")
+    reward_fns.Rewards("no_such_module:f")
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,8 +136,7 @@ def test_rl_raises_a_verifiable_reward(world, tmp_path, task, extra):
     assert name in records[-1], name
   if task == "ppo":
     assert "loss/value_avg" in records[-1] and "loss/policy_avg" in records[-1]
-  from jaxlm import hf  # the run's policy loads for sampling and export, PPO's too
-  _, params, _, _ = hf.load_jaxlm(workdir)
+  _, params, _, _ = runs.load_jaxlm(workdir)
   assert "embed" in params and "critic" not in params
 
 
@@ -145,14 +144,14 @@ def test_rollout_rows_reproduce_the_engine_logprobs(world, tmp_path):
   """The rows the trainer sees (left-padded prompt, completion, the P-1 offset) give back
   the engine's log-probs under a training forward pass."""
   import jax
-  from jaxlm import checkpoint, loop, model
-  from jaxlm.tasks import pretrain, rl as rl_task
+  from jaxlm import loop, model
+  from jaxlm.tasks import common, rl as rl_task
   config = rl_config(world, task="grpo", **{"model.dtype": "float32"})
-  pretrain.adopt_init_from_architecture(config)
+  common.adopt_init_from_architecture(config)
   sharder = loop.make_sharder(config)
   rollouts = rl_task.Rollouts(config, str(tmp_path), sharder)
   abstract = jax.eval_shape(lambda k: model.init(config.model, k), jax.random.PRNGKey(0))
-  params = checkpoint.load_params(world["sft"],
+  params = runs.load_params(world["sft"],
                                   sharder.placed(model.param_axes(config.model), abstract))
   rows, scores, _ = rollouts.sample(params, None, {"index": np.arange(8, dtype=np.int32)}, 0)
   assert len(scores) == 32 and rows["loss_mask"].sum() > 0
@@ -190,7 +189,7 @@ def _selfdata(*args):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": os.path.join(root, "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  return subprocess.run([sys.executable, "-m", "jaxlm.selfdata", *args], capture_output=True,
+  return subprocess.run([sys.executable, "tools/selfdata.py", *args], capture_output=True,
                         text=True, check=True, cwd=root, env=env).stdout
 
 
@@ -251,5 +250,5 @@ def test_gsm8k_prompts_parse_and_their_answers_score(shared_data):
   first = loaded.examples[:50]
   answers = [p.fields["answer"] for p in first]
   # The reference solutions themselves earn the math reward and the format reward.
-  assert rewards.math_answer([p.text for p in first], answers, answer=answers) == [1.0] * 50
-  assert rewards.format_reward([p.text for p in first], answers) == [1.0] * 50
+  assert reward_fns.math_answer([p.text for p in first], answers, answer=answers) == [1.0] * 50
+  assert reward_fns.format_reward([p.text for p in first], answers) == [1.0] * 50

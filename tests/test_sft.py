@@ -11,9 +11,9 @@ import pytest
 
 from conftest import bpe_tokenizer, small_config, small_model, word_tokenizer
 from jaxlm import model, tasks
-from jaxlm.config import ConfigError
-from jaxlm.data import sft, tokenizer
-from jaxlm.tasks import pretrain
+from jaxlm.errors import ConfigError
+from jaxlm.data import sft, sources, tokenizer
+from jaxlm.tasks import common
 
 CHATS = [
     {"messages": [{"role": "system", "content": "Be brief."},
@@ -74,7 +74,7 @@ def test_loss_ignores_prompt_targets(tok):
   os.remove(tmp_jsonl)
   row = sft._pad_row(ex, 64)
   batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
-  loss_fn = pretrain.lm_loss_fn(cfg, 0.0, None)
+  loss_fn = common.lm_loss_fn(cfg, 0.0, None)
   loss, _ = loss_fn(params, batch, None)
   scrambled = np.where(row["loss_mask"] == 0, (row["targets"] + 7) % 300, row["targets"])
   loss2, _ = loss_fn(params, {**batch, "targets": jnp.asarray(scrambled)[None]}, None)
@@ -123,7 +123,8 @@ def test_bad_records_raise_or_are_counted(tok, tmp_path):
                        "dropped_truncated_away": 1, "skipped_decode_error": 1}
   assert ex.first["dropped_truncated_away"] == f"{path}:7"
   assert ex.first["decode_error"] == f"{path}:8"
-  assert "8 records, 1 used, 6 skipped, 0 truncated, 1 dropped as too long" in sft.summary("d", ex)
+  assert ("8 records, 1 used, 6 skipped, 0 truncated, 1 dropped as too long"
+          in sources.summary("d", ex))
 
 
 def test_json_list_files_report_lines(tok, tmp_path):
@@ -211,5 +212,5 @@ def test_a_run_keeps_only_the_tokenizer_it_uses(tmp_path):
     (src / name).write_text(name)
   for used, gone in (("tokenizer.json", "tokenizer.model"), ("tokenizer.model", "tokenizer.json")):
     workdir = tmp_path / f"run_{used}"
-    pretrain.keep_tokenizer(type("Tok", (), {"path": str(src / used)})(), str(workdir))
+    common.keep_tokenizer(type("Tok", (), {"path": str(src / used)})(), str(workdir))
     assert sorted(os.listdir(workdir)) == sorted([used, "tokenizer_config.json"]), gone

@@ -118,7 +118,7 @@ def test_gradient_accumulation_equals_the_full_batch():
   batch = loop.device_batch({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
                              "loss_mask": mask, "segment_ids": np.ones((8, 16), np.int32),
                              "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1))}, sharder)
-  from jaxlm.tasks.pretrain import lm_loss_fn
+  from jaxlm.tasks.common import lm_loss_fn
   task = loop.Task(init_params=None, param_axes=None, loss_fn=lm_loss_fn(cfg, 0.0, sharder),
                    train_data=None)
   params = model.init(cfg, jax.random.PRNGKey(0))

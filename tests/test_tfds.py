@@ -9,7 +9,8 @@ import pytest
 
 from conftest import STDLIB, small_config
 from jaxlm import tasks
-from jaxlm.config import ConfigError, validate
+from jaxlm.validate import config_errors as validate
+from jaxlm.errors import ConfigError
 from jaxlm.data.sources import TfdsDocuments
 
 

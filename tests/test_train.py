@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from jaxlm import checkpoint, model, tasks
+from jaxlm import checkpoint, model, runs, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -38,7 +38,7 @@ def restored_params(workdir):
   from jaxlm.config import model_config
   m = model_config("tiny", **{k: v for k, v in cfg.items()})
   like = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
-  return step, checkpoint.load_params(workdir, like)
+  return step, runs.load_params(workdir, like)
 
 
 @pytest.fixture(scope="module")

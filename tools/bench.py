@@ -9,15 +9,16 @@
 
 Presets are jaxlm.config.MODEL_PRESETS (tiny, llama_150m, tinyllama_1b, llama3_3b,
 llama3_8b, gpt2_small). --batch and --seq default to the preset's usual shape (decode:
---seq is the prompt length, default 128). --set changes any config field, as
---config.KEY=VALUE does for the launcher. The step is the launcher's own (jaxlm.bench).
+--seq is the prompt length, default 128). --set changes any config field, its value read
+as the launcher reads --config.KEY=VALUE (jaxlm.cli: booleans are true/false, t/f or 1/0).
+The step is the launcher's own (jaxlm.bench).
 
 Prints a table and one JSON line per measurement (tokens/s, MFU, step time as the median
 of the timed steps after warm-up, peak device memory, XLA's memory plan, compile time,
-device, date, JAX version); --json also writes them to a file. Several presets or tasks
-run one after another, each in its own process, so peak memory is each one's own.
---profile DIR also traces two timed steps with jax.profiler and prints the device ops
-that took the most time.
+and jaxlm.console.environment(): device, date, JAX version, git revision, ...); --json
+also writes them to a file. Several presets or tasks run one after another, each in its
+own process, so peak memory is each one's own. --profile DIR also traces two timed steps
+with jax.profiler and prints the device ops that took the most time.
 """
 
 import json
@@ -29,6 +30,7 @@ import tempfile
 from absl import app, flags
 
 from jaxlm import fileio
+
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "Model preset(s), comma-separated.")
 _TASK = flags.DEFINE_string("task", "pretrain", "pretrain | sft | dpo | decode, comma-separated.")
@@ -79,7 +81,7 @@ def main(argv):
   tasks = [t for t in _TASK.value.split(",") if t]
   combos = [(p, t) for p in presets for t in tasks]
   if len(combos) == 1:
-    from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
+    from jaxlm.errors import ConfigError  # pylint: disable=import-outside-toplevel
     try:
       results = [_one(*combos[0])]
     except ConfigError as e:

@@ -23,6 +23,7 @@ from absl import app, flags
 from jaxlm import fileio
 from jaxlm.data import lm, prepare
 
+
 _INPUT = flags.DEFINE_multi_string("input", None, "Globs to prepare (default: the standard "
                                    "library's .py files, recursively, without site-packages).")
 _SPLIT = flags.DEFINE_enum("text_split", "file", ["file", "paragraph"], "Text files: one "

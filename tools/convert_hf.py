@@ -16,8 +16,9 @@ import sys
 
 from absl import app, flags
 
-from jaxlm import console, hf
-from jaxlm.config import ConfigError, one_line
+from jaxlm import console, runs
+from jaxlm.errors import ConfigError, one_line
+
 
 _HF = flags.DEFINE_string("hf", None, "A Hugging Face model directory to import.")
 _TO_JAXLM = flags.DEFINE_string("to_jaxlm", None, "Where to write the jaxlm directory.")
@@ -28,9 +29,9 @@ _TO_HF = flags.DEFINE_string("to_hf", None, "Where to write the Hugging Face dir
 
 def convert() -> str:
   if _HF.value and _TO_JAXLM.value and not (_JAXLM.value or _TO_HF.value):
-    return hf.import_hf(_HF.value, _TO_JAXLM.value)
+    return runs.import_hf(_HF.value, _TO_JAXLM.value)
   if _JAXLM.value and _TO_HF.value and not (_HF.value or _TO_JAXLM.value):
-    return hf.export_hf(_JAXLM.value, _TO_HF.value)
+    return runs.export_hf(_JAXLM.value, _TO_HF.value)
   raise ConfigError("give --hf DIR --to_jaxlm DIR, or --jaxlm DIR --to_hf DIR")
 
 

@@ -37,6 +37,7 @@ from absl import app, flags
 
 from jaxlm import estimate as est
 
+
 _CONFIG = flags.DEFINE_string("config", None, "A jaxlm config file, FILE[:ARG] "
                               "(configs/*.py). Exclusive with --preset.")
 _PRESET = flags.DEFINE_string("preset", None, "A model preset: " + ", ".join(est.model_names())

@@ -24,6 +24,7 @@ from absl import app, flags
 
 from jaxlm import console
 
+
 _MODEL = flags.DEFINE_string("model", None, "The checkpoint: a jaxlm run or a HF directory.")
 _OUT = flags.DEFINE_string("out", None, "Folder for eval.json and samples.jsonl.")
 _TASKS = flags.DEFINE_string("tasks", "", "Prompt records with an `answer` field "
@@ -48,14 +49,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   console.quiet()  # orbax's INFO lines and async tracebacks, unless --verbosity
   from jaxlm import evaluate  # pylint: disable=import-outside-toplevel
-  from jaxlm.config import ConfigError, base_config, eval_errors  # pylint: disable=import-outside-toplevel
+  from jaxlm.config import base_config  # pylint: disable=import-outside-toplevel
+  from jaxlm.errors import ConfigError
   e = base_config().eval
   e.update(model=_MODEL.value, tasks=_TASKS.value, text=_TEXT.value, pairs=_PAIRS.value,
            reward_model=_REWARD_MODEL.value, baseline=_BASELINE.value,
            reference=_REFERENCE.value, max_tasks=_MAX_TASKS.value,
            max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
            chat_template=_TEMPLATE.value, batch_size=_BATCH.value, seq_len=_SEQ_LEN.value)
-  errors = eval_errors(e)
+  errors = evaluate.section_errors(e)
   if errors:
     print(f"error: {errors[0]}", file=sys.stderr)
     sys.exit(2)

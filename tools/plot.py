@@ -13,6 +13,7 @@ import sys
 
 from absl import app, flags
 
+
 _OUT = flags.DEFINE_string("out", "", "Folder for the PNGs (default: <first run>/plots).")
 _LABELS = flags.DEFINE_list("labels", [], "A name per run (default: the folder names).")
 

@@ -13,13 +13,13 @@ import re
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from jaxlm.config import ConfigError, parse_flags
+from jaxlm.cli import define_config_file, parse_flags
 from jaxlm.data import prepare
+from jaxlm.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/data/*.py[:arg]",
-                                          lock_config=True)
+
+_CONFIG = define_config_file("config", "configs/data/*.py[:arg]")  # locked
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the prepared corpus to.")
 _INPUT = flags.DEFINE_multi_string("input", [], "A glob or directory: one source each "
                                    "(instead of --config).")

@@ -19,9 +19,10 @@ import sys
 
 from absl import app, flags
 
-from jaxlm import console, fileio, reward
-from jaxlm.config import ConfigError
+from jaxlm import console, fileio, reward_model, runs
 from jaxlm.data import preference, sft
+from jaxlm.errors import ConfigError
+
 
 _MODEL = flags.DEFINE_string("model", None, "A reward run's workdir (or a checkpoint in it).")
 _INPUT = flags.DEFINE_string("input", None, "Records to score: .jsonl or .json, gzip accepted.")
@@ -66,13 +67,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   console.quiet()  # orbax's INFO lines and async tracebacks, unless --verbosity
   try:
-    rm = reward.load(_MODEL.value)
+    rm = runs.load_reward_model(_MODEL.value)
     records, items, skipped, first = [], [], collections.Counter(), {}
     for where, record in sft.read_records(_INPUT.value):
       item = record if isinstance(record, str) else to_items(record)
       if not isinstance(item, str):
         try:
-          sequences = [reward.encode(rm, item[0], r) for r in item[1]]
+          sequences = [reward_model.encode(rm, item[0], r) for r in item[1]]
         except (ValueError, KeyError, TypeError):
           item = "wrong_type"
       if isinstance(item, str):
@@ -88,7 +89,7 @@ def main(argv):
     sys.exit(2)
 
   flat = [s for _, sequences in items for s in sequences]
-  scores = reward.score_tokens(rm, flat, batch_size=_BATCH.value, normalize=not _RAW.value)
+  scores = reward_model.score_tokens(rm, flat, batch_size=_BATCH.value, normalize=not _RAW.value)
   pos, correct, pairs = 0, 0, 0
   lines = []
   for record, (kind, sequences) in zip(records, items):

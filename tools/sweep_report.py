@@ -16,7 +16,8 @@ import sys
 from absl import app, flags
 
 from jaxlm import sweep
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError
+
 
 _METRIC = flags.DEFINE_string("metric", "eval_loss", "The metrics.jsonl key to compare.")
 _MODE = flags.DEFINE_enum("mode", "min", ["min", "max"], "Whether lower or higher is better.")

@@ -13,6 +13,7 @@ import unicodedata
 
 import numpy as np
 
+
 # Control characters other than tab and newline (C0, DEL, C1).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)

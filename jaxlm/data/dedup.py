@@ -13,6 +13,7 @@ import zlib
 
 import numpy as np
 
+
 _WORDS = re.compile(r"\w+")
 
 

@@ -19,8 +19,10 @@ import os
 import grain
 import numpy as np
 
+from jaxlm.data import prepare
 from jaxlm.data.sources import DocumentSource
 from jaxlm.data.tokenizer import Tokenizer, load as load_tokenizer
+from jaxlm.errors import ConfigError
 
 
 # One reader thread per source and data shard overlaps reads (and tokenizing) with
@@ -231,7 +233,6 @@ class _ShardsIterator:
     pass
 
   def _restart(self, count: int):
-    from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
     d = self._data
     if count % d.process_count or d.batch_size * d.process_count % count:
       raise ConfigError(f"data.batch_size={d.batch_size * d.process_count}: the checkpoint's "
@@ -367,7 +368,6 @@ def mixture_weights(corpus: dict, spec: str, split: str, key: str) -> dict[str, 
   for the weights recorded when the corpus was prepared. Sources without documents in
   `split`, or with weight 0, are left out.
   """
-  from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
   sources = corpus["sources"]
   if spec.strip():
     weights = parse_mixture(spec)
@@ -386,7 +386,6 @@ def mixture_weights(corpus: dict, spec: str, split: str, key: str) -> dict[str, 
 
 def parse_mixture(spec: str) -> dict[str, float]:
   """"web=0.6,code=0.25" -> {"web": 0.6, "code": 0.25}; ConfigError naming data.mixture."""
-  from jaxlm.config import ConfigError  # pylint: disable=import-outside-toplevel
   weights = {}
   for item in filter(None, (p.strip() for p in spec.split(","))):
     name, sep, value = item.partition("=")
@@ -414,7 +413,6 @@ def mixture_dataset(directory: str, split: str, weights: dict[str, float], *, se
   the weights are shares of tokens. Without `repeat` the stream ends when the first
   source runs out.
   """
-  from jaxlm.data import prepare  # pylint: disable=import-outside-toplevel
   corpus = prepare.read_manifest(directory)
   tok = Tokenizer(os.path.join(directory, corpus["tokenizer"]))
   total = sum(weights.values())

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxlm.data import sft
 
+
 ROLES = ("system", "user", "assistant")
 _MAX_MARGIN = float(np.finfo(np.float32).max)  # margins train as float32
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")

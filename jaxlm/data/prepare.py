@@ -25,6 +25,8 @@ killed run never leaves a manifest pointing at partial shards.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
+from concurrent import futures
 import contextlib
 import ctypes
 import glob
@@ -38,17 +40,19 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from concurrent import futures
 
+from array_record.python import array_record_module as ar
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from jaxlm import fileio
-from jaxlm.config import ConfigError, expand_globs
 from jaxlm.data import clean, dedup, tokenizer as tokenizer_lib
-from jaxlm.data.sources import (READ_ERRORS, TFDS_PREFIX, TfdsDocuments, bounded_lines,
-                                file_format, is_text, text_documents, too_long)
+from jaxlm.data.sources import (READ_ERRORS, TFDS_PREFIX, TfdsDocuments, bounded_lines, file_format,
+                                is_text, text_documents, too_long)
+from jaxlm.errors import ConfigError
+from jaxlm.fileio import expand_globs
+
 
 MANIFEST = "prepared.json"
 STATS = "stats.json"
@@ -160,7 +164,7 @@ def _jsonl_records(path: str, max_bytes: int):
 
 
 def _parquet_records(path: str, field: str, max_bytes: int):
-  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # lazy: only for Parquet sources
   pf = pq.ParquetFile(path)
   if field not in pf.schema_arrow.names:
     raise ConfigError(f"text_field={field!r}: no such column in {path} "
@@ -334,7 +338,6 @@ def _chunks(records, src, filter_names, size=None):
 
 def _tokenize_shard(job):
   """Worker: a text shard -> a token shard; returns (documents, tokens)."""
-  from array_record.python import array_record_module as ar  # pylint: disable=import-outside-toplevel
   text_path, token_path, tokenizer_path, dtype = job
   tok = tokenizer_lib.Tokenizer(tokenizer_path)
   reader = ar.ArrayRecordReader(text_path)
@@ -571,10 +574,10 @@ def _make_room(c, output: str, overwrite: bool) -> set[str]:
   return planned
 
 
+# The stages in order (read, clean, dedup, tokenize, shard, stats) share one accounting.
+# long: each stage is a few lines; splitting them would pass that accounting around
 def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = None) -> dict:
   """Run the whole preparation; returns the stats that also go to `output/stats.json`."""
-  from array_record.python import array_record_module as ar  # pylint: disable=import-outside-toplevel
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   check_config(c, output)
   if os.path.exists(output) and not os.path.isdir(output):
     raise ConfigError(f"--output {output}: exists and is not a directory")
@@ -736,7 +739,6 @@ def show(directory: str, n: int | None = None, out=sys.stdout):
   """Print the first `n` kept training documents (all when None), decoded."""
   corpus = read_manifest(directory)
   tok = tokenizer_lib.Tokenizer(os.path.join(directory, corpus["tokenizer"]))
-  from array_record.python import array_record_module as ar  # pylint: disable=import-outside-toplevel
   shown = 0
   for name, source in corpus["sources"].items():
     for sp, split in source["splits"].items():

@@ -17,22 +17,30 @@ trained on as empty.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import gzip
+import importlib
+import inspect
 import json
 import os
+import random
 import re
+import textwrap
+import warnings
+import zlib
 
 import grain
 import numpy as np
 
-from jaxlm.config import ConfigError
+from jaxlm import fileio
+from jaxlm.data import world
 from jaxlm.data.lm import READ_OPTIONS
-from jaxlm.data.tokenizer import MarkerError
-from jaxlm.data.sources import (MAX_RECORD_BYTES, READ_ERRORS, DataError, Examples,
-                                bounded_lines, error_detail, is_text, json_list, parse_json)
-from jaxlm.data.sources import summary  # noqa: F401  # pylint: disable=unused-import  (sft.summary)
+from jaxlm.data.sources import (MAX_RECORD_BYTES, READ_ERRORS, DataError, Examples, bounded_lines,
+                                error_detail, is_text, json_list, parse_json)
+from jaxlm.errors import ConfigError, MarkerError
+
 
 FORMATS = ("auto", "alpaca", "messages", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -67,7 +75,6 @@ TEMPLATES = {
 
 def hf_template(tokenizer_path: str) -> ChatTemplate:
   """The chat template in the tokenizer_config.json beside a tokenizer file."""
-  from jaxlm import fileio  # pylint: disable=import-outside-toplevel
   path = os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)), "tokenizer_config.json")
   config = {}
   if os.path.isfile(path):
@@ -109,8 +116,8 @@ def chat_template(name: str, tok, check: bool = True) -> ChatTemplate:
 def _compiled(jinja: str):
   """A Hugging Face chat template compiled the way transformers does (sandboxed,
   trim_blocks, lstrip_blocks, raise_exception)."""
-  import jinja2  # pylint: disable=import-outside-toplevel
-  from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
+  import jinja2  # lazy: only for HF chat templates
+  from jinja2 import sandbox  # lazy: only for HF chat templates
 
   def raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
@@ -124,7 +131,7 @@ def _render(template: ChatTemplate, messages, add_generation_prompt: bool) -> st
   """The template's text for `messages`, or None when it refuses them (its
   raise_exception, or an error in it). A template the sandbox stops (it reached for
   `__class__` or the like) is a ConfigError: that is the template's fault, not a record's."""
-  from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
+  from jinja2 import sandbox  # lazy: only for HF chat templates
   try:  # BOS is added as an id, never as text
     return _compiled(template.jinja).render(messages=messages, bos_token="",
                                             eos_token=template.eos_token,
@@ -534,9 +541,6 @@ BUILTIN_PREFIX = "builtin:"
 def _source_signature(fn) -> str | None:
   """`fn`'s parameters as its source writes them (`copy_function=copy2`, never the
   default's repr, which may hold a memory address or this machine's paths), or None."""
-  import ast  # pylint: disable=import-outside-toplevel
-  import inspect  # pylint: disable=import-outside-toplevel
-  import textwrap  # pylint: disable=import-outside-toplevel
   try:
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
   except (OSError, TypeError, SyntaxError):  # no source (made by exec), or not a def
@@ -553,9 +557,6 @@ def stdlib_docstrings(path: str, modules: tuple[str, ...] | None = None) -> str:
   public functions and methods of standard-library modules (`modules`, else the list
   below) and their docstrings. The text is the standard library's own (signatures as its
   source writes them), so it is the same in every process on the same Python."""
-  import importlib  # pylint: disable=import-outside-toplevel
-  import inspect  # pylint: disable=import-outside-toplevel
-  import warnings  # pylint: disable=import-outside-toplevel
   defaults = ("json", "textwrap", "string", "shutil", "os.path", "fnmatch", "glob", "base64",
               "bisect", "heapq", "statistics", "random", "calendar", "difflib", "csv", "gzip",
               "copy", "functools", "itertools", "operator", "html", "urllib.parse", "ipaddress",
@@ -605,18 +606,7 @@ def stdlib_docstrings(path: str, modules: tuple[str, ...] | None = None) -> str:
       seen.add(signature)
       records.append({"instruction": "Explain what this Python function does.",
                       "input": signature, "output": re.sub(r"\s+", " ", doc)})
-  return write_jsonl(path, records)
-
-
-def write_jsonl(path: str, records) -> str:
-  """Records as JSON lines, written whole or not at all (a temporary file, renamed)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"  # processes writing the same file don't share one
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
-  return path
+  return fileio.write_jsonl(path, records)
 
 
 def stdlib_docstring_pairs(path: str) -> str:
@@ -624,7 +614,6 @@ def stdlib_docstring_pairs(path: str) -> str:
   chosen; rejected, in turn, is another function's docstring (picked by a seeded
   shuffle), the docstring with its words shuffled, or the docstring cut off after a
   third of its words. The last two a small model learns to spot; the first is hard."""
-  import random  # pylint: disable=import-outside-toplevel
   source = stdlib_docstrings(path + ".sft")
   with open(source, encoding="utf-8") as f:
     records = [json.loads(line) for line in f]
@@ -659,7 +648,7 @@ BUILTINS = {"stdlib_docstrings": stdlib_docstrings,
 def resolve_builtin(spec: str, workdir: str, key: str) -> list[str]:
   """`builtin:NAME:train|eval` -> the generated file's split, written under the workdir.
   Splits are by hash of the record, 1 in 10 to eval."""
-  from jaxlm.data import world  # pylint: disable=import-outside-toplevel
+
   _, name, split = (spec.split(":") + ["train"])[:3]
   if name not in (*BUILTINS, *world.BUILTINS) or split not in ("train", "eval"):
     raise ConfigError(f"{key}={spec!r}: builtin data is builtin:NAME[:train|eval] with NAME in "
@@ -675,10 +664,19 @@ def resolve_builtin(spec: str, workdir: str, key: str) -> list[str]:
     BUILTINS[name](full)
   part = os.path.join(folder, f"{name}.{split}.jsonl")
   if not os.path.exists(part):
-    import zlib  # pylint: disable=import-outside-toplevel
     with open(full, encoding="utf-8") as f, open(part + ".tmp", "w", encoding="utf-8") as out:
       for line in f:
         if (zlib.crc32(line.encode()) % 10 == 0) == (split == "eval"):
           out.write(line)
     os.replace(part + ".tmp", part)
   return [part]
+
+
+def spec_files(spec: str, workdir: str, key: str) -> list[str]:
+  """The files a data key names: built-in generated data (`builtin:NAME:SPLIT`, written
+  into the workdir) or comma-separated globs (`fileio.expand_globs`)."""
+  if spec.strip().startswith(BUILTIN_PREFIX):
+    return resolve_builtin(spec.strip(), workdir, key)
+  return fileio.expand_globs(spec, key)
+
+

@@ -20,7 +20,9 @@ import logging
 import re
 import zlib
 
-from jaxlm.config import ConfigError, error_detail, expand_globs
+from jaxlm.errors import ConfigError, DataError, error_detail
+from jaxlm.fileio import expand_globs
+
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,6 @@ _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 # What reading a file can raise part way: a truncated or corrupt gzip file (EOFError,
 # zlib.error, gzip.BadGzipFile, an OSError), an unreadable file. The rest of it is lost.
 READ_ERRORS = (OSError, EOFError, zlib.error)
-
-
-class DataError(ValueError):
-  """A bad record, phrased as one line starting with its file and line."""
 
 
 @dataclasses.dataclass
@@ -496,7 +494,7 @@ class TfdsDocuments(DocumentSource):
                max_bytes: int = MAX_RECORD_BYTES):
     dataset, split = parse_tfds_spec(spec, name)
     try:
-      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+      import tensorflow_datasets as tfds  # lazy: only for tfds: sources
     except ImportError:
       raise ConfigError(f"{name}={spec!r}: reading TFDS needs tensorflow-datasets "
                         f"(pip install tensorflow-datasets)") from None

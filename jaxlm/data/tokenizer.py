@@ -7,24 +7,22 @@ special-token parsing off, so a literal `<|user|>` in a message is text, not a t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import io
 import os
 import re
-from collections.abc import Iterable
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from jaxlm import fileio
-from jaxlm.config import ConfigError
+from jaxlm.errors import ConfigError, MarkerError
+
 
 # Ids fixed by the tokenizers jaxlm trains; loaded models keep their own.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Chat-role markers that later stages format conversations with.
 SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-
-
-class MarkerError(ValueError):
-  """Content next to a template marker kept the marker from being one token."""
 
 
 def _unreadable(key: str, path: str, what: str, error: BaseException) -> ConfigError:
@@ -109,7 +107,6 @@ class Tokenizer(_Specials):
                         f"eos_id={self.eos_id}); documents need both")
     pad = self.sp.pad_id()
     self.pad_id = pad if pad >= 0 else 0
-    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(self.sp.serialized_model_proto())
     kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
@@ -153,7 +150,7 @@ class HFTokenizer(_Specials):
 
   def __init__(self, path: str, key: str = "tokenizer"):
     try:
-      import tokenizers  # pylint: disable=import-outside-toplevel
+      import tokenizers  # lazy: only for tokenizer.json (HF tokenizers)
     except ImportError:
       raise ConfigError(f"tokenizer {path}: reading tokenizer.json needs the `tokenizers` "
                        f"package (pip install tokenizers)") from None
@@ -219,7 +216,7 @@ class HFTokenizer(_Specials):
 
   def _as_text(self, text):
     if self._plain is None:
-      import tokenizers  # pylint: disable=import-outside-toplevel
+      import tokenizers  # lazy: only for tokenizer.json (HF tokenizers)
       self._plain = tokenizers.Tokenizer.from_str(self.tok.to_str())
       self._plain.encode_special_tokens = True
     return [(i, start) for i, start, _ in self._pieces(text, self._plain)]

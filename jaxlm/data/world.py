@@ -28,11 +28,15 @@ deterministic in the seed.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import itertools
 import random
+import warnings
 import zlib
 
-from jaxlm.data.sft import write_jsonl
+from jaxlm.fileio import write_jsonl
+
 
 KINDS = ("add", "sub", "next", "max", "count")
 WORDS = ("red", "sun", "cat", "dog", "tree", "box", "cup", "map", "hat", "pen", "egg", "key")
@@ -144,9 +148,6 @@ _SEEDS = {"world_text": 1, "world_sft": 2, "world_pairs": 3, "world_prompts": 4}
 def _prose(n: int) -> list[str]:
   """Paragraphs of English from the standard library's module docstrings: the
   language around the facts."""
-  import importlib  # pylint: disable=import-outside-toplevel
-  import inspect  # pylint: disable=import-outside-toplevel
-  import warnings  # pylint: disable=import-outside-toplevel
   paragraphs = []
   for name in ("json", "textwrap", "string", "shutil", "glob", "base64", "bisect", "heapq",
                "statistics", "random", "calendar", "difflib", "csv", "gzip", "copy",

@@ -22,35 +22,32 @@ import shutil
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, lora as lora_lib, loop, losses, model, sharding
-from jaxlm.config import ConfigError, error_detail
-from jaxlm.tasks import pretrain
-from jaxlm.tasks.reward import PreferenceData, flat, pair_sums
+from jaxlm import loop, lora as lora_lib, losses, model, runs, sharding
+from jaxlm.data import preference
+from jaxlm.errors import ConfigError, error_detail
+from jaxlm.tasks import common
 
 
 def sequence_logps(weights, batch, model_cfg, sharder, adapters=None):
   """Per-response sums of token log-probs [B, G], and per-response token counts."""
   B, G = batch["tokens"].shape[:2]
-  h = model.hidden_states(weights, flat(batch["tokens"]), model_cfg,
-                          segment_ids=flat(batch["segment_ids"]),
-                          positions=flat(batch["positions"]), sharder=sharder, lora=adapters)
-  log_z, target_logit, _ = model.token_stats(weights, h, flat(batch["targets"]), model_cfg,
+  h = model.hidden_states(weights, common.flat(batch["tokens"]), model_cfg,
+                          segment_ids=common.flat(batch["segment_ids"]),
+                          positions=common.flat(batch["positions"]), sharder=sharder, lora=adapters)
+  log_z, target_logit, _ = model.token_stats(weights, h, common.flat(batch["targets"]), model_cfg,
                                              sharder)
-  logps = losses.sequence_logps_from_stats(log_z, target_logit, flat(batch["loss_mask"]))
+  logps = losses.sequence_logps_from_stats(log_z, target_logit, common.flat(batch["loss_mask"]))
   return logps.reshape(B, G), jnp.sum(batch["loss_mask"], axis=-1).astype(jnp.float32)
 
 
 def dpo_loss_fn(config, sharder):
   m, dpo = config.model, config.dpo
-  use_lora = lora_lib.enabled(config.lora)
-
   def loss_fn(params, batch, rng, frozen=None):
-    weights, adapters = ((frozen, lora_lib.as_model_lora(params, config.lora, rng)) if use_lora
-                         else (params, None))
+    weights, adapters = lora_lib.split(params, frozen, config.lora, rng)
     policy, counts = sequence_logps(weights, batch, m, sharder, adapters)
     if dpo.reference == "precomputed":
       reference = batch["reference_logps"]
@@ -70,7 +67,7 @@ def dpo_loss_fn(config, sharder):
       nll = -pc / jnp.maximum(chosen_counts, 1.0)
       per_pair = per_pair + dpo.sft_weight * nll
       sums["nll/chosen"] = jnp.sum(nll * valid)
-    sums.update(pair_sums(chosen_rewards, rejected_rewards, per_pair, batch))
+    sums.update(common.pair_sums(chosen_rewards, rejected_rewards, per_pair, batch))
     # TRL's names, so dashboards carry over.
     sums["rewards/chosen"] = jnp.sum(chosen_rewards * valid)
     sums["rewards/rejected"] = jnp.sum(rejected_rewards * valid)
@@ -86,8 +83,8 @@ def reference_source(config, workdir: str) -> str:
   """The reference's weights, pinned at the run's first start (reference.json)."""
   try:
     if lora_lib.enabled(config.lora):
-      return pretrain.lora_base(workdir, config)
-    return checkpoint.pin(workdir, "reference.json", config.dpo.reference_from or config.init_from)
+      return common.lora_base(workdir, config)
+    return runs.pin(workdir, "reference.json", config.dpo.reference_from or config.init_from)
   except FileNotFoundError as e:
     key = "dpo.reference_from" if config.dpo.reference_from else "init_from"
     raise ConfigError(f"{key}: {e}") from None
@@ -111,7 +108,7 @@ def _load_npy(path: str) -> np.ndarray:
                       f"({error_detail(e)}); delete it to compute it again") from None
 
 
-def precompute_reference(config, workdir: str, sharder, data: PreferenceData, source: str,
+def precompute_reference(config, workdir: str, sharder, data: common.PreferenceData, source: str,
                          chunk_batches: int = 16) -> None:
   """Attach `reference_logps` (one per response) to every train and eval record.
 
@@ -144,9 +141,8 @@ def precompute_reference(config, workdir: str, sharder, data: PreferenceData, so
     return
 
   abstract = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
-  weights = checkpoint.load_params(source, sharder.placed(model.param_axes(m), abstract))
+  weights = runs.load_params(source, sharder.placed(model.param_axes(m), abstract))
   fn = jax.jit(lambda w, b: sequence_logps(w, b, m, sharder)[0])
-  from jaxlm.data import preference  # pylint: disable=import-outside-toplevel
   rows_per_pass = d.batch_size // config.optimizer.grad_accum_steps  # a training microbatch
   started = time.perf_counter()
   for split, examples, path in pending:
@@ -187,10 +183,9 @@ def precompute_reference(config, workdir: str, sharder, data: PreferenceData, so
 
 
 def build(config, workdir: str, sharder) -> loop.Task:
-  pretrain.adopt_init_from_architecture(config)
-  data = PreferenceData(config, workdir, shifted=True)
+  data = common.PreferenceData(config, workdir, shifted=True)
   m, dpo, seq_len = config.model, config.dpo, config.data.seq_len
-  parts = pretrain.model_parts(config, workdir, sharder)
+  parts = common.model_parts(config, workdir, sharder)
   parts["loss_fn"] = dpo_loss_fn(config, sharder)
   if dpo.reference != "none":
     source = reference_source(config, workdir)
@@ -204,8 +199,17 @@ def build(config, workdir: str, sharder) -> loop.Task:
   return loop.Task(**parts, summarize=lambda s: s, **data.task_data())
 
 
-def run(config, workdir: str):
-  sharder = loop.make_sharder(config)
-  task = build(config, workdir, sharder)
-  loop.write_config(config, workdir)
-  return loop.train(config, workdir, task, sharder)
+def config_errors(config, ok) -> list[str]:
+  """DPO's rules: the model it aligns, and where its reference comes from."""
+  del ok
+  dpo, errors = config.dpo, []
+  if not config.init_from:
+    errors.append("init_from: task='dpo' needs the model it aligns (a jaxlm run or a "
+                  "Hugging Face directory); the policy starts there and, by default, "
+                  "the reference is a copy of it")
+  if dpo.reference_from and config.lora.rank:
+    errors.append("dpo.reference_from: with LoRA the reference is the base (init_from) "
+                  "with the adapters off; leave dpo.reference_from empty")
+  if dpo.reference_from and not os.path.exists(dpo.reference_from):
+    errors.append(f"dpo.reference_from: no such path {dpo.reference_from!r}")
+  return errors

@@ -16,18 +16,20 @@ to the reference in the reward (k1) or in the loss (k3); clipped value loss.
 
 from __future__ import annotations
 
+import os
 import time
 
+import grain
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, generate, lora as lora_lib, loop, model, reward, rewards, rl
-from jaxlm import sharding
-from jaxlm.config import ConfigError
-from jaxlm.data import prompts as prompts_lib, sft as sft_data
-from jaxlm.tasks import pretrain, sft
+from jaxlm import (generate, loop, lora as lora_lib, losses, model, reward_fns, reward_model, runs,
+                   sharding)
+from jaxlm.data import prompts as prompts_lib, sft as sft_data, sources
+from jaxlm.errors import ConfigError
+from jaxlm.tasks import common
 
 
 class _WithState:
@@ -68,8 +70,8 @@ class Rollouts:
   def __init__(self, config, workdir: str, sharder):
     d, r = config.data, config.rl
     self.config, self.sharder = config, sharder
-    self.tok, self.template = sft.tokenizer_and_template(config, workdir)
-    self.rewards = rewards.Rewards(config.reward.fn, config.reward.model,
+    self.tok, self.template = common.tokenizer_and_template(config, workdir)
+    self.rewards = reward_fns.Rewards(config.reward.fn, config.reward.model,
                                    config.reward.model_weight)
     # A prompt and its reply fit in the model's context: longer prompts are cut or dropped.
     max_prompt = config.model.max_seq_len - r.max_new_tokens
@@ -77,13 +79,13 @@ class Rollouts:
       raise ConfigError(f"rl.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
                         f"model.max_seq_len={config.model.max_seq_len}")
     loaded = prompts_lib.load_prompts(
-        sft.files(d.train, workdir, "data.train"), on_error=d.on_error, check=self.rewards.check,
+        sft_data.spec_files(d.train, workdir, "data.train"), on_error=d.on_error, check=self.rewards.check,
         tok=self.tok, template=self.template, max_len=max_prompt, truncation=d.truncation,
         max_bytes=d.max_record_bytes)
     if jax.process_index() == 0:
-      print(sft_data.summary("data.train", loaded), flush=True)
+      print(sources.summary("data.train", loaded), flush=True)
     if not loaded.examples:
-      raise ConfigError(f"data.train: no usable prompt ({sft_data.summary('data.train', loaded)})")
+      raise ConfigError(f"data.train: no usable prompt ({sources.summary('data.train', loaded)})")
     self.prompts, self.report = loaded.examples, loaded.report("train")
     self.ids = [p.ids for p in self.prompts]
     longest = max(len(i) for i in self.ids)
@@ -103,7 +105,6 @@ class Rollouts:
 
   def dataset(self):
     """Batches of prompt indices, shuffled and repeated, per process (checkpointable)."""
-    import grain  # pylint: disable=import-outside-toplevel
     d = self.config.data
     ds = sft_data.record_stream(grain.MapDataset.range(len(self.prompts)), seed=self.config.seed,
                                 shuffle=d.shuffle, repeat=True, process_index=jax.process_index(),
@@ -173,26 +174,25 @@ def grpo_loss_fn(config, sharder, use_lora: bool, max_new_tokens: int):
   ref_key = "policy" if use_lora else "reference"  # LoRA: the base, adapters off
 
   def loss_fn(params, batch, rng, frozen=None):
-    policy = frozen["policy"] if use_lora else params
-    adapters = lora_lib.as_model_lora(params, config.lora, rng) if use_lora else None
+    policy, adapters = lora_lib.split(params, (frozen or {}).get("policy"), config.lora, rng)
     logits = model.forward(policy, batch["tokens"], m, segment_ids=batch["segment_ids"],
                            positions=batch["positions"], sharder=sharder, lora=adapters)
     logp, logp_all = token_logps(logits, batch["targets"], r.temperature)
     mask = batch["loss_mask"]
     adv = batch["advantages"][:, None]
-    per_token, clipfrac, approx_kl = rl.clipped_policy_loss(logp, batch["old_logps"], adv,
+    per_token, clipfrac, approx_kl = losses.clipped_policy_loss(logp, batch["old_logps"], adv,
                                                             r.clip_low, r.clip_high)
     sums = {}
-    agg = lambda x: rl.aggregate(x, mask, r.loss_agg, max_new_tokens)[0]  # noqa: E731
+    agg = lambda x: losses.aggregate(x, mask, r.loss_agg, max_new_tokens)[0]  # noqa: E731
     if r.kl_coef > 0:
       ref_logits = model.forward(frozen[ref_key], batch["tokens"], m,
                                  segment_ids=batch["segment_ids"], positions=batch["positions"],
                                  sharder=sharder)
       ref = jax.lax.stop_gradient(token_logps(ref_logits, batch["targets"], r.temperature)[0])
-      kl = rl.kl_k3(logp, ref)
+      kl = losses.kl_k3(logp, ref)
       per_token = per_token + r.kl_coef * kl
       sums["objective/kl"] = agg(kl)
-    total, weight = rl.aggregate(per_token, mask, r.loss_agg, max_new_tokens)
+    total, weight = losses.aggregate(per_token, mask, r.loss_agg, max_new_tokens)
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
     sums.update({"loss": total, "weight": weight, "policy/clipfrac_avg": agg(clipfrac),
                  "policy/approxkl_avg": agg(approx_kl), "objective/entropy": agg(entropy)})
@@ -217,16 +217,16 @@ def ppo_loss_fn(config, sharder, use_lora: bool):
   ref_key = "policy" if use_lora else "reference"  # LoRA: the base, adapters off
 
   def loss_fn(params, batch, rng, frozen=None):
-    policy = frozen["policy"] if use_lora else params["policy"]
-    adapters = lora_lib.as_model_lora(params["policy"], config.lora, rng) if use_lora else None
+    policy, adapters = lora_lib.split(params["policy"], (frozen or {}).get("policy"),
+                                      config.lora, rng)
     logits = model.forward(policy, batch["tokens"], m, segment_ids=batch["segment_ids"],
                            positions=batch["positions"], sharder=sharder, lora=adapters)
     logp, logp_all = token_logps(logits, batch["targets"], r.temperature)
     mask = batch["loss_mask"]
-    pg, clipfrac, approx_kl = rl.clipped_policy_loss(logp, batch["old_logps"],
+    pg, clipfrac, approx_kl = losses.clipped_policy_loss(logp, batch["old_logps"],
                                                      batch["advantages"], r.clip_low, r.clip_high)
     values = values_of(params["critic"], batch, m, sharder)
-    vf, vf_clipfrac = rl.clipped_value_loss(values, batch["old_values"], batch["returns"],
+    vf, vf_clipfrac = losses.clipped_value_loss(values, batch["old_values"], batch["returns"],
                                             r.value_clip)
     per_token = pg + r.vf_coef * vf
     sums = {}
@@ -235,10 +235,10 @@ def ppo_loss_fn(config, sharder, use_lora: bool):
           model.forward(frozen[ref_key], batch["tokens"], m, segment_ids=batch["segment_ids"],
                         positions=batch["positions"], sharder=sharder),
           batch["targets"], r.temperature)[0])
-      kl = rl.kl_k3(logp, ref)
+      kl = losses.kl_k3(logp, ref)
       per_token = per_token + batch["kl_coef"][:, None] * kl
-    total, weight = rl.aggregate(per_token, mask, "token", 0)
-    agg = lambda x: rl.aggregate(x, mask, "token", 0)[0]  # noqa: E731
+    total, weight = losses.aggregate(per_token, mask, "token", 0)
+    agg = lambda x: losses.aggregate(x, mask, "token", 0)[0]  # noqa: E731
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
     sums.update({"loss": total, "weight": weight, "loss/policy_avg": agg(pg),
                  "loss/value_avg": agg(vf), "policy/clipfrac_avg": agg(clipfrac),
@@ -251,14 +251,14 @@ def ppo_loss_fn(config, sharder, use_lora: bool):
 # ---------------------------------------------------------------------------------------
 
 
+# long: GRPO and PPO in one build (policy, reference, critic, rollout), shared line by line
 def build(config, workdir: str, sharder) -> loop.Task:
-  pretrain.adopt_init_from_architecture(config)
   ppo = config.task == "ppo"
   m, r = config.model, config.rl
   use_lora = lora_lib.enabled(config.lora)
   data = Rollouts(config, workdir, sharder)
-  source = (pretrain.lora_base(workdir, config) if use_lora
-            else checkpoint.pin(workdir, "reference.json", config.init_from))
+  source = (common.lora_base(workdir, config) if use_lora
+            else runs.pin(workdir, "reference.json", config.init_from))
   # Frozen trees: LoRA's base (the policy's weights and, adapters off, the reference: one
   # copy), or a reference copy; GRPO with kl_coef 0 and no LoRA holds none.
   frozen_shapes, frozen_axes, frozen_source = {}, {}, {}
@@ -281,17 +281,17 @@ def build(config, workdir: str, sharder) -> loop.Task:
 
   if ppo:
     critic_from = r.critic_from or config.init_from
-    init_params = lambda k: {"policy": policy_init(k), "critic": reward.init(m, k)}  # noqa: E731
-    param_axes = {"policy": policy_axes, "critic": reward.param_axes(m)}
-    critic_loader = reward.load_init(m, sharder)
+    init_params = lambda k: {"policy": policy_init(k), "critic": reward_model.init(m, k)}  # noqa: E731
+    param_axes = {"policy": policy_axes, "critic": reward_model.param_axes(m)}
+    critic_loader = runs.reward_init_loader(m, sharder)
 
     def load_init(path, params):
-      policy = params["policy"] if use_lora else checkpoint.load_params(path, params["policy"])
+      policy = params["policy"] if use_lora else runs.load_params(path, params["policy"])
       return {"policy": policy, "critic": critic_loader(critic_from, params["critic"])}
     loss_fn = ppo_loss_fn(config, sharder, use_lora)
   else:
     init_params, param_axes = policy_init, policy_axes
-    load_init = None if use_lora else checkpoint.load_params
+    load_init = None if use_lora else runs.load_params
     loss_fn = grpo_loss_fn(config, sharder, use_lora, r.max_new_tokens)
 
   state = {"kl_coef": r.kl_coef}
@@ -303,14 +303,12 @@ def build(config, workdir: str, sharder) -> loop.Task:
 
   def rollout(params, frozen_tree, host_batch, step):
     policy_params = params["policy"] if ppo else params
-    if use_lora:
-      weights, adapters = frozen_tree["policy"], lora_lib.as_model_lora(policy_params, config.lora)
-    else:
-      weights, adapters = policy_params, None
+    weights, adapters = lora_lib.split(policy_params, (frozen_tree or {}).get("policy"),
+                                       config.lora)
     rows, scores, metrics = data.sample(weights, adapters, host_batch, step)
     R = len(scores)
     if not ppo:
-      adv = rl.group_advantages(jnp.asarray(scores.reshape(-1, r.num_generations)),
+      adv = losses.group_advantages(jnp.asarray(scores.reshape(-1, r.num_generations)),
                                 r.advantage_scale)
       rows["advantages"] = np.asarray(adv, np.float32).reshape(R)
       metrics["objective/rlhf_reward"] = metrics["objective/scores"]
@@ -330,10 +328,10 @@ def build(config, workdir: str, sharder) -> loop.Task:
     if r.kl_estimator == "k1":
       per_token -= state["kl_coef"] * kl
     if r.whiten_rewards:
-      per_token = np.asarray(rl.whiten(jnp.asarray(per_token), jnp.asarray(mask), False))
-    adv, ret = rl.gae(jnp.asarray(per_token), jnp.asarray(values * mask), jnp.asarray(mask),
+      per_token = np.asarray(losses.whiten(jnp.asarray(per_token), jnp.asarray(mask), False))
+    adv, ret = losses.gae(jnp.asarray(per_token), jnp.asarray(values * mask), jnp.asarray(mask),
                       r.gamma, r.lam)
-    adv = rl.whiten(adv, jnp.asarray(mask))
+    adv = losses.whiten(adv, jnp.asarray(mask))
     rows.update(advantages=np.asarray(adv, np.float32), returns=np.asarray(ret, np.float32),
                 old_values=(values * mask).astype(np.float32),
                 kl_coef=np.full(R, state["kl_coef"], np.float32))
@@ -356,8 +354,30 @@ def build(config, workdir: str, sharder) -> loop.Task:
       tokens_per_batch=rows * data.seq_len * r.epochs, flops_per_token=flops)
 
 
-def run(config, workdir: str):
-  sharder = loop.make_sharder(config)
-  task = build(config, workdir, sharder)
-  loop.write_config(config, workdir)
-  return loop.train(config, workdir, task, sharder)
+def config_errors(config, ok) -> list[str]:
+  """GRPO's and PPO's rules: a policy to start from, a reward source (each reward
+  function imported and its signature checked), groups, minibatches and temperature."""
+  rl_cfg, errors = config.rl, []
+  if not config.init_from:
+    errors.append(f"init_from: task={config.task!r} needs the policy to start from")
+  if not config.reward.fn and not config.reward.model:
+    errors.append("reward.fn / reward.model: set a reward source (e.g. reward.fn=math_answer)")
+  if config.reward.fn:
+    errors += reward_fns.spec_errors(config.reward.fn)
+  if config.reward.model and not os.path.exists(config.reward.model):
+    errors.append(f"reward.model: no such path {config.reward.model!r}")
+  if config.task == "grpo" and ok("rl.num_generations") and rl_cfg.num_generations < 2:
+    errors.append(f"rl.num_generations={rl_cfg.num_generations}: GRPO needs groups of >= 2")
+  if ok("data.batch_size", "rl.num_generations", "rl.minibatches", "optimizer.grad_accum_steps"):
+    rows = config.data.batch_size * rl_cfg.num_generations
+    accum = config.optimizer.grad_accum_steps
+    if rows % rl_cfg.minibatches:
+      errors.append(f"rl.minibatches={rl_cfg.minibatches} does not divide the "
+                    f"{rows} completions of a step (data.batch_size * rl.num_generations)")
+    elif (rows // rl_cfg.minibatches) % accum:
+      errors.append(f"optimizer.grad_accum_steps={accum} does not divide the "
+                    f"{rows // rl_cfg.minibatches} completions of a minibatch")
+  if ok("rl.temperature") and not rl_cfg.temperature > 0:
+    errors.append(f"rl.temperature={rl_cfg.temperature}: must be > 0 (the policy's "
+                  f"log-probs are taken at it)")
+  return errors

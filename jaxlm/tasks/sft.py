@@ -11,50 +11,24 @@ from __future__ import annotations
 import jax
 
 from jaxlm import loop
-from jaxlm.config import ConfigError, expand_globs
-from jaxlm.data import lm, sft as sft_data, tokenizer as tokenizer_lib
-from jaxlm.tasks import pretrain
-
-
-def _tokenizer(config):
-  if config.data.tokenizer:
-    return tokenizer_lib.load(config.data.tokenizer)
-  inherited = pretrain.inherited_tokenizer(config)
-  if inherited:
-    return tokenizer_lib.load(inherited)
-  raise ConfigError(f"data.tokenizer: {config.task} needs the tokenizer of the model it "
-                    f"tunes; set data.tokenizer, or init_from a run or HF directory that has one")
-
-
-def tokenizer_and_template(config, workdir: str):
-  """The tuned model's tokenizer (kept in the workdir, sizing the vocabulary) and the
-  chat template conversations are rendered with."""
-  tok = _tokenizer(config)
-  pretrain.set_vocab_size(config, tok)
-  pretrain.keep_tokenizer(tok, workdir)
-  return tok, sft_data.chat_template(config.data.chat_template, tok)
-
-
-def files(spec: str, workdir: str, key: str) -> list[str]:
-  if spec.strip().startswith(sft_data.BUILTIN_PREFIX):
-    return sft_data.resolve_builtin(spec.strip(), workdir, key)
-  return expand_globs(spec, key)
+from jaxlm.data import lm, sft as sft_data, sources
+from jaxlm.errors import ConfigError
+from jaxlm.tasks import common
 
 
 def build(config, workdir: str, sharder) -> loop.Task:
-  pretrain.adopt_init_from_architecture(config)
   d = config.data
-  tok, template = tokenizer_and_template(config, workdir)
+  tok, template = common.tokenizer_and_template(config, workdir)
   pid, nproc = jax.process_index(), jax.process_count()
 
   def load(spec, key):
-    ex = sft_data.load_examples(files(spec, workdir, key), tok, template, fmt=d.sft_format,
+    ex = sft_data.load_examples(sft_data.spec_files(spec, workdir, key), tok, template, fmt=d.sft_format,
                                 seq_len=d.seq_len, loss_on=d.loss_on, truncation=d.truncation,
                                 on_error=d.on_error, max_bytes=d.max_record_bytes)
     if pid == 0:
-      print(sft_data.summary(key, ex), flush=True)
+      print(sources.summary(key, ex), flush=True)
     if not ex.examples:
-      raise ConfigError(f"{key}: no usable example ({sft_data.summary(key, ex)})")
+      raise ConfigError(f"{key}: no usable example ({sources.summary(key, ex)})")
     return ex
 
   train = load(d.train, "data.train")
@@ -74,17 +48,10 @@ def build(config, workdir: str, sharder) -> loop.Task:
     report.update(held_out.report("eval"))
     eval_data = lambda: make(held_out.examples, False)  # noqa: E731
   return loop.Task(
-      **pretrain.model_parts(config, workdir, sharder),
+      **common.model_parts(config, workdir, sharder),
       train_data=make(train.examples, True),
       eval_data=eval_data,
-      summarize=pretrain.summarize,
+      summarize=common.summarize,
       tokens_per_batch=d.batch_size * d.seq_len,
       data_report=report,
   )
-
-
-def run(config, workdir: str):
-  sharder = loop.make_sharder(config)
-  task = build(config, workdir, sharder)
-  loop.write_config(config, workdir)
-  return loop.train(config, workdir, task, sharder)

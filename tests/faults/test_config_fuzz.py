@@ -1,10 +1,10 @@
 """Config fuzzing: an invalid override is one line naming its key, never a traceback.
 
 Random overrides of real keys of real configs go through the launcher's own path in this
-process (absl + ml_collections' config flag, `jaxlm.config.parse_config_flags`, then
-`validate`): each is either refused while parsing with a one-line ConfigError naming the
-key, or accepted and then, when the value is out of the key's range, reported by
-`validate` in a line naming the key. `set_key` (sweeps, tools/bench.py --set) gets the same
+process (`jaxlm.cli.parse_config_flags`: the config flag read by jaxlm.cli, the others by
+absl, then `validate`): each is either refused while parsing with a one-line ConfigError
+naming the key, or accepted and then, when the value is out of the key's range, reported
+by `validate` in a line naming the key. `set_key` (sweeps, tools/bench.py --set) gets the same
 treatment with Python values. A few launcher processes check exit status 2 and stderr.
 """
 
@@ -17,18 +17,16 @@ import pytest
 from absl import flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ml_collections import config_flags
 
 import ml_collections
 from jaxlm import config as config_lib
-from jaxlm.config import (ConfigError, base_config, get_key, parse_config_flags, set_key,
-                          validate)
+from jaxlm.cli import define_config_file, parse_config_flags
+from jaxlm.config import ConfigError, base_config, get_key, set_key
+from jaxlm.validate import config_errors as validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = ["pretrain_tiny.py", "pretrain_tiny.py:family=gpt2", "sft_tiny.py", "dpo_tiny.py",
            "grpo_tiny.py", "eval.py"]
-# ml_collections loads config files with importlib's deprecated load_module()
-pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 # Derandomized: CI runs the same examples every time; JAXLM_FUZZ_EXAMPLES=5000 explores more.
 FUZZ = settings(max_examples=int(os.environ.get("JAXLM_FUZZ_EXAMPLES", "50")), deadline=None,
                 database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -54,10 +52,8 @@ def load(config_file, *overrides):
   argv = ["launch", "--config", os.path.join(ROOT, "configs", config_file), "--workdir",
           "/tmp/jaxlm-never-written", *overrides]
   fv = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
-                                           lock_config=True, sys_argv=argv)
+  holder = define_config_file("config", "", flag_values=fv)
   flags.DEFINE_string("workdir", None, "", flag_values=fv)
-  sys.modules.pop("config_config", None)  # ml_collections re-executes into a cached module
   try:
     parse_config_flags(argv, fv)
   except ConfigError as e:

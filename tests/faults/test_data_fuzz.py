@@ -18,10 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import small_config, word_tokenizer
-from jaxlm import rewards, tasks
-from jaxlm.config import ConfigError
+from jaxlm import reward_fns, tasks
+from jaxlm.errors import ConfigError
 from jaxlm.data import preference, prompts, sft, sources
-from jaxlm.data.sources import DataError, Documents
+from jaxlm.data.sources import Documents
+from jaxlm.errors import DataError
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -281,7 +282,7 @@ def preference_loader(tok, on_error, truncation="truncate"):
 
 
 def prompts_loader(tok, on_error, truncation="truncate"):
-  check = rewards.Rewards("math_answer").check
+  check = reward_fns.Rewards("math_answer").check
   return lambda path: prompts.load_prompts(
       [path], on_error=on_error, check=check, tok=tok, template=sft.TEMPLATES["jaxlm"],
       max_len=32, truncation=truncation)
@@ -424,11 +425,11 @@ def test_tfds_records_follow_on_error_when_read():
 
 
 def test_reward_functions_name_the_fields_they_need():
-  r = rewards.Rewards("math_answer,overlap")
+  r = reward_fns.Rewards("math_answer,overlap")
   assert r.check({"answer": "#### 3"}) is None
   assert r.check({}) == "missing_field_answer"
-  assert rewards.Rewards("overlap").check({"output": None}) == "missing_field_reference"
-  assert rewards.overlap(["p", "q"], ["a b", "c d"], reference=["a b", None],
+  assert reward_fns.Rewards("overlap").check({"output": None}) == "missing_field_reference"
+  assert reward_fns.overlap(["p", "q"], ["a b", "c d"], reference=["a b", None],
                          answer=[None, "c d"]) == [1.0, 1.0]
 
 

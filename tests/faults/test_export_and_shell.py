@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxlm import fileio, hf, model, tpu
+from jaxlm import fileio, hf, model, runs, tpu
 from jaxlm.config import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -198,12 +198,12 @@ def test_an_import_rerun_replaces_the_earlier_import(tmp_path):
   src = str(tmp_path / "hf")
   m, params = tiny(0)
   hf.save_hf(m, params, src)
-  hf.import_hf(src, str(tmp_path / "jx"))
+  runs.import_hf(src, str(tmp_path / "jx"))
   first = sorted(p.name for p in (tmp_path / "jx").iterdir())
   hf.save_hf(m, tiny(1)[1], src)
-  hf.import_hf(src, str(tmp_path / "jx"))  # orbax refused an existing step folder here
+  runs.import_hf(src, str(tmp_path / "jx"))  # orbax refused an existing step folder here
   assert sorted(p.name for p in (tmp_path / "jx").iterdir()) == first
-  assert same(hf.load_jaxlm(str(tmp_path / "jx"))[1], tiny(1)[1])
+  assert same(runs.load_jaxlm(str(tmp_path / "jx"))[1], tiny(1)[1])
   assert staging_folders(tmp_path) == []
 
 
@@ -312,17 +312,17 @@ def test_a_run_config_that_is_no_jaxlm_run_is_one_line(tmp_path, config):
   (tmp_path / "run" / "checkpoints" / "0" / "params").mkdir(parents=True)
   (tmp_path / "run" / "config.json").write_text(config)  # was a KeyError or TypeError traceback
   with pytest.raises(hf.HFError, match=r"run/config.json: ") as e:
-    hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+    runs.export_hf(str(tmp_path / "run"), str(tmp_path / "out"))
   assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
 def test_a_damaged_checkpoint_is_one_line_and_the_earlier_export_stays(tmp_path):
   m, params = tiny(0)
   hf.save_hf(m, params, str(tmp_path / "hf"))
-  hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "jx"))
+  runs.import_hf(str(tmp_path / "hf"), str(tmp_path / "jx"))
   (tmp_path / "jx" / "checkpoints" / "0" / "params" / "manifest.ocdbt").write_bytes(b"")
   with pytest.raises(hf.HFError, match=r"jx/checkpoints/0: can't restore this checkpoint \(") as e:
-    hf.export_hf(str(tmp_path / "jx"), str(tmp_path / "hf"))  # was orbax's traceback
+    runs.export_hf(str(tmp_path / "jx"), str(tmp_path / "hf"))  # was orbax's traceback
   assert "\n" not in str(e.value) and len(str(e.value)) < 500
   assert same(hf.load_hf(str(tmp_path / "hf"))[1], params)
 

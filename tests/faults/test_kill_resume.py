@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import STDLIB
-from jaxlm import checkpoint, model
+from jaxlm import checkpoint, model, runs
 from jaxlm.config import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,7 +64,7 @@ def final_params(workdir):
   cfg = json.load(open(os.path.join(workdir, "config.json")))["model"]
   m = model_config("tiny", **cfg)
   like = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
-  return checkpoint.step_of(str(workdir)), checkpoint.load_params(str(workdir), like)
+  return checkpoint.step_of(str(workdir)), runs.load_params(str(workdir), like)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import STDLIB
-from jaxlm import hf
+from jaxlm import hf, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 V, D, I, H, KV = 512, 16, 32, 2, 1  # a one-layer Llama in Hugging Face's layout
@@ -181,8 +181,8 @@ def test_weights_and_checkpoints_load_with_pickle_disabled(tmp_path, no_unpickli
   while pickle.load/loads/Unpickler raise."""
   src = hf_dir(tmp_path / "hf")
   _, params = hf.load_hf(src)
-  hf.import_hf(src, str(tmp_path / "jaxlm"))
-  _, restored, _, _ = hf.load_jaxlm(str(tmp_path / "jaxlm"))
+  runs.import_hf(src, str(tmp_path / "jaxlm"))
+  _, restored, _, _ = runs.load_jaxlm(str(tmp_path / "jaxlm"))
   np.testing.assert_array_equal(np.asarray(restored["embed"]), params["embed"])
 
 

@@ -10,7 +10,8 @@ import signal
 import pytest
 
 from jaxlm import pipeline, tasks
-from jaxlm.config import ConfigError, set_key
+from jaxlm.config import set_key
+from jaxlm.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -13,10 +13,11 @@ import time
 import pytest
 
 from conftest import small_config
-from jaxlm import config as config_lib, fileio
-from jaxlm.config import ConfigError
+from jaxlm import fileio
+from jaxlm.errors import ConfigError
 from jaxlm.data import prepare, sft, sources
-from jaxlm.data.sources import DataError, Documents
+from jaxlm.data.sources import Documents
+from jaxlm.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SENTENCE = "The river runs past the stone garden and the old market in winter light."
@@ -200,12 +201,12 @@ def test_a_damaged_manifest_is_one_line_naming_the_file(corpus, tmp_path, damage
   raw = path.read_text()
   path.write_text({"cut": raw[: len(raw) // 2], "not_json": "\x00garbage",
                    "shape": json.dumps({"version": 1, "sources": []})}[damage])
-  from jaxlm.tasks import pretrain
+  from jaxlm.tasks import common
   config = small_config(**{"data.train": str(out)})
   for attempt in (lambda: prepare.read_manifest(str(out)),
                   lambda: prepare.show(str(out), 1, out=io.StringIO()),
                   lambda: prepare.prepare(c, str(out), overwrite=True, progress=False),
-                  lambda: pretrain._prepared_tokenizer(config, str(out), "data.train")):
+                  lambda: common.prepared_tokenizer(config, str(out), "data.train")):
     with pytest.raises(ConfigError) as e:
       attempt()
     assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
@@ -247,7 +248,7 @@ def test_prepare_selects_files_with_the_one_expander(tmp_path, monkeypatch):
     prepare.check_config(c)
     assert calls, "prepare expands globs with fileio.expand"
     read = {w.rsplit(":", 1)[0] for w, _, _ in prepare.read_source(c.sources.s, "sources.s")}
-    assert read == set(config_lib.expand_globs(spec, "data.train")), spec
+    assert read == set(fileio.expand_globs(spec, "data.train")), spec
   assert not hasattr(prepare, "_walk") and not hasattr(prepare, "_files")
 
 

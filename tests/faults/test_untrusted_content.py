@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import bpe_tokenizer
-from jaxlm import rewards
-from jaxlm.config import ConfigError
+from jaxlm import reward_fns, validate
+from jaxlm.errors import ConfigError
 from jaxlm.data import preference, prompts, sft, tokenizer
-from jaxlm.data.sources import DataError
+from jaxlm.errors import DataError
 
 CHATML_JINJA = ("{% for message in messages %}"
                 "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -163,7 +163,6 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_reward_fn_is_checked_at_validation(user_module):
-  from jaxlm import config  # pylint: disable=import-outside-toplevel
   for spec, want in (("os:system", "reward.fn: 'os:system' can't be a reward function: it takes "
                                    "(command"),
                      (f"{user_module}:one_arg", "can't be a reward function"),
@@ -171,13 +170,13 @@ def test_reward_fn_is_checked_at_validation(user_module):
                      (f"{user_module}:missing", "can't load"),
                      ("no_such_module_x:f", "can't load 'no_such_module_x:f'"),
                      ("format=nan", "must be a finite number")):
-    errors = config._reward_fn_errors(spec)
+    errors = reward_fns.spec_errors(spec)
     assert len(errors) == 1 and want in errors[0] and "\n" not in errors[0], (spec, errors)
     assert errors[0].startswith("reward.fn")
-  assert not config._reward_fn_errors(f"math_answer,{user_module}:named=0.5,{user_module}:boom")
+  assert not reward_fns.spec_errors(f"math_answer,{user_module}:named=0.5,{user_module}:boom")
   from conftest import small_config  # pylint: disable=import-outside-toplevel
   c = small_config(**{"task": "grpo", "reward.fn": "os:system", "init_from": "x"})
-  assert [e for e in config.validate(c, 8) if e.startswith("reward.fn: 'os:system'")]
+  assert [e for e in validate.config_errors(c, 8) if e.startswith("reward.fn: 'os:system'")]
 
 
 def test_reward_fn_failures_are_one_line_naming_the_function_and_record(user_module):
@@ -188,11 +187,11 @@ def test_reward_fn_failures_are_one_line_naming_the_function_and_record(user_mod
                       ("nan", r"returned nan for the prompt at p.jsonl:2 \(completion 1 of 3\)"),
                       ("words", r"returned 'high' for the prompt at p.jsonl:1"),
                       ("short", r"returned 1 values for 3 completions")):
-    source = rewards.Rewards(f"{user_module}:{fn}")
+    source = reward_fns.Rewards(f"{user_module}:{fn}")
     with pytest.raises(DataError, match=f"reward.fn '{user_module}:{fn}' {pattern}"):
       source(["q"] * 3, completions, fields, where=where)
   # A function without **kwargs gets the fields it names; a record without one is bad.
-  named = rewards.Rewards(f"{user_module}:named")
+  named = reward_fns.Rewards(f"{user_module}:named")
   scores, _ = named(["q"] * 3, completions, fields, where=where)
   assert list(scores) == [1.0, 0.0, 0.0]
   assert named.check({"id": 1}) == "missing_field_answer" and named.check({"answer": 1}) is None

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import small_config, word_tokenizer
 from jaxlm import fileio, workdir
-from jaxlm.config import ConfigError
-from jaxlm.tasks import pretrain
+from jaxlm.errors import ConfigError
+from jaxlm.tasks import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -101,12 +101,12 @@ def test_a_workdir_tokenizer_that_differs_from_the_runs_is_an_error_naming_both(
   old = word_tokenizer(tmp_path / "a", "red blue green")
   new = word_tokenizer(tmp_path / "b", "one two three four")
   run = tmp_path / "run"
-  pretrain.keep_tokenizer(old, str(run))
+  common.keep_tokenizer(old, str(run))
   kept = run / "tokenizer.model"
   assert kept.read_bytes() == open(old.path, "rb").read()
-  pretrain.keep_tokenizer(old, str(run))  # the same tokenizer again: fine
+  common.keep_tokenizer(old, str(run))  # the same tokenizer again: fine
   with pytest.raises(ConfigError) as e:
-    pretrain.keep_tokenizer(new, str(run))
+    common.keep_tokenizer(new, str(run))
   assert str(kept) in str(e.value) and new.path in str(e.value)
   assert kept.read_bytes() == open(old.path, "rb").read()
 

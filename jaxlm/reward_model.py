@@ -14,18 +14,17 @@ Later stages score with it through `load` and `score`:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, generate, model, sharding
-from jaxlm.config import ConfigError, model_config
+from jaxlm import generate, model, sharding
+from jaxlm.data import sft
+
 
 log = logging.getLogger(__name__)
 
@@ -69,27 +68,6 @@ def rewards(params, tokens, cfg, *, segment_ids, positions=None, sharder=None, l
   return h_last @ params["head"]["w"] + params["head"]["b"]
 
 
-def is_reward_checkpoint(path: str) -> bool:
-  """Whether a jaxlm checkpoint holds reward-model parameters (a head)."""
-  from jaxlm import hf  # pylint: disable=import-outside-toplevel
-  if hf.is_hf_dir(path):
-    return False
-  return any(name.startswith("['head']") for name, _, _ in checkpoint.describe(path)["params"])
-
-
-def load_init(cfg, sharder):
-  """init_from for a reward model: a reward run's parameters as they are, or a language
-  model's (jaxlm or Hugging Face) as the backbone, with the fresh head kept."""
-  def load(path: str, params):
-    if is_reward_checkpoint(path):
-      return checkpoint.load_params(path, params)
-    full = jax.eval_shape(lambda r: model.init(cfg, r), jax.random.PRNGKey(0))
-    lm = checkpoint.load_params(path, sharder.placed(model.param_axes(cfg), full))
-    lm.pop("lm_head", None)  # the head replaces the output projection
-    return {"backbone": lm, "head": params["head"]}
-  return load
-
-
 # ---------------------------------------------------------------------------------------
 # Scoring API
 
@@ -107,46 +85,6 @@ class RewardModel:
   _fn: object = None
 
 
-def load(path: str, *, mesh: dict | None = None) -> RewardModel:
-  """A reward run's workdir (or a checkpoint under it) -> RewardModel, on this
-  process's devices (a data x fsdp mesh over all of them unless `mesh` says otherwise)."""
-  from jaxlm import hf  # pylint: disable=import-outside-toplevel
-  from jaxlm.config import base_config, mesh_shape  # pylint: disable=import-outside-toplevel
-  from jaxlm.data import sft, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  workdir = hf.find_workdir(checkpoint.find_params_dir(path))
-  if workdir is None:
-    raise ConfigError(f"reward model {path}: no config.json above its checkpoint")
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    run = json.load(f)
-  if run.get("task") != "reward":
-    raise ConfigError(f"reward model {path}: {workdir} is a {run.get('task')!r} run, not a "
-                      f"reward model")
-  cfg = model_config("tiny", **run["model"])  # keys added since that run take their defaults
-  tok_path = hf.tokenizer_file(workdir)
-  if tok_path is None:
-    raise ConfigError(f"reward model {path}: no tokenizer in {workdir}")
-  tok = tokenizer_lib.load(tok_path)
-  template = sft.chat_template(run["data"].get("chat_template", "jaxlm"), tok)
-  c = base_config()
-  c.mesh.update(mesh or {"data": 1, "fsdp": -1, "tensor": 1})
-  sharder = sharding.Sharder(sharding.make_mesh(mesh_shape(c, jax.device_count())),
-                             c.sharding.rules)
-  abstract = jax.eval_shape(lambda r: init(cfg, r), jax.random.PRNGKey(0))
-  params = checkpoint.load_params(path, sharder.placed(param_axes(cfg), abstract))
-  normalization = None
-  norm_path = os.path.join(workdir, NORMALIZATION_FILE)
-  if os.path.isfile(norm_path):
-    with open(norm_path, encoding="utf-8") as f:
-      normalization = json.load(f)
-    step = checkpoint.step_of(path)
-    if normalization.get("step") != step:  # computed for other weights: not applied
-      log.warning("%s is for step %s, not the loaded step %d: rewards are not normalized",
-                  norm_path, normalization.get("step"), step)
-      normalization = None
-  return RewardModel(params, cfg, tok, template, run["data"].get("seq_len", 1024), sharder,
-                     normalization)
-
-
 def _as_turns(prompt) -> list[tuple[str, str, bool]]:
   if isinstance(prompt, str):
     return [("user", prompt, False)]
@@ -160,7 +98,6 @@ def _as_turns(prompt) -> list[tuple[str, str, bool]]:
 def encode(rm: RewardModel, prompt, response: str) -> np.ndarray:
   """BOS, the prompt and the response as an assistant turn, as the reward task encodes
   them (the id sequence whose last token the reward is read at)."""
-  from jaxlm.data import sft  # pylint: disable=import-outside-toplevel
   tokenized = sft.tokenize(_as_turns(prompt) + [("assistant", response, True)], True,
                            rm.tokenizer, rm.template, "completion")
   if isinstance(tokenized, str):

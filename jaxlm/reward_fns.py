@@ -28,8 +28,9 @@ import re
 
 import numpy as np
 
-from jaxlm.config import ConfigError, error_detail
-from jaxlm.data.sources import DataError
+from jaxlm import reward_model, runs
+from jaxlm.errors import ConfigError, DataError, error_detail
+
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -204,8 +205,7 @@ class Rewards:
     self.model = None
     self.model_weight = model_weight
     if model_path:
-      from jaxlm import reward  # pylint: disable=import-outside-toplevel
-      self.model = reward.load(model_path)
+      self.model = runs.load_reward_model(model_path)
     if not self.fns and self.model is None:
       raise ConfigError("reward.fn / reward.model: RL needs a reward source")
 
@@ -279,8 +279,7 @@ class Rewards:
       total += w * values
       means[name] = float(values.mean())
     if self.model is not None:
-      from jaxlm import reward  # pylint: disable=import-outside-toplevel
-      scores = reward.score(self.model, prompt_messages or prompts, completions)
+      scores = reward_model.score(self.model, prompt_messages or prompts, completions)
       total += self.model_weight * scores
       means["reward_model"] = float(scores.mean())
     return total.astype(np.float32), means
