@@ -13,7 +13,6 @@ import sys
 import time
 
 import jax
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from jaxlm import fileio
@@ -66,6 +65,7 @@ class MetricsWriter:
     self._truncate_after(-1 if start_step is None else start_step)
     self.file = open(self.path, "a", encoding="utf-8")
     # purge_step: TensorBoard hides the events of steps after the restored one.
+    from tensorboardX import SummaryWriter  # lazy: only when a run writes its event files
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
                             purge_step=None if start_step is None else start_step + 1)
     use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())

@@ -33,7 +33,8 @@ LAYERS = (
 # Imported inside a function only: optional or heavy dependencies a plain run never loads,
 # and the kernels of one accelerator (cuDNN's, TPU Pallas).
 LAZY = ("torch", "transformers", "tensorflow_datasets", "tensorflow", "matplotlib", "wandb",
-        "lm_eval", "jinja2", "tokenizers", "pyarrow", "jax._src.cudnn", "jax.experimental.pallas")
+        "lm_eval", "jinja2", "tokenizers", "pyarrow", "tensorboardX", "jax._src.cudnn",
+        "jax.experimental.pallas")
 MAX_LINES = 80
 
 
