@@ -13,7 +13,7 @@ from jaxlm import pipeline, tasks
 from jaxlm.config import set_key
 from jaxlm.errors import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def pipeline_config(**overrides):

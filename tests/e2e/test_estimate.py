@@ -12,7 +12,7 @@ import pytest
 from jaxlm import estimate as est
 from jaxlm import model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "estimate.py")
 
 

@@ -8,7 +8,7 @@ import sys
 
 from conftest import STDLIB
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIG = f'''
 from jaxlm.config import base_config, model_config

@@ -12,7 +12,7 @@ import pytest
 from conftest import small_config, small_model
 from jaxlm import generate, loop, model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = [np.array([2, 5, 6, 7]), np.array([2, 9]), np.array([2, 11, 12, 13, 14, 15, 16])]
 
 

@@ -24,7 +24,7 @@ from jaxlm.cli import define_config_file, parse_config_flags
 from jaxlm.config import ConfigError, base_config, get_key, set_key
 from jaxlm.validate import config_errors as validate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CONFIGS = ["pretrain_tiny.py", "pretrain_tiny.py:family=gpt2", "sft_tiny.py", "dpo_tiny.py",
            "grpo_tiny.py", "eval.py"]
 # Derandomized: CI runs the same examples every time; JAXLM_FUZZ_EXAMPLES=5000 explores more.

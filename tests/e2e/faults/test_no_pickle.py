@@ -19,7 +19,7 @@ import pytest
 from conftest import STDLIB
 from jaxlm import hf, runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 V, D, I, H, KV = 512, 16, 32, 2, 1  # a one-layer Llama in Hugging Face's layout
 HF_CONFIG = dict(model_type="llama", vocab_size=V, hidden_size=D, intermediate_size=I,
                  num_hidden_layers=1, num_attention_heads=H, num_key_value_heads=KV,

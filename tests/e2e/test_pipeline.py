@@ -17,7 +17,7 @@ from jaxlm.data import prompts as prompts_lib, world
 
 from conftest import SHARED_DATA
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGE_DIRS = ("pretrain", "sft", "reward", "dpo", "rl")
 
 # A config file that loads a shipped pipeline config and shrinks every stage.

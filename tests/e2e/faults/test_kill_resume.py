@@ -19,7 +19,7 @@ from conftest import STDLIB
 from jaxlm import checkpoint, model, runs
 from jaxlm.config import model_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 STEPS = 8
 
 

@@ -16,7 +16,7 @@ import pytest
 from jaxlm import fileio, hf, model, runs, tpu
 from jaxlm.config import model_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def tiny(seed: int, untied: bool = True):

@@ -148,7 +148,7 @@ def test_a_full_disk_under_the_launcher_is_one_line_on_stderr(tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   from conftest import STDLIB  # pylint: disable=import-outside-toplevel
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   launcher = " ".join([
       sys.executable, "-m", "jaxlm.launch", "--config", "configs/pretrain_tiny.py",
       "--workdir", str(tmp_path / "run"), "--config.steps=1", "--config.eval_every=0",

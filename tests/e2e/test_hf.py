@@ -96,7 +96,7 @@ def test_unsupported_configs_name_the_file(tmp_path):
 def test_convert_tool_both_ways(tmp_path):
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   ref = make_hf_model("mistral", tmp_path / "hf")
   for args in (["--hf", tmp_path / "hf", "--to_jaxlm", tmp_path / "jx"],
                ["--jaxlm", tmp_path / "jx", "--to_hf", tmp_path / "back"]):

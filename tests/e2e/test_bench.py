@@ -12,7 +12,7 @@ import pytest
 from jaxlm import bench, model
 from jaxlm.errors import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("task", ["sft", "dpo", "decode"])

@@ -12,7 +12,7 @@ import pytest
 from conftest import small_config
 from jaxlm import checkpoint, model, runs, tasks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 30
 
 

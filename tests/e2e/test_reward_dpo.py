@@ -18,7 +18,7 @@ from jaxlm.validate import config_errors as validate
 from jaxlm.data import preference, sft, tokenizer
 from jaxlm.tasks import common as task_common, dpo as dpo_task, reward_model as reward_task
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def metrics(workdir):

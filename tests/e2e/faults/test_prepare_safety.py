@@ -19,7 +19,7 @@ from jaxlm.data import prepare, sft, sources
 from jaxlm.data.sources import Documents
 from jaxlm.errors import DataError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 SENTENCE = "The river runs past the stone garden and the old market in winter light."
 
 

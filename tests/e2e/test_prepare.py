@@ -16,7 +16,7 @@ from jaxlm.validate import config_errors as validate
 from jaxlm.errors import ConfigError
 from jaxlm.data import clean, dedup, lm, prepare
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORDS = ("river stone garden window silver market winter candle harbor forest letter "
          "morning engine castle violet thunder meadow copper lantern orchard bridge "
          "whisper kettle falcon marble shadow ribbon anchor feather canyon").split()

@@ -13,7 +13,7 @@ from jaxlm import fileio, workdir
 from jaxlm.errors import ConfigError
 from jaxlm.tasks import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def launch(workdir_path, *extra):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--config.steps=6", "--config.log_every=1", "--config.eval_every=0",
         "--config.checkpoint_every=3", "--config.progress=log",
         "--config.async_checkpointing=False", "--config.data.tokenizer_vocab_size=512",
