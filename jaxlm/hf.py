@@ -17,7 +17,7 @@ import jax
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+import safetensors.numpy
 
 from jaxlm import fileio, model
 from jaxlm.config import model_config, model_errors
@@ -470,7 +470,7 @@ def write_hf(m, params, folder: str, max_shard_bytes: int, extra_config: dict | 
           [lp[b].reshape(-1) for b in ("bq", "bk", "bv")])
   dtype = str(next(iter(out.values())).dtype)
   config = hf_config_from_model(m, dtype)  # first: a model it refuses writes nothing
-  _write_shards(out, folder, max_shard_bytes, save_file)
+  _write_shards(out, folder, max_shard_bytes, safetensors.numpy.save_file)
   fileio.atomic_write_json(os.path.join(folder, "config.json"), {**config, **(extra_config or {})})
 
 

@@ -188,7 +188,7 @@ def _selfdata(*args):
   import sys
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.path.join(root, "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+         "PYTHONPATH": os.path.join(root, "tests", "e2e") + os.pathsep + os.environ.get("PYTHONPATH", "")}
   return subprocess.run([sys.executable, "tools/selfdata.py", *args], capture_output=True,
                         text=True, check=True, cwd=root, env=env).stdout
 
