@@ -14,7 +14,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import tempfile  # noqa: E402
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxlm-test-jit-cache-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# Every program goes into that cache, however quick its compile: test processes and the
+# launchers they start compile the same small programs again and again (each tasks.run
+# builds new jitted functions, so JAX's in-memory cache misses where this one hits).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Tests compile far more than they run (tiny models, a few steps each), and XLA's full
+# optimization of a CPU program takes about twice as long as XLA's cheap mode (JAX's
+# documented switch for when optimizing costs more than running the program unoptimized).
+# Like the two above, it reaches every process a test starts through the environment.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

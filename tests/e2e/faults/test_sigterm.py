@@ -30,12 +30,19 @@ def train_steps(workdir):
     return [r["step"] for r in map(json.loads, f) if "loss" in r]
 
 
+def trained_a_step(workdir) -> bool:
+  """Whether metrics.jsonl holds a step's loss yet. Its first record (the data counts) is
+  written before the first step compiles; a signal then would time the compile too."""
+  try:
+    return bool(train_steps(workdir))
+  except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line half written
+    return False
+
+
 def test_sigterm_saves_a_checkpoint_within_the_grace_period_and_exits_zero(tmp_path):
   proc = launch(tmp_path, 400)
-  deadline = time.time() + 240
-  metrics = tmp_path / "metrics.jsonl"
-  while time.time() < deadline and proc.poll() is None and not (
-      metrics.exists() and metrics.stat().st_size):
+  deadline = time.monotonic() + 600  # only against a hang: the wait is for the first step
+  while time.monotonic() < deadline and proc.poll() is None and not trained_a_step(tmp_path):
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
