@@ -549,6 +549,18 @@ def _model_shape_errors(m, ok) -> list[str]:
   return errors
 
 
+def length_errors(config, ok=lambda *keys: True) -> list[str]:
+  """The sequence length against the model's (gpt2's learned positions): checked when a
+  config is validated and again when a task runs, since the model's shape may come from
+  `init_from` (a pipeline stage's is known only once the stage before it has trained)."""
+  m = config.model
+  if (ok("data.seq_len", "model.max_seq_len") and m.family == "gpt2"
+      and config.data.seq_len > m.max_seq_len):
+    return [f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
+            f"(learned positions)"]
+  return []
+
+
 def schema_errors(config, bad: set | None = None) -> list[str]:
   """The problems `config` shows by itself, each one line naming the key: unknown,
   missing or mistyped keys first (when there are any, nothing else is checked: every

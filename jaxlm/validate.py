@@ -37,7 +37,7 @@ def config_errors(config, num_devices: int, num_processes: int = 1) -> list[str]
     errors.append(f"task={config.task!r}: unknown; one of {', '.join(sorted(TASKS))}")
   elif config.task != "eval":
     errors += tasks.config_errors(config, ok)
-  errors += _model_length_errors(config, ok)
+  errors += config_lib.length_errors(config, ok)
   errors += _mesh_errors(config, num_devices, num_processes, ok)
   if config.task == "eval":
     errors += evaluate.config_errors(config)
@@ -46,15 +46,6 @@ def config_errors(config, num_devices: int, num_processes: int = 1) -> list[str]
   if config.init_from and not os.path.exists(config.init_from):
     errors.append(f"init_from: no such path {config.init_from!r}")
   return [one_line(e) for e in errors]
-
-
-def _model_length_errors(config, ok) -> list[str]:
-  m = config.model
-  if (ok("data.seq_len", "model.max_seq_len") and m.family == "gpt2"
-      and config.data.seq_len > m.max_seq_len):
-    return [f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
-            f"(learned positions)"]
-  return []
 
 
 def _mesh_errors(config, num_devices: int, num_processes: int, ok) -> list[str]:

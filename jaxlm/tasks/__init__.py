@@ -11,7 +11,8 @@ tasks: the launcher runs them itself.
 
 from __future__ import annotations
 
-from jaxlm import loop
+from jaxlm import config as config_lib, loop
+from jaxlm.errors import ConfigError
 from jaxlm.tasks import common, dpo, pretrain, reward_model, rl, sft
 
 
@@ -45,6 +46,8 @@ def run(config, workdir: str):
     raise KeyError(f"task={config.task!r}: unknown; one of {', '.join(sorted(REGISTRY))}")
   module = REGISTRY[config.task]
   resolve(config, workdir)
+  for error in config_lib.length_errors(config):  # a shape taken from init_from just now
+    raise ConfigError(error)
   sharder = loop.make_sharder(config)
   task = module.build(config, workdir, sharder)
   loop.write_config(config, workdir)
