@@ -29,6 +29,7 @@ import weakref
 from absl import flags
 import ml_collections
 
+from jaxlm import console
 from jaxlm.config import set_key
 from jaxlm.errors import ConfigError, one_line
 
@@ -98,7 +99,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return parse_config_flags(argv)
   except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
+    console.error(f"config error: {e}")
     sys.exit(2)
 
 

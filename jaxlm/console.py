@@ -1,4 +1,12 @@
-"""What reaches the user's terminal from the libraries underneath.
+"""What reaches the user's terminal: jaxlm's own lines, and the libraries underneath.
+
+jaxlm's one logger is `log`, the Python logger "jaxlm" (the logging absl's is built on;
+every module's `logging.getLogger(__name__)` is a child of it). `info`, `warning` and
+`error` are its front door. Each record becomes one plain line: INFO on stdout, WARNING
+on stderr as "warning: ...", ERROR on stderr as given (its caller names the kind, as in
+"config error: ..."). Lines are written through `tqdm.write`, so a progress bar open on
+the terminal (the training loop's, the data preparation's) is cleared and drawn again
+below the line instead of being broken by it.
 
 jaxlm says what happened in its own lines (and one line on stderr for an error). orbax
 logs every save at INFO and, when a write fails, each of its threads' tracebacks at
@@ -23,6 +31,46 @@ import threading
 
 from absl import flags, logging
 import jax
+from tqdm import tqdm
+
+
+class _Lines(py_logging.Handler):
+  """One plain line per record, on the stream its level goes to, around any open bar."""
+
+  def emit(self, record) -> None:
+    try:
+      line = self.format(record)
+      if record.levelno >= py_logging.ERROR:
+        stream = sys.stderr
+      elif record.levelno >= py_logging.WARNING:
+        stream, line = sys.stderr, f"warning: {line}"
+      else:
+        stream = sys.stdout  # looked up now: a caller (or a test) may have replaced it
+      tqdm.write(line, file=stream)
+      stream.flush()
+    except Exception:  # pylint: disable=broad-except  # logging's own contract
+      self.handleError(record)
+
+
+log = py_logging.getLogger("jaxlm")
+log.setLevel(py_logging.INFO)
+log.addHandler(_Lines())
+log.propagate = False  # not again through absl's handler, with its prefix
+
+
+def info(message: str) -> None:
+  """A line saying what a run did: stdout."""
+  log.info(message)
+
+
+def warning(message: str) -> None:
+  """A line saying what a run did not do or did differently: stderr, "warning: ..."."""
+  log.warning(message)
+
+
+def error(message: str) -> None:
+  """The one line an error gets: stderr, as given ("error: ...", "config error: ...")."""
+  log.error(message)
 
 
 # Errors raised in library callbacks after their event loop is gone: the failure they

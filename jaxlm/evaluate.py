@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import (checkpoint, config as config_lib, fileio, generate, hf, losses, model,
+from jaxlm import (checkpoint, config as config_lib, console, fileio, generate, hf, losses, model,
                    reward_fns, reward_model, runs)
 from jaxlm.config import base_config
 from jaxlm.data import lm, preference, prompts as prompts_lib, sft, sources
@@ -151,7 +151,7 @@ def _baseline(path: str) -> dict:
     return {r["prompt"]: r["greedy"] for r in map(json.loads, f)}
 
 
-def evaluate_policy(e, policy, workdir: str, log=print) -> tuple[dict, list[dict]]:
+def evaluate_policy(e, policy, workdir: str, log=console.info) -> tuple[dict, list[dict]]:
   """Every language-model metric `e` (the config's eval section) asks for, and the
   per-prompt samples."""
   metrics, samples = {}, []
@@ -229,7 +229,7 @@ def evaluate_policy(e, policy, workdir: str, log=print) -> tuple[dict, list[dict
 # Reward models
 
 
-def evaluate_reward_model(e, path: str, workdir: str, log=print) -> dict:
+def evaluate_reward_model(e, path: str, workdir: str, log=console.info) -> dict:
   """Pairwise accuracy and mean margin of a reward model on `eval.pairs`."""
   if not e.pairs:
     return {}
@@ -267,7 +267,7 @@ def evaluate_reward_model(e, path: str, workdir: str, log=print) -> dict:
 # Entry points
 
 
-def evaluate(e, path: str, workdir: str, log=print) -> dict:
+def evaluate(e, path: str, workdir: str, log=console.info) -> dict:
   """Evaluate the checkpoint at `path` as `e` (a config's eval section) says; write
   eval.json and samples.jsonl into `workdir`; return the eval.json contents."""
   t0 = time.perf_counter()
@@ -299,7 +299,7 @@ def run(config, workdir: str) -> dict:
     raise ConfigError("eval.model: empty; name the checkpoint to evaluate (a jaxlm run or a "
                       "Hugging Face directory)")
   result = evaluate(e, e.model, workdir)
-  print(json.dumps(result["metrics"], indent=2), flush=True)
+  console.info(json.dumps(result["metrics"], indent=2))
   return result["metrics"]
 
 

@@ -73,7 +73,7 @@ def _tpu(config) -> int:
            for name, t in jobs]  # every job's names checked before any command runs
   for t, job in built:
     if "name" in t:
-      print(f"# trial {t['name']!r} -> {job.name}", flush=True)
+      console.info(f"# trial {t['name']!r} -> {job.name}")
     tpu.perform(job, _TPU_ACTION.value, sh, root)
   return 0
 
@@ -83,7 +83,7 @@ def _sweep(config, num_devices: int, num_processes: int) -> int:
                       num_processes)
   failed = sweep.run(trials, _WORKDIR.value, dry_run=_DRY_RUN.value)
   if failed:
-    print(f"error: {failed} of {len(trials)} trials failed", file=sys.stderr)
+    console.error(f"error: {failed} of {len(trials)} trials failed")
   return 1 if failed else 0
 
 
@@ -128,30 +128,29 @@ def main(argv):
     try:
       sys.exit(_tpu(config))
     except (ConfigError, tpu.TpuError) as e:
-      print(f"error: {e}", file=sys.stderr)
+      console.error(f"error: {e}")
       sys.exit(2)
   if _WORKDIR.value.startswith("gs://"):
-    print(f"error: --workdir={_WORKDIR.value}: gs:// workdirs are for Cloud TPU jobs (--tpu), "
-          f"which mount the bucket on every worker with gcsfuse; here, give a local or "
-          f"mounted path", file=sys.stderr)
+    console.error(f"error: --workdir={_WORKDIR.value}: gs:// workdirs are for Cloud TPU jobs "
+                  f"(--tpu), which mount the bucket on every worker with gcsfuse; here, give a "
+                  f"local or mounted path")
     sys.exit(2)
   if _SWEEP.value:  # trials run as launcher processes of their own
     if ((_NUM_PROCESSES.value or int(os.environ.get("JAX_NUM_PROCESSES", "1"))) > 1
         or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
-      print("error: --sweep runs its trials one after another from one process; start it "
-            "once (not under srun or with --num_processes), or give each trial its own job",
-            file=sys.stderr)
+      console.error("error: --sweep runs its trials one after another from one process; start it "
+                    "once (not under srun or with --num_processes), or give each trial its own job")
       sys.exit(2)
     try:
       sys.exit(_sweep(config, jax.device_count(), 1))
     except ConfigError as e:
-      print(f"config error: {e}", file=sys.stderr)
+      console.error(f"config error: {e}")
       sys.exit(2)
   try:
     sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                           _PROCESS_ID.value)
   except sharding.ShardingError as e:
-    print(f"error: {e}", file=sys.stderr)
+    console.error(f"error: {e}")
     sys.exit(2)
   if config.task == "pipeline":
     errors = pipeline.config_errors(config, jax.device_count(), jax.process_count())
@@ -168,26 +167,26 @@ def main(argv):
                                       estimate.device_memory_bytes())
   if errors:
     for e in errors:
-      print(f"config error: {e}", file=sys.stderr)
+      console.error(f"config error: {e}")
     sys.exit(2)
   try:
     workdir_lib.check(config, _WORKDIR.value, resolved=False)  # before anything is written
     with _locked(_WORKDIR.value):
       _run(config, _WORKDIR.value)
   except workdir_lib.WorkdirError as e:
-    print(f"error: {e}", file=sys.stderr)
+    console.error(f"error: {e}")
     sys.exit(2)
   except (ConfigError, sharding.ShardingError) as e:
-    print(f"config error: {e}", file=sys.stderr)
+    console.error(f"config error: {e}")
     sys.exit(2)
   except DataError as e:
-    print(f"data error: {e}", file=sys.stderr)
+    console.error(f"data error: {e}")
     sys.exit(2)
   except (TrainingError, CheckpointError) as e:  # the checkpoints written so far stay
-    print(f"error: {e}", file=sys.stderr)
+    console.error(f"error: {e}")
     sys.exit(1)
   except OSError as e:  # a full disk, a vanished mount: the file and the reason
-    print(f"error: {e}", file=sys.stderr)
+    console.error(f"error: {e}")
     sys.exit(1)
 
 

@@ -15,7 +15,7 @@ import time
 import jax
 from tqdm import tqdm
 
-from jaxlm import fileio
+from jaxlm import console, fileio
 
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
@@ -86,8 +86,8 @@ class MetricsWriter:
         record = json.loads(line)
       except ValueError:
         if line.strip():
-          print(f"{self.path}:{i + 1}: dropped a record cut short ({len(line)} characters)",
-                flush=True)
+          console.warning(f"{self.path}:{i + 1}: dropped a record cut short "
+                          f"({len(line)} characters)")
         continue
       if record.get("step", 0) <= step:
         self.kept.append(record)
@@ -136,16 +136,12 @@ class MetricsWriter:
     eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
     extra = [f"grad_norm {r['grad_norm']:.3f}"] if r.get("grad_norm") is not None else []
     extra += [f"lr {r['lr']:.3g}"] if r.get("lr") is not None else []
-    print(f"step {step}/{self.total_steps} | " + " | ".join(parts + extra) +
-          f" | eta {_fmt_eta(eta)}", flush=True)
+    console.info(f"step {step}/{self.total_steps} | " + " | ".join(parts + extra) +
+                 f" | eta {_fmt_eta(eta)}")
 
   def info(self, message: str):
-    if not self.active:
-      return
-    if self.bar is not None:
-      self.bar.write(message)
-    else:
-      print(message, flush=True)
+    if self.active:
+      console.info(message)  # through tqdm.write: the bar, if open, is drawn again below
 
   def close(self):
     if not self.active:

@@ -30,7 +30,8 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
-from jaxlm import checkpoint, config as config_lib, evaluate, fileio, loop, report, tasks, validate
+from jaxlm import (checkpoint, config as config_lib, console, evaluate, fileio, loop, report, tasks,
+                   validate)
 from jaxlm.config import base_config
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import ConfigError, Interrupted, StageIncomplete
@@ -121,7 +122,7 @@ def _barrier(name: str):
     multihost_utils.sync_global_devices(name)
 
 
-def train_tokenizer(config, folder: str, log=print) -> str:
+def train_tokenizer(config, folder: str, log=console.info) -> str:
   """The tokenizer stage: SentencePiece on up to `tokenizer.sample_chars` characters of
   `tokenizer.train`, by process 0."""
   path = os.path.join(folder, "tokenizer.model")
@@ -204,7 +205,7 @@ def _check_inputs(config, name: str, workdir: str):
                         f"first (config.stages)")
 
 
-def run_stage(config, name: str, workdir: str, log=print) -> None:
+def run_stage(config, name: str, workdir: str, log=console.info) -> None:
   stage_dir = os.path.join(workdir, name)
   stage = resolve_paths(config[name], workdir)
   if not stage.seed:
@@ -286,7 +287,7 @@ def run(config, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)  # @paths are pinned by later stages: one spelling
   loop.write_config(config, workdir)
   t0 = time.perf_counter()
-  log = lambda m: print(m, flush=True)  # noqa: E731
+  log = console.info
   phase = "start"
   try:
     with _sigterm_interrupts():

@@ -14,19 +14,16 @@ Later stages score with it through `load` and `score`:
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from jaxlm import generate, model, sharding
+from jaxlm import console, generate, model, sharding
+from jaxlm.config import ModelConfig
 from jaxlm.data import sft
 
-
-log = logging.getLogger(__name__)
 
 NORMALIZATION_FILE = "reward_normalization.json"
 
@@ -76,7 +73,7 @@ def rewards(params, tokens, cfg, *, segment_ids, positions=None, sharder=None, l
 class RewardModel:
   """A trained reward model ready to score: its arrays and how to read text."""
   params: dict
-  model_config: ml_collections.ConfigDict
+  model_config: ModelConfig
   tokenizer: object
   template: object               # jaxlm.data.sft.ChatTemplate
   max_len: int                   # longer sequences are cut to this (and reported)
@@ -132,8 +129,8 @@ def score_tokens(rm: RewardModel, sequences: list[np.ndarray], *, batch_size: in
     r = rm._fn(rm.params, batch["tokens"], batch["segments"])
     out[chunk] = np.asarray(multihost_utils.process_allgather(r, tiled=True))[:len(chunk)]
   if cut:
-    log.warning("%d of %d sequences were longer than %d tokens and scored on their first %d",
-                cut, len(sequences), rm.max_len, rm.max_len)
+    console.warning(f"{cut} of {len(sequences)} sequences were longer than {rm.max_len} tokens "
+                    f"and scored on their first {rm.max_len}")
   if normalize and rm.normalization:
     out = (out - rm.normalization["mean"]) / rm.normalization["std"]
   return out

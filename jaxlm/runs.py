@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 
@@ -26,13 +25,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlm import checkpoint, fileio, hf, lora, model, reward_model, sharding
-from jaxlm.config import base_config, model_config
+from jaxlm import checkpoint, console, fileio, hf, lora, model, reward_model, sharding
+from jaxlm.config import base_config, frozen_model, model_config
 from jaxlm.data import sft, tokenizer as tokenizer_lib
 from jaxlm.errors import CheckpointError, ConfigError, HFError, error_detail, one_line
-
-
-log = logging.getLogger(__name__)
 
 
 def find_workdir(params_dir: str) -> str | None:
@@ -173,7 +169,7 @@ def load_lm(path: str, chat_template: str = "") -> LanguageModel:
     raise ConfigError(f"{path}: no tokenizer.model or tokenizer.json in {folder}")
   tok = tokenizer_lib.load(tok_path)
   template = sft.chat_template(chat_template or default, tok, check=False)
-  return LanguageModel(cfg, params, tok, template, path)
+  return LanguageModel(frozen_model(cfg), params, tok, template, path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,10 +227,10 @@ def load_reward_model(path: str, *, mesh: dict | None = None) -> reward_model.Re
       normalization = json.load(f)
     step = checkpoint.step_of(path)
     if normalization.get("step") != step:  # computed for other weights: not applied
-      log.warning("%s is for step %s, not the loaded step %d: rewards are not normalized",
-                  norm_path, normalization.get("step"), step)
+      console.warning(f"{norm_path} is for step {normalization.get('step')}, not the loaded "
+                      f"step {step}: rewards are not normalized")
       normalization = None
-  return reward_model.RewardModel(params, cfg, tok, template, run["data"].get("seq_len", 1024),
+  return reward_model.RewardModel(params, frozen_model(cfg), tok, template, run["data"].get("seq_len", 1024),
                                   sharder, normalization)
 
 

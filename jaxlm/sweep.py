@@ -31,7 +31,7 @@ import sys
 
 import ml_collections
 
-from jaxlm import fileio
+from jaxlm import console, fileio
 from jaxlm.config import set_key
 from jaxlm.errors import ConfigError
 from jaxlm.validate import config_errors as validate
@@ -121,19 +121,19 @@ def run(trials: list[dict], workdir: str, dry_run: bool = False) -> int:
   """Run the trials one after another (finished ones skipped); the number that failed."""
   if dry_run:
     for t in trials:
-      print(f"{t['name']}: {shlex.join(t['command'])}")
+      console.info(f"{t['name']}: {shlex.join(t['command'])}")
     return 0
   os.makedirs(workdir, exist_ok=True)
   failed = 0
   for i, t in enumerate(trials, 1):
     if finished(t["workdir"]):
-      print(f"[{i}/{len(trials)}] {t['name']}: finished earlier, skipped", flush=True)
+      console.info(f"[{i}/{len(trials)}] {t['name']}: finished earlier, skipped")
       continue
-    print(f"[{i}/{len(trials)}] {t['name']}: {shlex.join(t['command'])}", flush=True)
+    console.info(f"[{i}/{len(trials)}] {t['name']}: {shlex.join(t['command'])}")
     code = subprocess.call(t["command"])
     if code:
       failed += 1
-      print(f"[{i}/{len(trials)}] {t['name']}: exit status {code}", flush=True)
+      console.info(f"[{i}/{len(trials)}] {t['name']}: exit status {code}")
     t["exit_status"] = code
   fileio.atomic_write_json(os.path.join(workdir, "sweep.json"), [
       {"name": t["name"], "overrides": t["overrides"], "workdir": t["workdir"],

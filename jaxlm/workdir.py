@@ -20,9 +20,8 @@ import fcntl
 import json
 import os
 import socket
-import sys
 
-from jaxlm import checkpoint, fileio
+from jaxlm import checkpoint, console, fileio
 from jaxlm.errors import WorkdirError
 
 
@@ -121,7 +120,7 @@ def _describe(holder: dict) -> str:
 def lock(workdir: str, log=None):
   """Hold `workdir`'s lock for the block; WorkdirError naming the holder if another
   run has it. A lock file whose holder is gone is taken over with a line to `log`."""
-  log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+  log = log or console.warning
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK)
   while True:

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from jaxlm import fileio
+from jaxlm import console, fileio
 from jaxlm.data import clean, dedup, tokenizer as tokenizer_lib
 from jaxlm.data.sources import (READ_ERRORS, TFDS_PREFIX, TfdsDocuments, bounded_lines, file_format,
                                 is_text, text_documents, too_long)
@@ -661,8 +661,8 @@ def prepare(c, output: str, *, overwrite: bool = False, progress: bool | None = 
                          f"a tokenizer on; see {os.path.join(output, STATS)}")
       specials = [t for t in c.tokenizer.special_tokens.split(",") if t]
       specials += [p for p in c.pii.to_dict().values() if p and p not in specials]
-      print(f"training a {c.tokenizer.vocab_size}-piece SentencePiece {c.tokenizer.model_type} "
-            f"tokenizer on {sum(map(len, sample)):,} characters", flush=True)
+      console.info(f"training a {c.tokenizer.vocab_size}-piece SentencePiece "
+                   f"{c.tokenizer.model_type} tokenizer on {sum(map(len, sample)):,} characters")
       tok = tokenizer_lib.train(sample, tok_path, c.tokenizer.vocab_size,
                                 model_type=c.tokenizer.model_type, special_tokens=tuple(specials))
     del sample

@@ -16,15 +16,13 @@ import collections
 import dataclasses
 import gzip
 import json
-import logging
 import re
 import zlib
 
+from jaxlm import console
 from jaxlm.errors import ConfigError, DataError, error_detail
 from jaxlm.fileio import expand_globs
 
-
-log = logging.getLogger(__name__)
 
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 
@@ -331,8 +329,8 @@ class DocumentSource:
       self._late.add(where)
       self.tally.counts["used"] -= 1
       if self.tally.counts[f"skipped_{reason}"] == 1:
-        log.warning("%s: %s%s: skipped (data.on_error=skip); more are counted, not shown",
-                    where, reason, f" ({detail})" if detail else "")
+        console.warning(f"{where}: {reason}{f' ({detail})' if detail else ''}: skipped "
+                        f"(data.on_error=skip); more are counted, not shown")
 
   def sample_text(self, max_chars: int):
     """Documents in index order until `max_chars` characters (for tokenizer training)."""

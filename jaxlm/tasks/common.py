@@ -15,7 +15,8 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 
-from jaxlm import checkpoint, fileio, hf, lora as lora_lib, losses, model, runs
+from jaxlm import checkpoint, console, fileio, hf, lora as lora_lib, losses, model, runs
+from jaxlm.config import frozen_model
 from jaxlm.data import preference, prepare, sft, sources, tokenizer as tokenizer_lib
 from jaxlm.data.sources import DocumentSource, open_documents
 from jaxlm.errors import ConfigError
@@ -111,8 +112,8 @@ def set_vocab_size(config, tok: tokenizer_lib.Tokenizer):
   if m.vocab_size == 0:
     padded = -(-tok.vocab_size // m.vocab_multiple) * m.vocab_multiple
     if padded != tok.vocab_size:
-      print(f"vocabulary padded from {tok.vocab_size} to {padded} (model.vocab_multiple="
-            f"{m.vocab_multiple})", flush=True)
+      console.info(f"vocabulary padded from {tok.vocab_size} to {padded} (model.vocab_multiple="
+                   f"{m.vocab_multiple})")
     m.vocab_size = padded
   elif m.vocab_size < tok.vocab_size:
     raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
@@ -142,7 +143,7 @@ def model_parts(config, workdir: str, sharder, pin_base: bool = True) -> dict:
   """The Task fields that say what trains: every weight, or LoRA adapters over a frozen
   base (loaded from init_from, pinned in the workdir; not looked up without `pin_base`,
   for a caller that places the base itself, as the benchmark does)."""
-  m, seq_len = config.model, config.data.seq_len
+  m, seq_len = frozen_model(config.model), config.data.seq_len
   if lora_lib.enabled(config.lora):  # adapters' own FLOPs (rank << d) are left out
     source = lora_base(workdir, config) if pin_base else ""
     return dict(init_params=lambda rng: lora_lib.init(m, config.lora, rng),
@@ -189,7 +190,7 @@ def documents(spec: str, d, key: str, workdir: str) -> DocumentSource:
     spec = ",".join(sft.resolve_builtin(spec.strip(), workdir, key))
   docs = open_documents(spec, d, key)
   if jax.process_index() == 0:
-    print(sources.summary(key, docs), flush=True)
+    console.info(sources.summary(key, docs))
   return docs
 
 
@@ -229,7 +230,7 @@ class PreferenceData:
                                       max_ids=max_ids, truncation=d.truncation,
                                       on_error=d.on_error, max_bytes=d.max_record_bytes)
       if jax.process_index() == 0:
-        print(sources.summary(key, groups) + f", {groups.counts['pairs']} pairs", flush=True)
+        console.info(sources.summary(key, groups) + f", {groups.counts['pairs']} pairs")
       if not groups.examples:
         raise ConfigError(f"{key}: no usable preference record ({sources.summary(key, groups)})")
       self.report.update(groups.report(split))

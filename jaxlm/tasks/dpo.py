@@ -26,7 +26,8 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import loop, lora as lora_lib, losses, model, runs, sharding
+from jaxlm import console, loop, lora as lora_lib, losses, model, runs, sharding
+from jaxlm.config import frozen_model
 from jaxlm.data import preference
 from jaxlm.errors import ConfigError, error_detail
 from jaxlm.tasks import common
@@ -45,7 +46,7 @@ def sequence_logps(weights, batch, model_cfg, sharder, adapters=None):
 
 
 def dpo_loss_fn(config, sharder):
-  m, dpo = config.model, config.dpo
+  m, dpo = frozen_model(config.model), config.dpo
   def loss_fn(params, batch, rng, frozen=None):
     weights, adapters = lora_lib.split(params, frozen, config.lora, rng)
     policy, counts = sequence_logps(weights, batch, m, sharder, adapters)
@@ -117,7 +118,7 @@ def precompute_reference(config, workdir: str, sharder, data: common.PreferenceD
   covers, in a folder named by a fingerprint of the data and the reference: an
   interrupted pass resumes from its finished parts (whatever batch size wrote them), and
   a resumed run reuses the finished file."""
-  m, d = config.model, config.data
+  m, d = frozen_model(config.model), config.data
   folder = os.path.join(workdir, "reference_logps")
   pending = []
 
@@ -134,7 +135,7 @@ def precompute_reference(config, workdir: str, sharder, data: common.PreferenceD
     path = os.path.join(folder, f"{split}-{_fingerprint(examples, data.group, source)}.npy")
     if os.path.isfile(path):
       attach(examples, _load_npy(path), path)
-      print(f"reference log-probs for {split}: {path}", flush=True)
+      console.info(f"reference log-probs for {split}: {path}")
     else:
       pending.append((split, examples, path))
   if not pending:
@@ -176,15 +177,15 @@ def precompute_reference(config, workdir: str, sharder, data: common.PreferenceD
       np.save(path[:-4] + ".tmp.npy", values, allow_pickle=False)
       os.replace(path[:-4] + ".tmp.npy", path)
       shutil.rmtree(parts)
-    print(f"reference log-probs for {split}: {len(examples)} records in "
-          f"{time.perf_counter() - started:.1f}s -> {path}", flush=True)
+    console.info(f"reference log-probs for {split}: {len(examples)} records in "
+                 f"{time.perf_counter() - started:.1f}s -> {path}")
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("reference_logps")
 
 
 def build(config, workdir: str, sharder) -> loop.Task:
   data = common.PreferenceData(config, workdir, shifted=True)
-  m, dpo, seq_len = config.model, config.dpo, config.data.seq_len
+  m, dpo, seq_len = frozen_model(config.model), config.dpo, config.data.seq_len
   parts = common.model_parts(config, workdir, sharder)
   parts["loss_fn"] = dpo_loss_fn(config, sharder)
   if dpo.reference != "none":

@@ -6,20 +6,16 @@ fresh warmup.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlm import loop
+from jaxlm import console, loop
 from jaxlm.data import lm, prepare, tokenizer as tokenizer_lib
 from jaxlm.data.sources import DocumentSource
 from jaxlm.errors import ConfigError
 from jaxlm.tasks import common
-
-
-log = logging.getLogger(__name__)
 
 
 def prepare_tokenizer(config, workdir: str, docs: DocumentSource):
@@ -29,12 +25,12 @@ def prepare_tokenizer(config, workdir: str, docs: DocumentSource):
     return tokenizer_lib.load(config.data.tokenizer)
   inherited = common.inherited_tokenizer(config)
   if inherited:
-    print(f"using the tokenizer of init_from: {inherited}", flush=True)
+    console.info(f"using the tokenizer of init_from: {inherited}")
     return tokenizer_lib.load(inherited)
   path = os.path.join(workdir, "tokenizer.model")
   if jax.process_index() == 0 and not os.path.exists(path):
-    print(f"training a {config.data.tokenizer_vocab_size}-piece SentencePiece tokenizer on "
-          f"up to {config.data.tokenizer_sample_chars:,} characters -> {path}", flush=True)
+    console.info(f"training a {config.data.tokenizer_vocab_size}-piece SentencePiece tokenizer on "
+                 f"up to {config.data.tokenizer_sample_chars:,} characters -> {path}")
     try:
       tokenizer_lib.train(docs.sample_text(config.data.tokenizer_sample_chars), path,
                           config.data.tokenizer_vocab_size)

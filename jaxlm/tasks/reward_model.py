@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, fileio, loop, losses, model, reward_model, runs
+from jaxlm import checkpoint, console, fileio, loop, losses, model, reward_model, runs
+from jaxlm.config import frozen_model
 from jaxlm.data import preference, sft as sft_data, sources
 from jaxlm.errors import ConfigError
 from jaxlm.tasks import common
@@ -54,7 +55,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
   if config.lora.rank:
     raise ConfigError("lora.rank: reward models train every weight; set lora.rank=0")
   data = common.PreferenceData(config, workdir, shifted=False)
-  m = config.model
+  m = frozen_model(config.model)
   task = loop.Task(
       init_params=lambda rng: reward_model.init(m, rng),
       param_axes=reward_model.param_axes(m),
@@ -85,7 +86,7 @@ def reference_sequences(config, workdir: str, data: common.PreferenceData) -> tu
       on_error=config.data.on_error, max_bytes=config.data.max_record_bytes)
   counted = sources.summary("reward.normalize_on", groups)
   if jax.process_index() == 0:
-    print(counted, flush=True)
+    console.info(counted)
   return [ids for ex in groups.examples for ids in ex["ids"]], spec, counted
 
 
@@ -105,8 +106,8 @@ def normalize(config, workdir: str, data: common.PreferenceData) -> dict:
   if jax.process_index() == 0:
     path = os.path.join(workdir, reward_model.NORMALIZATION_FILE)
     fileio.atomic_write_json(path, stats)
-    print(f"rewards normalized on {what}: {len(sequences)} responses, raw mean "
-          f"{stats['mean']:.4f}, std {stats['std']:.4f} -> {path}", flush=True)
+    console.info(f"rewards normalized on {what}: {len(sequences)} responses, raw mean "
+                 f"{stats['mean']:.4f}, std {stats['std']:.4f} -> {path}")
   return stats
 
 

@@ -25,8 +25,9 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import (generate, loop, lora as lora_lib, losses, model, reward_fns, reward_model, runs,
-                   sharding)
+from jaxlm import (console, generate, loop, lora as lora_lib, losses, model, reward_fns,
+                   reward_model, runs, sharding)
+from jaxlm.config import frozen_model
 from jaxlm.data import prompts as prompts_lib, sft as sft_data, sources
 from jaxlm.errors import ConfigError
 from jaxlm.tasks import common
@@ -83,7 +84,7 @@ class Rollouts:
         tok=self.tok, template=self.template, max_len=max_prompt, truncation=d.truncation,
         max_bytes=d.max_record_bytes)
     if jax.process_index() == 0:
-      print(sources.summary("data.train", loaded), flush=True)
+      console.info(sources.summary("data.train", loaded))
     if not loaded.examples:
       raise ConfigError(f"data.train: no usable prompt ({sources.summary('data.train', loaded)})")
     self.prompts, self.report = loaded.examples, loaded.report("train")
@@ -170,7 +171,7 @@ class Rollouts:
 
 
 def grpo_loss_fn(config, sharder, use_lora: bool, max_new_tokens: int):
-  m, r = config.model, config.rl
+  m, r = frozen_model(config.model), config.rl
   ref_key = "policy" if use_lora else "reference"  # LoRA: the base, adapters off
 
   def loss_fn(params, batch, rng, frozen=None):
@@ -213,7 +214,7 @@ def values_of(critic, batch, cfg, sharder):
 
 
 def ppo_loss_fn(config, sharder, use_lora: bool):
-  m, r = config.model, config.rl
+  m, r = frozen_model(config.model), config.rl
   ref_key = "policy" if use_lora else "reference"  # LoRA: the base, adapters off
 
   def loss_fn(params, batch, rng, frozen=None):
@@ -254,7 +255,7 @@ def ppo_loss_fn(config, sharder, use_lora: bool):
 # long: GRPO and PPO in one build (policy, reference, critic, rollout), shared line by line
 def build(config, workdir: str, sharder) -> loop.Task:
   ppo = config.task == "ppo"
-  m, r = config.model, config.rl
+  m, r = frozen_model(config.model), config.rl
   use_lora = lora_lib.enabled(config.lora)
   data = Rollouts(config, workdir, sharder)
   source = (common.lora_base(workdir, config) if use_lora

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-from jaxlm import loop
+from jaxlm import console, loop
 from jaxlm.data import lm, sft as sft_data, sources
 from jaxlm.errors import ConfigError
 from jaxlm.tasks import common
@@ -26,7 +26,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
                                 seq_len=d.seq_len, loss_on=d.loss_on, truncation=d.truncation,
                                 on_error=d.on_error, max_bytes=d.max_record_bytes)
     if pid == 0:
-      print(sources.summary(key, ex), flush=True)
+      console.info(sources.summary(key, ex))
     if not ex.examples:
       raise ConfigError(f"{key}: no usable example ({sources.summary(key, ex)})")
     return ex

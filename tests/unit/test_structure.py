@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGE = os.path.join(ROOT, "jaxlm")
 
@@ -177,3 +178,29 @@ def test_functions_are_short_or_say_why(module):
         long.append(f"{module}:{node.lineno} {node.name}() is {length} lines")
   assert not long, "\n".join(long) + f" (over {MAX_LINES}: split it, or write `# long: why` " \
                                     f"on the line above)"
+
+
+def _print_to_a_console(node: ast.Call) -> bool:
+  """print() with no file=, or file=sys.stdout / sys.stderr: a line for the user that
+  bypasses the one logger (jaxlm.console). A stream the caller hands in stays allowed."""
+  if not (isinstance(node.func, ast.Name) and node.func.id == "print"):
+    return False
+  file = next((k.value for k in node.keywords if k.arg == "file"), None)
+  return file is None or (isinstance(file, ast.Attribute) and isinstance(file.value, ast.Name)
+                          and file.value.id == "sys" and file.attr in ("stdout", "stderr"))
+
+
+def test_the_library_speaks_through_its_one_logger():
+  """jaxlm's lines go through jaxlm.console (info, warning, error), so an open progress
+  bar is redrawn around them; a module's own logger would bypass the facade as well."""
+  found = []
+  for module, path in MODULES.items():
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Call) and _print_to_a_console(node):
+        found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}: print()")
+      elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "getLogger" and module != "jaxlm.console"):
+        found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}: getLogger()")
+  assert not found, "use jaxlm.console instead:\n" + "\n".join(found)

@@ -53,8 +53,9 @@ def test_a_stage_killed_mid_run_refuses_a_changed_config_on_the_next_run(tmp_pat
 
 
 @pytest.mark.parametrize("phase", ["stage", "report"])
-def test_sigterm_outside_training_ends_the_pipeline_cleanly(tmp_path, monkeypatch, phase):
-  said, after = [], []
+def test_sigterm_outside_training_ends_the_pipeline_cleanly(tmp_path, monkeypatch, phase,
+                                                           capsys):
+  after = []
 
   def sigterm_then_go_on(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
@@ -66,10 +67,10 @@ def test_sigterm_outside_training_ends_the_pipeline_cleanly(tmp_path, monkeypatc
     monkeypatch.setattr(pipeline, "train_tokenizer", lambda *a, **k: None)
     from jaxlm import report
     monkeypatch.setattr(report, "write", sigterm_then_go_on)
-  monkeypatch.setattr("builtins.print", lambda m, **k: said.append(m))
   config = pipeline_config(stages="tokenizer")
   assert pipeline.run(config, str(tmp_path)) == {}
   where = "the tokenizer stage" if phase == "stage" else "the report"
+  said = capsys.readouterr().out.splitlines()
   assert said[-1].startswith(f"SIGTERM: stopped during {where}; ")
   assert after == []
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
