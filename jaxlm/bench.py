@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxlm import attention, console, generate, loop, metrics as metrics_lib, model
 from jaxlm.cli import apply_override
-from jaxlm.config import base_config, model_config
+from jaxlm.config import base_config, frozen_model, model_config
 from jaxlm.data import preference, sft
 from jaxlm.errors import ConfigError
 from jaxlm.tasks import common, dpo
@@ -238,9 +238,10 @@ def _train(spec: Spec, c) -> dict:
 def _decode(spec: Spec, c) -> dict:
   B, P, N = c.data.batch_size, c.data.seq_len, spec.new_tokens
   sharder = loop.make_sharder(c)
-  params = jax.jit(lambda r: model.init(c.model, r),
-                   out_shardings=sharder.tree(model.param_axes(c.model),
-                                              jax.eval_shape(lambda r: model.init(c.model, r),
+  m = frozen_model(c.model)
+  params = jax.jit(lambda r: model.init(m, r),
+                   out_shardings=sharder.tree(model.param_axes(m),
+                                              jax.eval_shape(lambda r: model.init(m, r),
                                                              jax.random.PRNGKey(0))))(
                                                                  jax.random.PRNGKey(0))
   # eos -1: no row ends early, every call generates B x N tokens.

@@ -358,6 +358,37 @@ def model_config(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict
   return m
 
 
+def _model_knobs() -> list[Knob]:
+  return [k for k in _KNOBS if k.key.startswith("model.")]
+
+
+def _model_to_dict(self) -> dict:
+  return dataclasses.asdict(self)
+
+
+# What jitted code receives: the model section, frozen and hashable (a static argument,
+# a cache key), its fields and defaults those of the model.* knobs above. Build one with
+# `frozen_model` once the config is resolved (architecture, vocabulary) and validated.
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig", [(k.key[len("model."):], type(k.default), dataclasses.field(default=k.default))
+                    for k in _model_knobs()],
+    frozen=True, namespace={"to_dict": _model_to_dict, "__module__": __name__,
+                            "__doc__": "The model section, frozen: see `frozen_model`."})
+
+
+def frozen_model(m) -> ModelConfig:
+  """`m` (a model ConfigDict, a dict, or a ModelConfig) as a ModelConfig; ConfigError
+  naming the key for one that is not a model setting."""
+  if isinstance(m, ModelConfig):
+    return m
+  values = m.to_dict() if isinstance(m, ml_collections.ConfigDict) else dict(m)
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  for key in values:
+    if key not in known:
+      raise ConfigError(f"model.{key}: not a model setting (known: {', '.join(sorted(known))})")
+  return ModelConfig(**values)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every task, built from `_KNOBS`. Configs under configs/ start here."""
   c = ml_collections.ConfigDict()

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import model, sharding
+from jaxlm.config import frozen_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +150,8 @@ class Engine:
   def __init__(self, cfg, *, eos_id: int, vocab_size: int = 0, sharder=None):
     """`vocab_size`: the tokenizer's; ids past it (the model's padding to
     model.vocab_multiple) are never sampled."""
-    self.cfg, self.eos_id, self.sharder, self.vocab_size = cfg, eos_id, sharder, vocab_size
+    self.cfg = frozen_model(cfg)  # a static part of every compiled program
+    self.eos_id, self.sharder, self.vocab_size = eos_id, sharder, vocab_size
     self._compiled = {}
 
   def _fn(self, sampling: Sampling, with_lora: bool):

@@ -1,8 +1,14 @@
+import dataclasses
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from conftest import small_config
+from jaxlm import config as config_lib, generate, model
+from jaxlm.errors import ConfigError
 from jaxlm.validate import config_errors as validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -176,3 +182,22 @@ def test_every_knob_has_a_description_and_every_number_a_rule():
       assert value in knob.rule, (key, value, knob.rule)
     elif isinstance(knob.rule, str):
       assert config_lib._in_interval(value, knob.rule), (key, value, knob.rule)
+
+
+def test_jitted_code_gets_the_model_section_frozen_and_hashable():
+  section = config_lib.model_config("tiny", vocab_size=64, dtype="float32")
+  frozen = config_lib.frozen_model(section)
+  assert frozen.to_dict() == section.to_dict()  # every knob, the same values
+  assert config_lib.frozen_model(frozen) is frozen
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    frozen.d_model = 256
+  assert hash(frozen) == hash(config_lib.frozen_model(section.to_dict()))
+  with pytest.raises(ConfigError, match=r"^model\.widht: not a model setting"):
+    config_lib.frozen_model({**section.to_dict(), "widht": 3})
+  # A static argument of jax.jit, and the same forward pass as the ConfigDict's.
+  params = model.init(section, jax.random.PRNGKey(0))
+  tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+  static = jax.jit(model.forward, static_argnums=2)(params, tokens, frozen)
+  closed = jax.jit(lambda p, t: model.forward(p, t, section))(params, tokens)
+  np.testing.assert_array_equal(np.asarray(static), np.asarray(closed))
+  assert isinstance(generate.Engine(section, eos_id=1).cfg, config_lib.ModelConfig)
