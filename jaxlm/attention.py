@@ -5,6 +5,11 @@
 `xla` is the reference and runs everywhere; `cudnn` is cuDNN flash attention on NVIDIA
 GPUs through `jax.nn.dot_product_attention`; `splash` is the Pallas TPU kernel.
 Tokens attend only to earlier tokens of the same segment (segment 0 is padding).
+
+Every kernel takes the same three options (`Options`): a sliding `window` (a query sees
+the `window` positions ending at its own; 0: all earlier ones), a `softcap` of the
+scores (cap * tanh(s / cap), Gemma 2; cuDNN has none, so a capped layer runs `xla` on
+the GPU) and the score `scale` (default head_dim ** -0.5).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,41 +37,71 @@ def resolve_impl(name: str, dtype: str = "bfloat16") -> str:
   return "xla" if impl == "cudnn" and dtype == "float32" else impl
 
 
-def mask_BTS(segment_ids_BT: jax.Array | None, T: int, S: int) -> jax.Array:
-  """Causal (and same-segment, when given) boolean mask of shape [B or 1, T, S]."""
-  causal_TS = jnp.arange(T)[:, None] >= jnp.arange(S)[None, :]
+class Options(NamedTuple):
+  """What a layer's attention does beyond causal and same-segment masking."""
+  window: int = 0         # > 0: a query sees the `window` positions ending at its own
+  softcap: float = 0.0    # > 0: scores become softcap * tanh(score / softcap)
+  scale: float = 0.0      # > 0: scores are q.k * scale; 0: q.k / sqrt(head_dim)
+
+  def score_scale(self, head_dim: int) -> float:
+    return self.scale if self.scale > 0 else 1.0 / float(np.sqrt(head_dim))
+
+
+PLAIN = Options()
+
+
+def mask_BTS(segment_ids_BT: jax.Array | None, T: int, S: int, window: int = 0) -> jax.Array:
+  """Causal (and same-segment, when given; within `window`, when > 0) boolean mask of
+  shape [B or 1, T, S]."""
+  gap_TS = jnp.arange(T)[:, None] - jnp.arange(S)[None, :]
+  causal_TS = gap_TS >= 0
+  if window:
+    causal_TS = causal_TS & (gap_TS < window)
   if segment_ids_BT is None:
     return causal_TS[None]
   same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
   return causal_TS[None] & same_BTS
 
 
-def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None):
+def _scores(q_BTHK, k_BSGK, options: Options):
+  """Scaled (and capped) float32 scores [B, G, R, T, S], R query heads per kv head."""
   B, T, H, K = q_BTHK.shape
   G = k_BSGK.shape[2]
   q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
   logits_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK,
-                            preferred_element_type=jnp.float32) / np.sqrt(K)
-  mask = mask_BTS(segment_ids_BT, T, k_BSGK.shape[1])[:, None, None]
-  logits_BGRTS = jnp.where(mask, logits_BGRTS, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits_BGRTS, axis=-1).astype(v_BSGK.dtype)
-  out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BSGK)
-  return out_BTGRK.reshape(B, T, H, K)
+                            preferred_element_type=jnp.float32)
+  if options.scale > 0:
+    logits_BGRTS = logits_BGRTS * options.scale
+  else:
+    logits_BGRTS = logits_BGRTS / np.sqrt(K)
+  if options.softcap > 0:
+    logits_BGRTS = options.softcap * jnp.tanh(logits_BGRTS / options.softcap)
+  return logits_BGRTS
 
 
-def cached_attention(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, q_slots_T):
-  """Decoding attention over a KV cache: query t (at cache slot q_slots_T[t]) sees the
-  valid slots at or before its own. The same arithmetic as `xla_attention`."""
-  B, T, H, K = q_BTHK.shape
-  G, S = k_BSGK.shape[2], k_BSGK.shape[1]
-  q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
-  logits_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK,
-                            preferred_element_type=jnp.float32) / np.sqrt(K)
-  mask_BTS = (jnp.arange(S)[None, None, :] <= q_slots_T[None, :, None]) & key_valid_BS[:, None, :]
+def _weighted(logits_BGRTS, mask_BTS, v_BSGK, shape):
   logits_BGRTS = jnp.where(mask_BTS[:, None, None], logits_BGRTS, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits_BGRTS, axis=-1).astype(v_BSGK.dtype)
   out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BSGK)
-  return out_BTGRK.reshape(B, T, H, K)
+  return out_BTGRK.reshape(shape)
+
+
+def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, options: Options = PLAIN):
+  mask = mask_BTS(segment_ids_BT, q_BTHK.shape[1], k_BSGK.shape[1], options.window)
+  return _weighted(_scores(q_BTHK, k_BSGK, options), mask, v_BSGK, q_BTHK.shape)
+
+
+def cached_attention(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, q_slots_T,
+                     options: Options = PLAIN):
+  """Decoding attention over a KV cache: query t (at cache slot q_slots_T[t]) sees the
+  valid slots at or before its own (and, with a window, fewer than `window` slots back:
+  a row's tokens sit in consecutive slots, so slot distance is position distance). The
+  same arithmetic as `xla_attention`."""
+  S = k_BSGK.shape[1]
+  gap_TS = q_slots_T[:, None] - jnp.arange(S)[None, :]
+  seen_TS = (gap_TS >= 0) & (gap_TS < options.window) if options.window else gap_TS >= 0
+  mask = seen_TS[None] & key_valid_BS[:, None, :]
+  return _weighted(_scores(q_BTHK, k_BSGK, options), mask, v_BSGK, q_BTHK.shape)
 
 
 # cuDNN kernels by row layout, the cheapest that fits the whole batch (jaxlm.bench, H200,
@@ -146,13 +182,17 @@ def _packed_supported() -> bool:
   return float(getattr(d, "compute_capability", "0") or 0) >= 9.0  # cuDNN: Hopper and later
 
 
-def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None):
+def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, options: Options = PLAIN):
+  scale = options.score_scale(q_BTHK.shape[-1])
+  window = (options.window - 1, 0) if options.window else None
+
   def causal(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                        local_window_size=window, implementation="cudnn")
 
   def mask(q, k, v):
-    m = mask_BTS(segment_ids_BT, q.shape[1], k.shape[1])[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="cudnn")
+    m = mask_BTS(segment_ids_BT, q.shape[1], k.shape[1], options.window)[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale, implementation="cudnn")
 
   if segment_ids_BT is None:
     return causal(q_BTHK, k_BSGK, v_BSGK)
@@ -166,7 +206,8 @@ def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None):
   def padded(q, k, v):  # rows of one segment, then padding (zeros: its loss is masked)
     length_B = jnp.sum(real, axis=1, dtype=jnp.int32)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=length_B,
-                                       key_value_seq_lengths=length_B, implementation="cudnn")
+                                       key_value_seq_lengths=length_B, scale=scale,
+                                       local_window_size=window, implementation="cudnn")
     return jnp.where(real[:, :, None, None], out, 0).astype(q.dtype)
 
   def ragged(capacity):
@@ -174,9 +215,10 @@ def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None):
       lengths, offsets, _ = segment_runs(seg, capacity)
       return cudnn.dot_product_attention(
           q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-          kv_offsets=offsets, scale=1.0 / np.sqrt(q.shape[-1]),
-          mask_type=cudnn.MaskType.PADDING_CAUSAL)
-    return run
+          kv_offsets=offsets, scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL)
+    # A window over packed segments: the explicit mask (the ragged kernel's window is
+    # not checked here against the reference).
+    return mask if options.window else run
 
   kernels = (causal, padded, *map(ragged, SEGMENT_CAPACITIES), mask)
   fixed = _LAYOUT.get()
@@ -188,25 +230,32 @@ def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(num_heads: int, T: int, interpret: bool):
+def _splash_kernel(num_heads: int, T: int, interpret: bool, window: int = 0,
+                   softcap: float = 0.0):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # lazy: TPU only
   sk, sm = splash.splash_attention_kernel, splash.splash_attention_mask
-  mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(num_heads)])
+  one = (sm.LocalMask((T, T), window_size=(window - 1, 0), offset=0) if window
+         else sm.CausalMask((T, T)))
+  mask = sm.MultiHeadMask([one for _ in range(num_heads)])
   block = min(512, T)
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                         block_q_dq=block, block_kv_dq=block)
   return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                            interpret=interpret)
+                            attn_logits_soft_cap=softcap or None, interpret=interpret)
 
 
-def splash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, interpret=False):
+def splash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, interpret=False,
+                     options: Options = PLAIN):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # lazy: TPU only
   sk = splash.splash_attention_kernel
   B, T, H, K = q_BTHK.shape
   G = k_BSGK.shape[2]
-  kernel = _splash_kernel(H, T, interpret)
-  q_BHTK = jnp.swapaxes(q_BTHK, 1, 2) / np.sqrt(K).astype(q_BTHK.dtype)
+  kernel = _splash_kernel(H, T, interpret, options.window, options.softcap)
+  if options.scale > 0:
+    q_BHTK = jnp.swapaxes(q_BTHK, 1, 2) * np.asarray(options.scale, q_BTHK.dtype)
+  else:
+    q_BHTK = jnp.swapaxes(q_BTHK, 1, 2) / np.sqrt(K).astype(q_BTHK.dtype)
   k_BHSK = jnp.repeat(jnp.swapaxes(k_BSGK, 1, 2), H // G, axis=1)
   v_BHSK = jnp.repeat(jnp.swapaxes(v_BSGK, 1, 2), H // G, axis=1)
   if segment_ids_BT is None:
@@ -216,13 +265,14 @@ def splash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, interpret=Fals
   return jnp.swapaxes(out_BHTK, 1, 2)
 
 
-def attend(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, impl: str = "xla"):
+def attend(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, impl: str = "xla",
+           options: Options = PLAIN):
   """Causal grouped-query attention; `impl` in xla | cudnn | splash | splash_interpret."""
-  if impl == "xla":
-    return xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT)
+  if impl == "xla" or (impl == "cudnn" and options.softcap > 0):  # cuDNN: no softcap
+    return xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, options)
   if impl == "cudnn":
-    return cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT)
+    return cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT, options)
   if impl in ("splash", "splash_interpret"):
     return splash_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT,
-                            interpret=impl == "splash_interpret")
+                            interpret=impl == "splash_interpret", options=options)
   raise ValueError(f"unknown attention implementation {impl!r}")

@@ -181,6 +181,38 @@ _KNOBS = (
     Knob("model.layer_loop", "auto", ("auto", "scan", "unroll"),
          '"scan" | "unroll" the layers; "auto": unroll when every device holds the whole '
          "weights (no fsdp or tensor sharding), else scan"),
+    Knob("model.qk_norm", False, None,
+         "RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3)"),
+    Knob("model.norm_plus_one", False, None,
+         "norms scale by (1 + weight), weights starting at 0 (Gemma)"),
+    Knob("model.post_norms", False, None,
+         "a norm on each attention and MLP output before the residual add (Gemma 2/3)"),
+    Knob("model.mlp_activation", "silu", ("silu", "gelu_tanh"),
+         'the llama family\'s gated MLP: "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma)'),
+    Knob("model.scale_embeddings", False, None,
+         "input embeddings times sqrt(d_model), rounded to the compute dtype (Gemma)"),
+    Knob("model.query_scale", 0.0, "[0, inf)",
+         "> 0: attention scores scaled by query_scale ** -0.5 (Gemma's query_pre_attn_scalar); "
+         "0: head_dim ** -0.5"),
+    Knob("model.attn_softcap", 0.0, "[0, inf)",
+         "> 0: attention scores pass through cap * tanh(s / cap) (Gemma 2); 0: off"),
+    Knob("model.final_softcap", 0.0, "[0, inf)",
+         "> 0: output logits pass through cap * tanh(z / cap) (Gemma 2); 0: off"),
+    Knob("model.sliding_window", 0, "[0, inf)",
+         "> 0: local layers (layer_pattern L) attend to this many positions, their own "
+         "included (Mistral, Gemma's local layers)"),
+    Knob("model.layer_pattern", "G", None,
+         'each layer global (G) or local (L, sliding_window), the pattern repeated over the '
+         'layers: "G" all global, "L" all local, "LG" Gemma 2, "LLLLLG" Gemma 3'),
+    Knob("model.rope_local_theta", 0.0, "[0, inf)",
+         "> 0: local layers' RoPE base, unscaled (Gemma 3); 0: as the global layers"),
+    Knob("model.rope_scaling_type", "llama3", ("llama3", "linear"),
+         'how rope_scaling_factor > 0 scales RoPE: "llama3" (by wavelength) | "linear" '
+         "(every frequency divided by the factor)"),
+    Knob("model.hf_architecture", "", ("", "llama", "mistral", "qwen2", "qwen3", "gemma2",
+                                        "gemma3_text", "phi3"),
+         'the Hugging Face model_type an export writes; "": llama (qwen2 with qkv_bias), '
+         "gpt2 for gpt2; set by an import"),
 
     _section("data", "training and evaluation data, the tokenizer, batches"),
     Knob("data.train", "", None,
@@ -577,6 +609,21 @@ def _model_shape_errors(m, ok) -> list[str]:
   if (ok("model.d_model", "model.num_heads", "model.head_dim", "model.family")
       and (m.head_dim or m.d_model // m.num_heads) % 2 and m.family == "llama"):
     errors.append("model.head_dim must be even for rotary embeddings")
+  if ok("model.layer_pattern", "model.sliding_window"):
+    pattern = m.layer_pattern
+    if not (isinstance(pattern, str) and pattern and set(pattern) <= {"L", "G"}):
+      errors.append(f"model.layer_pattern={pattern!r}: a string of L (local) and G (global), "
+                    f'e.g. "G", "LG"')
+    elif ("L" in pattern) != (m.sliding_window > 0):
+      errors.append(f"model.layer_pattern={pattern!r} with model.sliding_window="
+                    f"{m.sliding_window}: local layers (L) need a window > 0, and a window "
+                    f"needs local layers")
+  if ok("model.family") and m.family == "gpt2":
+    llama_only = [k for k in ("qk_norm", "norm_plus_one", "post_norms", "scale_embeddings")
+                  if m[k]] + (["mlp_activation"] if m.mlp_activation != "silu" else [])
+    if llama_only:
+      errors.append(f"model.{llama_only[0]}: the llama family's option; gpt2 has its own "
+                    f"fixed shape")
   return errors
 
 

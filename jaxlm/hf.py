@@ -24,7 +24,7 @@ from jaxlm.config import model_config, model_errors
 from jaxlm.errors import HFError, one_line
 
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 # Weight formats jaxlm never reads. Pickle-based ones (torch.save, Meta's consolidated.*.pth,
 # joblib) can run code when loaded; the others it just doesn't read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
@@ -126,16 +126,22 @@ class _Fields:
     return _Fields(self.get(key, dict, {}), self.where, f"{self.prefix}{key}.")
 
 
-def _rope(f: _Fields) -> tuple[float, _Fields | None]:
-  """(theta, the scaling fields or None) from transformers 5 `rope_parameters` or 4's
-  `rope_theta` and `rope_scaling`."""
+def _rope(f: _Fields) -> tuple[float, _Fields | None, float]:
+  """(theta, the scaling fields or None, the local layers' theta or 0) from transformers
+  5 `rope_parameters` (one set, or one per layer type as Gemma 3 writes) or 4's
+  `rope_theta`, `rope_scaling` and `rope_local_base_freq`."""
   params = f.sub("rope_parameters")
+  local = 0.0
+  if "full_attention" in params.values:  # per layer type
+    local = params.sub("sliding_attention").get("rope_theta", float, 0.0)
+    params = params.sub("full_attention")
+  local = local or f.get("rope_local_base_freq", float, 0.0)
   theta = params.get("rope_theta", float, None)
   theta = f.get("rope_theta", float, 10000.0) if theta is None else theta
   scaling = params if params.get("rope_type", str, "default") != "default" else f.sub(
       "rope_scaling")
   kind = scaling.get("rope_type", str, None) or scaling.get("type", str, "default")
-  return theta, (None if kind == "default" else scaling)
+  return theta, (None if kind == "default" else scaling), local
 
 
 def model_config_from_hf(hf: dict, where: str = "config.json"):
@@ -155,34 +161,95 @@ def model_config_from_hf(hf: dict, where: str = "config.json"):
   return m
 
 
+_GEMMA = ("gemma2", "gemma3_text")
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def _minimal_pattern(kinds: list[bool]) -> str:
+  """"L"/"G" per layer, as the shortest pattern whose repeats give the layers."""
+  text = "".join("L" if k else "G" for k in kinds)
+  return next(text[:p] for p in range(1, len(text) + 1)
+              if all(text[i] == text[i % p] for i in range(len(text))))
+
+
+def _layer_pattern(f: _Fields, kind: str, layers: int, where: str) -> tuple[str, int]:
+  """(model.layer_pattern, model.sliding_window): from `layer_types` when config.json
+  lists them, else from the family's own fields."""
+  window = f.get("sliding_window", int, 0)
+  types = f.get("layer_types", list, None)
+  if types is not None:
+    if len(types) != layers or not all(t in ("sliding_attention", "full_attention")
+                                       for t in types):
+      raise HFError(one_line(f"{where}: field 'layer_types' must list {layers} of "
+                             f"'sliding_attention' or 'full_attention'"))
+    local = [t == "sliding_attention" for t in types]
+  elif kind == "gemma2":
+    local = [i % 2 == 0 for i in range(layers)]
+  elif kind == "gemma3_text":
+    every = f.get("sliding_window_pattern", int, 0) or f.get("_sliding_window_pattern", int, 6)
+    local = [(i + 1) % every != 0 for i in range(layers)]
+  elif kind in ("qwen2", "qwen3"):
+    first = f.get("max_window_layers", int, layers)
+    local = [f.get("use_sliding_window", bool, False) and i >= first for i in range(layers)]
+  else:  # mistral, phi3: every layer, when a window is set
+    local = [bool(window)] * layers
+  if not any(local):
+    return "G", 0
+  if not window:
+    raise HFError(f"{where}: layers are sliding_attention but field 'sliding_window' is not set")
+  return _minimal_pattern(local), window
+
+
+# long: one reading of every family's config.json fields, each checked as it is read
 def _model_config_from_hf(f: _Fields, where: str):
   kind = f.get("model_type", str, None)
+  if kind == "gemma3" and "text_config" in f.values:
+    raise HFError(f"{where}: model_type 'gemma3' is the image-text model; jaxlm reads its "
+                  f"text-only form (gemma3_text, e.g. gemma-3-1b)")
   if kind in LLAMA_TYPES:
-    if f.get("hidden_act", str, "silu") != "silu":
-      raise HFError(f"{where}: hidden_act={f.values['hidden_act']!r}; the llama family needs "
-                    f"silu")
+    act_key = "hidden_activation" if kind in _GEMMA else "hidden_act"
+    act = f.get(act_key, str, "gelu_pytorch_tanh" if kind in _GEMMA else "silu")
+    if act not in _ACTIVATIONS:
+      raise HFError(f"{where}: {act_key}={act!r}; jaxlm's gated MLP takes silu or "
+                    f"gelu_pytorch_tanh")
     if f.get("mlp_bias", bool, False):
       raise HFError(f"{where}: mlp_bias=true is not supported")
-    if kind == "llama" and f.get("attention_bias", bool, False):
+    if kind != "qwen2" and f.get("attention_bias", bool, False):
       raise HFError(f"{where}: attention_bias=true (an o_proj bias) is not supported")
-    theta, scaling = _rope(f)
+    if kind == "phi3" and f.sub("rope_parameters").get("partial_rotary_factor", float, 1.0) != 1:
+      raise HFError(f"{where}: partial_rotary_factor < 1 is not supported")
+    theta, scaling, local_theta = _rope(f)
     heads = f.get("num_attention_heads", int)
+    layers = f.get("num_hidden_layers", int)
+    pattern, window = _layer_pattern(f, kind, layers, where)
+    gemma = kind in _GEMMA
     m = model_config(
         "tiny", family="llama", vocab_size=f.get("vocab_size", int),
-        d_model=f.get("hidden_size", int), num_layers=f.get("num_hidden_layers", int),
+        d_model=f.get("hidden_size", int), num_layers=layers,
         num_heads=heads, num_kv_heads=f.get("num_key_value_heads", int, 0) or heads,
         head_dim=f.get("head_dim", int, 0), ffn_dim=f.get("intermediate_size", int),
         rope_theta=theta, norm_eps=f.get("rms_norm_eps", float, 1e-6),
-        qkv_bias=kind == "qwen2", tie_embeddings=f.get("tie_word_embeddings", bool, False),
-        max_seq_len=f.get("max_position_embeddings", int, 2048))
+        qkv_bias=kind == "qwen2",
+        tie_embeddings=f.get("tie_word_embeddings", bool, gemma),
+        max_seq_len=f.get("max_position_embeddings", int, 2048),
+        qk_norm=kind in ("qwen3", "gemma3_text"), norm_plus_one=gemma, post_norms=gemma,
+        scale_embeddings=gemma, mlp_activation=_ACTIVATIONS[act],
+        query_scale=f.get("query_pre_attn_scalar", float, 0.0) if gemma else 0.0,
+        attn_softcap=f.get("attn_logit_softcapping", float, 0.0) if gemma else 0.0,
+        final_softcap=f.get("final_logit_softcapping", float, 0.0) if gemma else 0.0,
+        sliding_window=window, layer_pattern=pattern,
+        rope_local_theta=local_theta if kind == "gemma3_text" else 0.0, hf_architecture=kind)
     if scaling is not None:
       rope_type = scaling.get("rope_type", str, None) or scaling.get("type", str)
-      if rope_type != "llama3":
-        raise HFError(f"{where}: rope scaling {rope_type!r} is not supported (only llama3)")
+      if rope_type not in ("llama3", "linear"):
+        raise HFError(f"{where}: rope scaling {rope_type!r} is not supported (llama3 or "
+                      f"linear)")
+      m.rope_scaling_type = rope_type
       m.rope_scaling_factor = scaling.get("factor", float)
-      m.rope_low_freq_factor = scaling.get("low_freq_factor", float)
-      m.rope_high_freq_factor = scaling.get("high_freq_factor", float)
-      m.rope_original_max_len = scaling.get("original_max_position_embeddings", int)
+      if rope_type == "llama3":
+        m.rope_low_freq_factor = scaling.get("low_freq_factor", float)
+        m.rope_high_freq_factor = scaling.get("high_freq_factor", float)
+        m.rope_original_max_len = scaling.get("original_max_position_embeddings", int)
   elif kind == "gpt2":
     activation = f.get("activation_function", str, "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -206,33 +273,106 @@ def _model_config_from_hf(f: _Fields, where: str):
   return m
 
 
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                  "phi3": "Phi3ForCausalLM"}
+# What an export must reproduce exactly: the architecture, not how jaxlm computes it.
+_RUNTIME_KNOBS = ("dtype", "param_dtype", "vocab_multiple", "remat", "attention", "logits_chunk",
+                  "layer_loop", "init_std", "hf_architecture")
+
+
+def hf_architecture(m) -> str:
+  """The HF model_type a llama-family model exports as: `model.hf_architecture`, else
+  the plainest that holds its options."""
+  if m.hf_architecture:
+    return m.hf_architecture
+  if m.norm_plus_one or m.post_norms or m.scale_embeddings:
+    return "gemma3_text" if m.qk_norm else "gemma2"
+  if m.qk_norm:
+    return "qwen3"
+  if m.qkv_bias:
+    return "qwen2"
+  return "mistral" if m.sliding_window else "llama"
+
+
 def hf_config_from_model(m, dtype: str) -> dict:
-  """The config.json transformers needs to rebuild the model."""
+  """The config.json transformers needs to rebuild the model. HFError when the chosen
+  architecture cannot hold one of the model's options (read back, it would differ)."""
   if m.family == "gpt2" and (not m.tie_embeddings or m.num_kv_heads != m.num_heads):
     raise HFError("a gpt2 model exports to Hugging Face only with tie_embeddings=True and "
                   "num_kv_heads == num_heads, as GPT-2 itself has")
+  # Token ids come from the tokenizer (runs.export_hf adds them); unset, not a family's
+  # default that may lie outside this vocabulary.
   common = {"vocab_size": m.vocab_size, "tie_word_embeddings": bool(m.tie_embeddings),
-            "dtype": dtype}
+            "dtype": dtype, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
   if m.family == "gpt2":
     return {**common, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "n_embd": m.d_model, "n_layer": m.num_layers, "n_head": m.num_heads,
             "n_inner": m.ffn_dim, "n_positions": m.max_seq_len,
             "layer_norm_epsilon": m.norm_eps, "activation_function": "gelu_new"}
-  kind = "qwen2" if m.qkv_bias else "llama"
+  kind = hf_architecture(m)
+  out = {**common, **_llama_fields(m, kind)}
+  mine = _architecture(m.to_dict())
+  back = _architecture(model_config_from_hf(out, f"the {kind} config.json").to_dict())
+  for key, value in mine.items():
+    if back.get(key) != value:
+      raise HFError(one_line(f"model.{key}={value!r}: a {kind} config.json cannot hold it "
+                             f"(it reads back as {back.get(key)!r}); set "
+                             f"model.hf_architecture to a family that has it"))
+  return out
+
+
+def _architecture(m: dict) -> dict:
+  """The knobs that change what the model computes, with defaults spelled out."""
+  out = {k: v for k, v in m.items() if k not in _RUNTIME_KNOBS}
+  out["head_dim"] = out["head_dim"] or out["d_model"] // out["num_heads"]
+  if not out["rope_scaling_factor"] > 0:
+    out.pop("rope_scaling_type")
+  if not (out["rope_scaling_factor"] > 0 and out.get("rope_scaling_type") == "llama3"):
+    for k in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+      out.pop(k)
+  return out
+
+
+def _llama_fields(m, kind: str) -> dict:
+  """config.json's fields for a llama-family model exported as `kind`."""
   rope = {"rope_type": "default", "rope_theta": m.rope_theta}
-  if m.rope_scaling_factor > 0:
+  if m.rope_scaling_factor > 0 and m.rope_scaling_type == "linear":
+    rope = {"rope_type": "linear", "rope_theta": m.rope_theta, "factor": m.rope_scaling_factor}
+  elif m.rope_scaling_factor > 0:
     rope = {"rope_type": "llama3", "rope_theta": m.rope_theta, "factor": m.rope_scaling_factor,
             "low_freq_factor": m.rope_low_freq_factor,
             "high_freq_factor": m.rope_high_freq_factor,
             "original_max_position_embeddings": m.rope_original_max_len}
-  return {**common, "architectures": ["Qwen2ForCausalLM" if m.qkv_bias else "LlamaForCausalLM"],
-          "model_type": kind, "hidden_size": m.d_model, "intermediate_size": m.ffn_dim,
-          "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
-          "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim or m.d_model // m.num_heads,
-          "hidden_act": "silu", "rms_norm_eps": m.norm_eps, "max_position_embeddings": m.max_seq_len,
-          "rope_parameters": rope, "rope_theta": m.rope_theta,
-          "rope_scaling": rope if m.rope_scaling_factor > 0 else None,
-          "attention_bias": False, "mlp_bias": False}
+  kinds = model.layer_kinds(m)
+  out = {"architectures": [_ARCHITECTURES[kind]], "model_type": kind,
+         "hidden_size": m.d_model, "intermediate_size": m.ffn_dim,
+         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+         "num_key_value_heads": m.num_kv_heads, "head_dim": model.head_dim(m),
+         "rms_norm_eps": m.norm_eps, "max_position_embeddings": m.max_seq_len,
+         "rope_parameters": rope, "rope_theta": m.rope_theta,
+         "rope_scaling": rope if m.rope_scaling_factor > 0 else None,
+         "attention_bias": False, "mlp_bias": False,
+         "sliding_window": m.sliding_window or None}
+  act = "gelu_pytorch_tanh" if m.mlp_activation == "gelu_tanh" else "silu"
+  if kind in _GEMMA:
+    scalar = int(m.query_scale) if float(m.query_scale).is_integer() else m.query_scale
+    out.update(hidden_activation=act, query_pre_attn_scalar=scalar or None,
+               attn_logit_softcapping=m.attn_softcap or None,
+               final_logit_softcapping=m.final_softcap or None)
+  else:
+    out["hidden_act"] = act
+  if kind != "mistral" and kind != "phi3":
+    out["layer_types"] = ["sliding_attention" if k else "full_attention" for k in kinds]
+  if kind in ("qwen2", "qwen3"):
+    out.update(use_sliding_window=bool(m.sliding_window),
+               max_window_layers=next((i for i, k in enumerate(kinds) if k), m.num_layers))
+  if kind == "gemma3_text":
+    local = {"rope_type": "default", "rope_theta": m.rope_local_theta or m.rope_theta}
+    out.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
+               rope_local_base_freq=local["rope_theta"])
+  return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,7 +380,9 @@ def hf_config_from_model(m, dtype: str) -> dict:
 
 
 def _names(m) -> dict:
-  """jaxlm name -> (HF name pattern with {i} for the layer, transform kind)."""
+  """jaxlm name -> (HF name pattern with {i} for the layer, transform kind); "fused":
+  HF tensors that hold several jaxlm ones stacked on their first axis (Phi-3's),
+  pattern -> [(jaxlm name, kind, rows)]."""
   if m.family == "gpt2":
     t = {"embed": ("wte.weight", "same"), "pos_embed": ("wpe.weight", "same"),
          "final_norm": ("ln_f.weight", "same"), "final_norm_bias": ("ln_f.bias", "same")}
@@ -250,7 +392,7 @@ def _names(m) -> dict:
              "w_up": ("h.{i}.mlp.c_fc.weight", "same"), "b_up": ("h.{i}.mlp.c_fc.bias", "same"),
              "w_down": ("h.{i}.mlp.c_proj.weight", "same"),
              "b_down": ("h.{i}.mlp.c_proj.bias", "same")}
-    return {"top": t, "layer": layer}
+    return {"top": t, "layer": layer, "fused": {}}
   t = {"embed": ("model.embed_tokens.weight", "same"), "final_norm": ("model.norm.weight", "same")}
   if not m.tie_embeddings:
     t["lm_head"] = ("lm_head.weight", "transpose")
@@ -268,7 +410,24 @@ def _names(m) -> dict:
     layer.update({"bq": (p + "self_attn.q_proj.bias", "heads"),
                   "bk": (p + "self_attn.k_proj.bias", "heads"),
                   "bv": (p + "self_attn.v_proj.bias", "heads")})
-  return {"top": t, "layer": layer}
+  if m.qk_norm:
+    layer.update({"q_norm": (p + "self_attn.q_norm.weight", "same"),
+                  "k_norm": (p + "self_attn.k_norm.weight", "same")})
+  if m.post_norms:  # Gemma's four: HF's post_attention_layernorm is the attention's own
+    layer.update({"post_attn_norm": (p + "post_attention_layernorm.weight", "same"),
+                  "mlp_norm": (p + "pre_feedforward_layernorm.weight", "same"),
+                  "post_mlp_norm": (p + "post_feedforward_layernorm.weight", "same")})
+  fused = {}
+  if hf_architecture(m) == "phi3":
+    H, G, K, F = m.num_heads, m.num_kv_heads, model.head_dim(m), m.ffn_dim
+    fused = {p + "self_attn.qkv_proj.weight": [("wq", "out_heads", H * K),
+                                                ("wk", "out_heads", G * K),
+                                                ("wv", "out_heads", G * K)],
+             p + "mlp.gate_up_proj.weight": [("w_gate", "transpose", F), ("w_up", "transpose", F)]}
+    for parts in fused.values():
+      for name, _, _ in parts:
+        del layer[name]
+  return {"top": t, "layer": layer, "fused": fused}
 
 
 def _to_jaxlm(x: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
@@ -409,6 +568,20 @@ def load_hf(path: str, param_dtype: str | None = None):
     shape = shapes["layers"][name][0][1:]
     layers[name] = np.stack([convert(pattern.format(i=i), kind, shape)
                              for i in range(m.num_layers)])
+  for pattern, parts in names["fused"].items():  # Phi-3: [q; k; v] and [gate; up] rows
+    rows = sum(r for _, _, r in parts)
+    split = {name: [] for name, _, _ in parts}
+    for i in range(m.num_layers):
+      x = tensors.get(pattern.format(i=i))
+      if x.shape != (rows, m.d_model):
+        raise HFError(f"{path}: tensor {pattern.format(i=i)!r} has shape {tuple(x.shape)}, "
+                      f"which does not fit the ({rows}, {m.d_model}) that config.json implies")
+      start = 0
+      for name, kind, r in parts:
+        split[name].append(cast(_to_jaxlm(x[start:start + r], kind,
+                                          shapes["layers"][name][0][1:])))
+        start += r
+    layers.update({name: np.stack(xs) for name, xs in split.items()})
   if m.family == "gpt2":  # c_attn holds q, k, v side by side: [D, 3D] and [3D]
     H, K = m.num_heads, model.head_dim(m)
     for part, (w, b) in enumerate((("wq", "bq"), ("wk", "bk"), ("wv", "bv"))):
@@ -460,6 +633,10 @@ def write_hf(m, params, folder: str, max_shard_bytes: int, extra_config: dict | 
         hf_shape = x.shape
       out[("transformer." if m.family == "gpt2" else "") + pattern.format(i=i)] = (
           _to_hf(x, kind, hf_shape))
+  for pattern, parts in names["fused"].items():
+    for i in range(m.num_layers):
+      out[pattern.format(i=i)] = np.concatenate([
+          _to_hf(params["layers"][name][i], kind, (r, m.d_model)) for name, kind, r in parts])
   if m.family == "gpt2":
     for i in range(m.num_layers):
       lp = {k: params["layers"][k][i] for k in ("wq", "wk", "wv", "bq", "bk", "bv")}

@@ -3,10 +3,17 @@
     params = init(model_config, rng)
     logits_BTV = forward(params, tokens_BT, model_config, segment_ids=..., positions=...)
 
-Two families share the code: `llama` (RMSNorm, RoPE with optional Llama-3 scaling,
-SwiGLU, grouped-query attention, optional QKV bias as in Qwen2, optional tied
-embeddings) and `gpt2` (learned positions, LayerNorm, GELU, biases everywhere; tie the
-embeddings with `tie_embeddings`, as GPT-2 does). Layers are stacked on a leading axis and run with `jax.lax.scan`.
+Two families share the code: `llama` (RMSNorm, RoPE with optional Llama-3 or linear
+scaling, a gated MLP, grouped-query attention, optional QKV bias as in Qwen2, optional
+tied embeddings) and `gpt2` (learned positions, LayerNorm, GELU, biases everywhere; tie
+the embeddings with `tie_embeddings`, as GPT-2 does). The llama family's options cover
+Mistral, Qwen2/3, Gemma 2/3 and Phi-3 as well: qk-norm, (1 + weight) norms, sandwich
+norms, GeGLU, scaled embeddings, a query scale, attention and final-logit soft-capping,
+and local (sliding-window) layers in a repeating pattern with their own RoPE base.
+
+Layers are stacked on a leading axis and run with `jax.lax.scan`; when local and global
+layers alternate, the scan runs over repeats of the pattern (`layer_kinds`), so each
+kind's attention stays a static choice.
 
 Shape suffixes: B batch, T length, D d_model, H heads, G kv heads, K head dim,
 F ffn dim, V vocab, L layers.
@@ -60,6 +67,10 @@ def param_shapes_and_axes(cfg) -> dict:
                   "b_down": ((D,), ("norm",))})
   else:
     layer["w_gate"] = ((D, F), ("embed", "mlp"))
+    if cfg.qk_norm:
+      layer.update({"q_norm": ((K,), ("norm",)), "k_norm": ((K,), ("norm",))})
+    if cfg.post_norms:
+      layer.update({"post_attn_norm": ((D,), ("norm",)), "post_mlp_norm": ((D,), ("norm",))})
   if gpt2 or cfg.qkv_bias:
     layer.update({"bq": ((H, K), ("heads", "head_dim")),
                   "bk": ((G, K), ("kv_heads", "head_dim")),
@@ -89,8 +100,8 @@ def init(cfg, rng: jax.Array) -> dict:
   leaves = []
   for (path, (shape, _)), key in zip(flat, keys):
     name = path[-1].key
-    if "norm" in name and not name.endswith("bias"):
-      leaves.append(jnp.ones(shape, dtype))
+    if "norm" in name and not name.endswith("bias"):  # (1 + weight) norms start at 0
+      leaves.append(jnp.zeros(shape, dtype) if cfg.norm_plus_one else jnp.ones(shape, dtype))
     elif name.startswith("b") or name.endswith("bias"):
       leaves.append(jnp.zeros(shape, dtype))
     else:
@@ -116,18 +127,34 @@ def flops_per_token(cfg, seq_len: int, weight_grads: bool = True) -> float:
   n -= math.prod(shapes["embed"][0]) * (0 if cfg.tie_embeddings else 1)
   if "pos_embed" in shapes:
     n -= math.prod(shapes["pos_embed"][0])
-  return ((6.0 if weight_grads else 4.0) * n
-          + 12.0 * cfg.num_layers * cfg.num_heads * head_dim(cfg) * seq_len)
+  # Attention's score and value matmuls: each layer over the positions it attends to.
+  seen = sum(min(seq_len, cfg.sliding_window) if local else seq_len for local in layer_kinds(cfg))
+  return (6.0 if weight_grads else 4.0) * n + 12.0 * cfg.num_heads * head_dim(cfg) * seen
+
+
+def layer_kinds(cfg) -> tuple[bool, ...]:
+  """For each layer, whether it is local (attends within `sliding_window`): the
+  `layer_pattern` repeated over the layers."""
+  pattern = cfg.layer_pattern
+  return tuple(pattern[i % len(pattern)] == "L" for i in range(cfg.num_layers))
+
+
+def _period(kinds: tuple[bool, ...]) -> int:
+  """The shortest p for which the layers are repeats of their first p kinds."""
+  return next(p for p in range(1, len(kinds) + 1)
+              if all(kinds[i] == kinds[i % p] for i in range(len(kinds))))
 
 
 # ---------------------------------------------------------------------------------------
 # Building blocks
 
 
-def rms_norm(x, scale, eps):
+def rms_norm(x, scale, eps, plus_one: bool = False):
+  """RMSNorm over the last axis in float32; `plus_one`: Gemma's (1 + scale)."""
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+  scale32 = scale.astype(jnp.float32)
+  return (y * (1.0 + scale32 if plus_one else scale32)).astype(x.dtype)
 
 
 def layer_norm(x, scale, bias, eps):
@@ -138,10 +165,16 @@ def layer_norm(x, scale, bias, eps):
   return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_frequencies(cfg) -> jax.Array:
-  """Inverse frequencies [K/2], with Llama-3 scaling when rope_scaling_factor > 0."""
+def rope_frequencies(cfg, local: bool = False) -> jax.Array:
+  """Inverse frequencies [K/2], scaled when rope_scaling_factor > 0 (Llama 3's way or
+  linearly); a local layer's from `rope_local_theta`, unscaled, when that is set."""
   K = head_dim(cfg)
-  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
+  exponents = jnp.arange(0, K, 2, dtype=jnp.float32) / K
+  if local and cfg.rope_local_theta > 0:
+    return 1.0 / (cfg.rope_local_theta ** exponents)
+  inv = 1.0 / (cfg.rope_theta ** exponents)
+  if cfg.rope_scaling_factor > 0 and cfg.rope_scaling_type == "linear":
+    return inv / cfg.rope_scaling_factor
   if cfg.rope_scaling_factor > 0:
     factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
     old_len = cfg.rope_original_max_len
@@ -205,9 +238,19 @@ def _project(eq, x, p, name, dt, adapters, lora_scale, drop_rng, lora_dropout):
   return checkpoint_name(y + (lora_scale * update).astype(y.dtype), "proj")
 
 
+def attention_options(cfg, local: bool) -> attention.Options:
+  """A layer's attention options: its window when local, the softcap, the query scale."""
+  return attention.Options(window=cfg.sliding_window if local else 0,
+                           softcap=cfg.attn_softcap,
+                           scale=cfg.query_scale ** -0.5 if cfg.query_scale > 0 else 0.0)
+
+
+# long: one block written out (norms, projections, RoPE, attention or the cache, MLP)
 def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
-           adapters=None, lora_scale=1.0, drop_rng=None, lora_dropout=0.0, cache=None):
-  """One transformer block (pre-norm). `adapters`: this layer's LoRA A/B pairs, or None.
+           adapters=None, lora_scale=1.0, drop_rng=None, lora_dropout=0.0, cache=None,
+           local=False):
+  """One transformer block (pre-norm; with `post_norms` also normed after each branch).
+  `adapters`: this layer's LoRA A/B pairs, or None. `local`: attend within the window.
 
   With `cache` = (k [B, S, G, K], v, key_valid [B, S], index) (decoding), the block's
   keys and values are written at slots index..index+T-1 and attention reads the whole
@@ -217,11 +260,12 @@ def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
   c = sharder.constrain if sharder is not None else (lambda x, _: x)
   proj = lambda eq, x, name: _project(eq, x, p, name, dt, adapters, lora_scale,  # noqa: E731
                                       drop_rng, lora_dropout)
+  options = attention_options(cfg, local)
 
   def norm(x, name):
     if gpt2:
       return layer_norm(x, p[name], p[name + "_bias"], cfg.norm_eps)
-    return rms_norm(x, p[name], cfg.norm_eps)
+    return rms_norm(x, p[name], cfg.norm_eps, cfg.norm_plus_one)
 
   h = norm(x_BTD, "attn_norm")
   q = proj("btd,dhk->bthk", h, "wq")
@@ -229,6 +273,8 @@ def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
   v = proj("btd,dgk->btgk", h, "wv")
   if "bq" in p:
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+  if "q_norm" in p:  # per head, over head_dim
+    q, k = norm(q, "q_norm"), norm(k, "k_norm")
   if not gpt2:
     q = apply_rope(q, positions_BT, inv_freq)
     k = apply_rope(k, positions_BT, inv_freq)
@@ -236,7 +282,7 @@ def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
   k = c(k, ("batch", "length", "kv_heads", "head_dim"))
   v = c(v, ("batch", "length", "kv_heads", "head_dim"))
   if cache is None:
-    o = attention.attend(q, k, v, segment_ids_BT, impl)
+    o = attention.attend(q, k, v, segment_ids_BT, impl, options)
   else:
     k_cache, v_cache, key_valid, index = cache
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
@@ -244,23 +290,29 @@ def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
     k_cache = c(k_cache, ("batch", "length", "kv_heads", "head_dim"))
     v_cache = c(v_cache, ("batch", "length", "kv_heads", "head_dim"))
     o = attention.cached_attention(q, k_cache, v_cache, key_valid,
-                                   index + jnp.arange(x_BTD.shape[1]))
+                                   index + jnp.arange(x_BTD.shape[1]), options)
     cache = (k_cache, v_cache)
   o = proj("bthk,hkd->btd", o, "wo")
   if gpt2:
     o = o + p["bo"].astype(dt)
+  if "post_attn_norm" in p:
+    o = norm(o, "post_attn_norm")
   x_BTD = c(x_BTD + o, ("batch", "length", "embed"))
 
   h = norm(x_BTD, "mlp_norm")
   up = proj("btd,df->btf", h, "w_up")
   if gpt2:
     act = jax.nn.gelu(up + p["b_up"].astype(dt), approximate=True)
+  elif cfg.mlp_activation == "gelu_tanh":
+    act = jax.nn.gelu(proj("btd,df->btf", h, "w_gate"), approximate=True) * up
   else:
     act = jax.nn.silu(proj("btd,df->btf", h, "w_gate")) * up
   act = c(act, ("batch", "length", "mlp"))
   out = proj("btf,fd->btd", act, "w_down")
   if gpt2:
     out = out + p["b_down"].astype(dt)
+  if "post_mlp_norm" in p:
+    out = norm(out, "post_mlp_norm")
   out = c(x_BTD + out, ("batch", "length", "embed"))
   return out if cache is None else (out, cache)
 
@@ -275,6 +327,8 @@ class Lora(NamedTuple):
 
 def _embed(params, tokens_BT, positions_BT, cfg, sharder):
   x = jnp.take(params["embed"], tokens_BT, axis=0).astype(_dtype(cfg.dtype))
+  if cfg.scale_embeddings:  # sqrt(d_model) rounded to the compute dtype, as Gemma does
+    x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
   if cfg.family == "gpt2":
     x = x + jnp.take(params["pos_embed"], positions_BT, axis=0).astype(x.dtype)
   if sharder is not None:
@@ -285,7 +339,7 @@ def _embed(params, tokens_BT, positions_BT, cfg, sharder):
 def _final_norm(params, x, cfg):
   if cfg.family == "gpt2":
     return layer_norm(x, params["final_norm"], params["final_norm_bias"], cfg.norm_eps)
-  return rms_norm(x, params["final_norm"], cfg.norm_eps)
+  return rms_norm(x, params["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
 
 
 def unrolls_layers(cfg, sharder: Sharder | None) -> bool:
@@ -306,25 +360,54 @@ def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   impl = attention.resolve_impl(cfg.attention, cfg.dtype)
   x = _embed(params, tokens_BT, positions, cfg, sharder)
-  inv_freq = rope_frequencies(cfg) if cfg.family == "llama" else None
+  inv_freqs = _inv_freqs(cfg)
 
   adapters = lora.adapters["layers"] if lora is not None else None
   drop_rngs = (jax.random.split(lora.rng, cfg.num_layers)
                if lora is not None and lora.rng is not None and lora.dropout > 0 else None)
 
-  def body(x, xs):
-    p, a, r = xs
-    return _layer(cfg, impl, sharder, inv_freq, x, p, segment_ids, positions, a,
-                  lora.scale if lora else 1.0, r, lora.dropout if lora else 0.0), None
+  def block(local: bool):
+    def run(x, xs):
+      p, a, r = xs
+      return _layer(cfg, impl, sharder, inv_freqs[local], x, p, segment_ids, positions, a,
+                    lora.scale if lora else 1.0, r, lora.dropout if lora else 0.0,
+                    local=local)
+    if cfg.remat != "none":
+      run = jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    return run
 
-  if cfg.remat != "none":
-    body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
   # Unrolled, the scan is one program: XLA slices each layer's weights at fixed offsets
   # and schedules and fuses across layers (README, "Scan or unroll").
-  layers = compute_weights(params["layers"], cfg)
-  x, _ = jax.lax.scan(body, x, (layers, adapters, drop_rngs),
-                      unroll=True if unrolls_layers(cfg, sharder) else 1)
+  unroll = True if unrolls_layers(cfg, sharder) else 1
+  xs = (compute_weights(params["layers"], cfg), adapters, drop_rngs)
+  kinds = layer_kinds(cfg)
+  P = _period(kinds)
+  if P == 1:  # every layer alike: one scan over them
+    run = block(kinds[0])
+    x, _ = jax.lax.scan(lambda x, xs: (run(x, xs), None), x, xs, unroll=unroll)
+    return _final_norm(params, x, cfg)
+  # A repeating pattern (Gemma's local and global layers): the scan runs over its
+  # repeats, each step the pattern's P layers in order; a partial repeat follows.
+  runs = [block(k) for k in kinds[:P]]
+  n = cfg.num_layers // P
+
+  def pattern(x, xs_P):
+    for j in range(P):
+      x = runs[j](x, jax.tree.map(lambda t, j=j: t[j], xs_P))
+    return x, None
+
+  head = jax.tree.map(lambda t: t[:n * P].reshape(n, P, *t.shape[1:]), xs)
+  x, _ = jax.lax.scan(pattern, x, head, unroll=unroll)
+  for j in range(cfg.num_layers - n * P):
+    x = runs[j](x, jax.tree.map(lambda t, i=n * P + j: t[i], xs))
   return _final_norm(params, x, cfg)
+
+
+def _inv_freqs(cfg) -> dict:
+  """RoPE's inverse frequencies for global (False) and local (True) layers."""
+  if cfg.family != "llama":
+    return {False: None, True: None}
+  return {False: rope_frequencies(cfg), True: rope_frequencies(cfg, local=True)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,16 +453,17 @@ def forward_cached(params, tokens_BT, cfg, cache: Cache, index, *, positions, va
   row: a loop's per-layer overhead and copies would be a large part of it)."""
   valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_BT, index, 1)
   impl = "xla"
-  inv_freq = rope_frequencies(cfg) if cfg.family == "llama" else None
+  inv_freqs = _inv_freqs(cfg)
   x = _embed(params, tokens_BT, positions, cfg, sharder)
   layers = params["layers"]
   if not isinstance(layers, tuple):
     layers = unstack_layers(params)["layers"]
   ks, vs = [], []
-  for i, p in enumerate(layers):
+  for i, (p, local) in enumerate(zip(layers, layer_kinds(cfg))):
     a = None if lora is None else jax.tree.map(lambda t, i=i: t[i], lora.adapters["layers"])
-    x, (k, v) = _layer(cfg, impl, sharder, inv_freq, x, p, None, positions, a,
-                       lora.scale if lora else 1.0, cache=(cache.k[i], cache.v[i], valid, index))
+    x, (k, v) = _layer(cfg, impl, sharder, inv_freqs[local], x, p, None, positions, a,
+                       lora.scale if lora else 1.0, cache=(cache.k[i], cache.v[i], valid, index),
+                       local=local)
     ks.append(k)
     vs.append(v)
   if last_only:
@@ -429,14 +513,19 @@ def unembed(params, h_BTD, cfg, sharder: Sharder | None = None):
   """Hidden states -> float32 logits [B, T, V]."""
   dt = _dtype(cfg.dtype)
   w_DV = params["embed"].astype(dt).T if cfg.tie_embeddings else params["lm_head"].astype(dt)
-  logits = _logits(h_BTD, w_DV)
+  logits = softcap(_logits(h_BTD, w_DV), cfg.final_softcap)
   if sharder is not None:
     logits = sharder.constrain(logits, ("batch", "length", "vocab"))
   return logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _head_stats(h_BTD, w, targets_BT, constrain, tied):
+def softcap(logits, cap: float):
+  """cap * tanh(logits / cap) (Gemma 2's final-logit soft-capping); `cap` 0: as they are."""
+  return cap * jnp.tanh(logits / cap) if cap > 0 else logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _head_stats(h_BTD, w, targets_BT, constrain, tied, cap=0.0):
   """`losses.token_stats` of the logits h @ w (float32), differentiable in h and w. `w`
   is the output head [D, V], or with `tied` the embedding table [V, D], in its stored
   dtype; it is cast to h's dtype here and its gradient goes back in the stored dtype (so
@@ -445,24 +534,29 @@ def _head_stats(h_BTD, w, targets_BT, constrain, tied):
   The backward pass is written out: the logits' gradient, g_logZ * softmax + g_target *
   onehot(target), is one elementwise pass over the saved float32 logits that writes h's
   dtype (no scatter for the target, no float32 gradient of the whole logits), and both of
-  its matmuls run on bf16 operands, as autocast's do."""
-  return _head_stats_fwd(h_BTD, w, targets_BT, constrain, tied)[0]
+  its matmuls run on bf16 operands, as autocast's do. With `cap` the logits are
+  soft-capped (`softcap`) and the gradient passes through tanh's derivative,
+  1 - (capped / cap)^2, in the same elementwise pass."""
+  return _head_stats_fwd(h_BTD, w, targets_BT, constrain, tied, cap)[0]
 
 
-def _head_stats_fwd(h_BTD, w, targets_BT, constrain, tied):
+def _head_stats_fwd(h_BTD, w, targets_BT, constrain, tied, cap):
   w_c = w.astype(h_BTD.dtype)  # [V, D] tied, else [D, V]; no transposed copy
-  logits = constrain(_head_logits(h_BTD, w_c, tied))
+  logits = softcap(constrain(_head_logits(h_BTD, w_c, tied)), cap)
   stats = losses.token_stats(logits, targets_BT)
   # A scalar zero carries the stored dtype to the backward pass (residuals are arrays).
   return stats, (h_BTD, w_c, targets_BT, logits, stats[0], jnp.zeros((), w.dtype))
 
 
-def _head_stats_bwd(constrain, tied, res, g):
+def _head_stats_bwd(constrain, tied, cap, res, g):
   h_BTD, w_c, targets_BT, logits, log_z_BT, w_dtype = res
   g_z, g_target, _ = g  # the argmax hit has no gradient
   onehot = targets_BT[..., None] == jnp.arange(logits.shape[-1], dtype=targets_BT.dtype)
   g_BTV = (g_z[..., None] * jnp.exp(logits - log_z_BT[..., None])
-           + jnp.where(onehot, g_target[..., None], 0.0)).astype(h_BTD.dtype)
+           + jnp.where(onehot, g_target[..., None], 0.0))
+  if cap > 0:  # through cap * tanh(z / cap)
+    g_BTV = g_BTV * (1.0 - jnp.square(logits / cap))
+  g_BTV = g_BTV.astype(h_BTD.dtype)
   dh, dw = _head_grads(constrain(g_BTV), h_BTD, w_c, tied)
   return dh.astype(h_BTD.dtype), dw.astype(w_dtype.dtype), None
 
@@ -484,7 +578,7 @@ def token_stats(params, h_BTD, targets_BT, cfg, sharder: Sharder | None = None):
                if sharder is not None else (lambda x: x))
   C = cfg.logits_chunk
   if not C or T <= C:
-    return _head_stats(h_BTD, w, targets_BT, constrain, cfg.tie_embeddings)
+    return _head_stats(h_BTD, w, targets_BT, constrain, cfg.tie_embeddings, cfg.final_softcap)
   n = -(-T // C)
   pad = n * C - T
   h = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))) if pad else h_BTD
@@ -494,7 +588,7 @@ def token_stats(params, h_BTD, targets_BT, cfg, sharder: Sharder | None = None):
 
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
   def chunk(h_BCD, t_BC):
-    return _head_stats(h_BCD, w, t_BC, constrain, cfg.tie_embeddings)
+    return _head_stats(h_BCD, w, t_BC, constrain, cfg.tie_embeddings, cfg.final_softcap)
 
   _, stats = jax.lax.scan(lambda _, xs: (None, chunk(*xs)), None, (h_NBCD, t_NBC))
   return tuple(jnp.swapaxes(x, 0, 1).reshape(B, n * C)[:, :T] for x in stats)

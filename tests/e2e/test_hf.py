@@ -27,12 +27,44 @@ FAMILIES = {
                                               tie_word_embeddings=True),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4,
                                             n_positions=64),
+    "llama32_tied": lambda: transformers.LlamaConfig(
+        **SMALL, num_key_value_heads=2, tie_word_embeddings=True, head_dim=16,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+    "mistral_window": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=2,
+                                                         sliding_window=5),
+    "qwen3_tied_gqa": lambda: transformers.Qwen3Config(
+        **SMALL, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+    "qwen3_mha_untied": lambda: transformers.Qwen3Config(
+        **{**SMALL, "num_hidden_layers": 3}, num_key_value_heads=4, tie_word_embeddings=False),
+    "qwen3_sliding": lambda: transformers.Qwen3Config(
+        **{**SMALL, "num_hidden_layers": 3}, num_key_value_heads=2, use_sliding_window=True,
+        sliding_window=5, max_window_layers=1),
+    "gemma2_odd": lambda: transformers.Gemma2Config(
+        **{**SMALL, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=16,
+        sliding_window=6, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0),
+    "gemma2_mha": lambda: transformers.Gemma2Config(
+        **SMALL, num_key_value_heads=4, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
+        tie_word_embeddings=False),
+    "gemma3_7layers": lambda: transformers.Gemma3TextConfig(
+        **{**SMALL, "num_hidden_layers": 7}, num_key_value_heads=2, head_dim=16,
+        sliding_window=6, query_pre_attn_scalar=16,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "phi3": lambda: transformers.Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0,
+                                            bos_token_id=1, eos_token_id=2),
+    "phi3_window_mha": lambda: transformers.Phi3Config(
+        **{**SMALL, "num_hidden_layers": 3}, num_key_value_heads=4, sliding_window=5,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 
 def make_hf_model(family, path, shard=False):
   torch.manual_seed(0)
-  m = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]())
+  m = transformers.AutoModelForCausalLM.from_config(FAMILIES[family](),
+                                                    attn_implementation="eager")
   with torch.no_grad():
     for p in m.parameters():  # non-trivial norms and biases, too
       p.normal_(0.0, 0.1)
@@ -61,11 +93,16 @@ def test_round_trip_reproduces_the_weights_exactly(family, tmp_path):
   ref = make_hf_model(family, tmp_path / "in")
   cfg, params = hf.load_hf(str(tmp_path / "in"))
   hf.save_hf(cfg, params, str(tmp_path / "out"))
-  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"),
+                                                          attn_implementation="eager")
   want, got = ref.state_dict(), back.state_dict()
   assert set(got) == set(want)
   for name, tensor in want.items():
     assert torch.equal(got[name], tensor), name
+  # The exported config.json rebuilds the same computation (windows, caps, scales).
+  tokens = torch.tensor(np.random.default_rng(1).integers(0, 96, size=(2, 24)))
+  with torch.no_grad():
+    torch.testing.assert_close(back(tokens).logits, ref(tokens).logits, rtol=0, atol=0)
 
 
 def test_sharded_export_loads_in_transformers(tmp_path):
