@@ -33,6 +33,14 @@ STDLIB = sysconfig.get_paths()["stdlib"]
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+# The llama family's options, two by two: what Gemma 2/3 and Qwen3 switch on.
+GEMMA_LIKE = dict(qk_norm=True, norm_plus_one=True, post_norms=True, mlp_activation="gelu_tanh",
+                  scale_embeddings=True, query_scale=12.0, attn_softcap=3.0, final_softcap=4.0,
+                  sliding_window=5, layer_pattern="LG", rope_local_theta=500.0, head_dim=24)
+QWEN3_LIKE = dict(qk_norm=True, head_dim=8, tie_embeddings=True, sliding_window=4,
+                  layer_pattern="LLG")
+
+
 def small_model(**overrides):
   m = model_config("tiny", d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=128,
                    vocab_size=512, remat="none")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_config, small_model
+from conftest import GEMMA_LIKE, QWEN3_LIKE, small_config, small_model
 from jaxlm import generate, loop, model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,13 +23,14 @@ def training_logprobs(params, cfg, prompt, completion, temperature):
   return np.take_along_axis(logp, seq[1:, None], -1)[:, 0][len(prompt) - 1:]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma_like", "qwen3_like"])
 @pytest.mark.parametrize("sampling", [
     generate.Sampling(max_new_tokens=12, temperature=1.0),
     generate.Sampling(max_new_tokens=12, temperature=0.7, top_k=10, top_p=0.9),
     generate.Sampling(max_new_tokens=12, temperature=0.0)])
 def test_engine_logprobs_equal_the_training_forward(family, sampling):
-  cfg = small_model(dtype="float32", vocab_size=64, family=family, max_seq_len=64)
+  variant = {"gemma_like": GEMMA_LIKE, "qwen3_like": QWEN3_LIKE}.get(family, {"family": family})
+  cfg = small_model(dtype="float32", vocab_size=64, max_seq_len=64, **variant)
   params = model.init(cfg, jax.random.PRNGKey(0))
   sharder = loop.make_sharder(small_config())
   engine = generate.Engine(cfg, eos_id=3, sharder=sharder)

@@ -162,3 +162,44 @@ def test_init_from_a_hf_directory_takes_its_shape_and_weights(tmp_path):
   out = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
   for name, tensor in ref.state_dict().items():
     np.testing.assert_allclose(out.state_dict()[name].numpy(), tensor.numpy(), atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["qwen3_tied_gqa", "gemma2_odd", "gemma3_7layers",
+                                    "phi3_window_mha"])
+def test_sft_through_the_launcher_on_an_imported_family_and_export_it(family, tmp_path):
+  """A few SFT steps from a HF directory of each new family, then the export: its
+  config.json and weights load in transformers and give jaxlm's logits."""
+  import subprocess
+  import sys
+
+  from conftest import word_tokenizer
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  tok = word_tokenizer(tmp_path, "explain what this python function does return the value "
+                       "of a list given key")
+  torch.manual_seed(0)
+  cfg = FAMILIES[family]()
+  cfg.vocab_size = 384  # room for the 320 pieces
+  ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+  ref.save_pretrained(tmp_path / "hf")
+  os.replace(tok.path, tmp_path / "hf" / "tokenizer.model")
+  run = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxlm.launch", "--config", "configs/sft_tiny.py",
+       f"--workdir={run}", f"--config.init_from={tmp_path / 'hf'}", "--config.steps=2",
+       "--config.eval_every=0", "--config.checkpoint_every=2", "--config.data.seq_len=64",
+       "--config.data.batch_size=8", "--config.log_every=1", "--config.mesh.fsdp=4",
+       "--config.mesh.tensor=2"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step 2/2" in result.stdout
+  runs.export_hf(str(run), str(tmp_path / "out"))
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"),
+                                                          attn_implementation="eager")
+  assert type(back).__name__ == type(ref).__name__
+  m, params, _, _ = runs.load_jaxlm(str(run))
+  tokens = np.random.default_rng(0).integers(0, 320, size=(2, 24))
+  m.dtype, m.attention = "float32", "xla"  # the run trains in bf16; compare in float32
+  got = np.asarray(model.forward(params, jnp.asarray(tokens), m))
+  with torch.no_grad():
+    want = back(torch.tensor(tokens)).logits.numpy()
+  assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-4

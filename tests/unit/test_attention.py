@@ -77,9 +77,12 @@ def test_the_loop_reads_the_layout_of_host_batches_and_of_device_only_batches():
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="cuDNN needs an NVIDIA GPU")
 @pytest.mark.parametrize("layout", attention.LAYOUTS)
 @pytest.mark.parametrize("fixed", [False, True], ids=["switch", "fixed"])
-def test_cudnn_attention_matches_xla_values_and_gradients(layout, fixed):
+@pytest.mark.parametrize("options", [attention.PLAIN, attention.Options(window=100, scale=0.1)],
+                         ids=["plain", "window"])
+def test_cudnn_attention_matches_xla_values_and_gradients(layout, fixed, options):
   """Each kernel, chosen on the device (lax.switch) or fixed while tracing (the loop's
-  per-layout steps), against the XLA reference."""
+  per-layout steps), against the XLA reference; also with a sliding window and a query
+  scale (Mistral's and Gemma's local layers)."""
   B, T, H, G, K = 4, 512, 8, 2, 64
   seg = layouts(B, T)[layout]
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
@@ -90,7 +93,7 @@ def test_cudnn_attention_matches_xla_values_and_gradients(layout, fixed):
 
   def attend(q, k, v, impl):
     with attention.fixed_layout(layout if fixed and impl == "cudnn" else None):
-      return attention.attend(q, k, v, seg, impl)
+      return attention.attend(q, k, v, seg, impl, options)
 
   def loss(impl):
     return lambda q, k, v: jnp.sum(attend(q, k, v, impl).astype(jnp.float32) * w)
@@ -109,9 +112,11 @@ def test_cudnn_attention_matches_xla_values_and_gradients(layout, fixed):
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_chunked_and_fused_loss_equal_plain_loss_and_gradients(tied):
-  cfg = model_config("tiny", vocab_size=512, dtype="float32", tie_embeddings=tied)
+@pytest.mark.parametrize("tied,cap", [(False, 0.0), (True, 0.0), (False, 2.0), (True, 2.0)])
+def test_chunked_and_fused_loss_equal_plain_loss_and_gradients(tied, cap):
+  """With `final_softcap` too: the fused head's capped logits and tanh's derivative."""
+  cfg = model_config("tiny", vocab_size=512, dtype="float32", tie_embeddings=tied,
+                     final_softcap=cap)
   params = model.init(cfg, jax.random.PRNGKey(0))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 100), 0, 512)
   targets = jnp.roll(tokens, -1, axis=1)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_model
+from conftest import GEMMA_LIKE, QWEN3_LIKE, small_model
 from jaxlm import attention, model
 
 
@@ -59,11 +59,15 @@ def test_llama3_rope_scaling_matches_reference_formula():
   assert got[-1] < inv[-1] and got[0] == pytest.approx(inv[0], rel=1e-6)
 
 
-def test_remat_policies_and_scanned_layers_give_the_same_gradients():
+@pytest.mark.parametrize("variant", [{}, GEMMA_LIKE, {**QWEN3_LIKE, "num_layers": 5}],
+                         ids=["llama", "gemma_like", "qwen3_like_5_layers"])
+def test_remat_policies_and_scanned_layers_give_the_same_gradients(variant):
+  """Local and global layers in a pattern: scanned by its repeats (and a partial one),
+  unrolled, rematerialized or not, the same gradients."""
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 512)
 
   def grads(remat, layer_loop="unroll"):
-    cfg = _f32(remat=remat, layer_loop=layer_loop)
+    cfg = _f32(remat=remat, layer_loop=layer_loop, **variant)
     params = model.init(cfg, jax.random.PRNGKey(0))
     return jax.grad(lambda p: model.forward(p, tokens, cfg).mean())(params)
 
@@ -113,3 +117,61 @@ def test_splash_attention_interpret_matches_xla():
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f"splash attention does not run in interpret mode here: {type(e).__name__}")
   np.testing.assert_allclose(got, attention.attend(q, k, v, seg, "xla"), atol=2e-3)
+
+
+def _naive_attention(q, k, v, window, softcap, scale):
+  """float64 numpy: one query at a time, over the keys it may see."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  B, T, H, K = q.shape
+  G = k.shape[2]
+  out = np.zeros_like(q)
+  for b in range(B):
+    for t in range(T):
+      lo = max(0, t - window + 1) if window else 0
+      for h in range(H):
+        s = k[b, lo:t + 1, h // (H // G)] @ q[b, t, h] * scale
+        if softcap:
+          s = softcap * np.tanh(s / softcap)
+        w = np.exp(s - s.max())
+        out[b, t, h] = (w / w.sum()) @ v[b, lo:t + 1, h // (H // G)]
+  return out
+
+
+@pytest.mark.parametrize("window,softcap,scale", [(4, 0.0, 0.0), (1, 0.0, 0.0), (6, 2.0, 0.1),
+                                                  (0, 1.5, 0.0)])
+def test_window_softcap_and_scale_equal_a_direct_computation(window, softcap, scale):
+  B, T, H, G, K = 2, 12, 4, 2, 8
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q = jax.random.normal(keys[0], (B, T, H, K), jnp.float32)
+  k = jax.random.normal(keys[1], (B, T, G, K), jnp.float32)
+  v = jax.random.normal(keys[2], (B, T, G, K), jnp.float32)
+  options = attention.Options(window=window, softcap=softcap, scale=scale)
+  want = _naive_attention(q, k, v, window, softcap, scale or K ** -0.5)
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(attention.attend(q, k, v, None, "xla", options), want, atol=1e-5)
+    # The decode path: every slot valid, queries at their own slots.
+    cached = attention.cached_attention(q, k, v, jnp.ones((B, T), bool), jnp.arange(T), options)
+    np.testing.assert_allclose(cached, want, atol=1e-5)
+
+
+def test_splash_attention_interpret_honours_window_and_softcap():
+  pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+  B, T, H, G, K = 1, 128, 2, 1, 128
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q = jax.random.normal(keys[0], (B, T, H, K), jnp.float32)
+  k = jax.random.normal(keys[1], (B, T, G, K), jnp.float32)
+  v = jax.random.normal(keys[2], (B, T, G, K), jnp.float32)
+  seg = jnp.array([[1] * 50 + [2] * 78])
+  options = attention.Options(window=16, softcap=5.0, scale=0.05)
+  try:
+    got = attention.attend(q, k, v, seg, "splash_interpret", options)
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"splash attention does not run in interpret mode here: {type(e).__name__}")
+  np.testing.assert_allclose(got, attention.attend(q, k, v, seg, "xla", options), atol=2e-3)
+
+
+def test_flops_count_local_layers_over_their_window():
+  cfg = _f32(sliding_window=100, layer_pattern="LLG", num_layers=3)
+  plain = model.flops_per_token(_f32(num_layers=3), 1000)
+  K = model.head_dim(cfg)
+  assert plain - model.flops_per_token(cfg, 1000) == 12 * cfg.num_heads * K * 2 * (1000 - 100)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import small_config
+from conftest import GEMMA_LIKE, QWEN3_LIKE, small_config
 from jaxlm import loop, losses, model, optimizer, sharding
 from jaxlm.config import DEFAULT_RULES
 
@@ -43,9 +43,10 @@ def test_library_example_shards_a_user_pytree():
   assert y.sharding.spec[0] == ("data", "fsdp") and y.sharding.shard_shape(y.shape) == (2, 16)
 
 
-def _first_step(mesh_sizes, batch):
+def _first_step(mesh_sizes, batch, variant):
   """Loss and gradients of one step under the given mesh, gathered to the host."""
-  config = small_config(**{f"mesh.{k}": v for k, v in mesh_sizes.items()})
+  config = small_config(**{f"mesh.{k}": v for k, v in mesh_sizes.items()},
+                        **{f"model.{k}": v for k, v in variant.items()})
   config.unlock()
   config.model.vocab_size = 512
   sharder = loop.make_sharder(config)
@@ -66,17 +67,20 @@ def _first_step(mesh_sizes, batch):
   return float(value), jax.device_get(grads)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2),
-                                  dict(data=1, fsdp=4, tensor=2)])
-def test_first_step_is_the_same_on_every_mesh(mesh):
+@pytest.mark.parametrize("mesh,variant", [
+    (dict(data=8, fsdp=1, tensor=1), {}), (dict(data=2, fsdp=2, tensor=2), {}),
+    (dict(data=1, fsdp=4, tensor=2), {}), (dict(data=1, fsdp=4, tensor=2), GEMMA_LIKE),
+    (dict(data=2, fsdp=2, tensor=2), QWEN3_LIKE)],
+    ids=["dp8", "dp2_fsdp2_tp2", "fsdp4_tp2", "gemma_like_fsdp4_tp2", "qwen3_like_dp2_fsdp2_tp2"])
+def test_first_step_is_the_same_on_every_mesh(mesh, variant):
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 512, size=(8, 33)).astype(np.int32)
   seg = np.repeat(np.array([[1] * 20 + [2] * 13]), 8, axis=0).astype(np.int32)
   pos = np.concatenate([np.arange(20), np.arange(13)])[None].repeat(8, 0).astype(np.int32)
   batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg[:, :-1],
            "positions": pos[:, :-1], "loss_mask": (seg[:, 1:] == seg[:, :-1]).astype(np.int32)}
-  ref_loss, ref_grads = _single_device_step(batch, jax.devices()[:1])  # the 1x1x1 mesh
-  loss, grads = _first_step(mesh, batch)
+  ref_loss, ref_grads = _single_device_step(batch, jax.devices()[:1], variant)  # 1x1x1 mesh
+  loss, grads = _first_step(mesh, batch, variant)
   # bf16 compute: relative agreement at bf16 precision.
   assert loss == pytest.approx(ref_loss, rel=1e-2)
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
@@ -84,9 +88,9 @@ def test_first_step_is_the_same_on_every_mesh(mesh):
     np.testing.assert_allclose(g / scale, r / scale, atol=3e-2, err_msg=jax.tree_util.keystr(path))
 
 
-def _single_device_step(batch, devices):
+def _single_device_step(batch, devices, variant):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=devices)
-  config = small_config()
+  config = small_config(**{f"model.{k}": v for k, v in variant.items()})
   config.unlock()
   config.model.vocab_size = 512
   sharder = sharding.Sharder(mesh, config.sharding.rules)
