@@ -43,7 +43,8 @@ TASKS = ("pretrain", "sft", "dpo", "decode")
 
 # Rows x length per preset when --batch / --seq are not given (training; issue 8's shapes).
 DEFAULT_SHAPES = {"tiny": (8, 128), "llama_150m": (16, 2048), "tinyllama_1b": (8, 2048),
-                  "llama3_3b": (4, 2048), "llama3_8b": (2, 2048), "gpt2_small": (16, 1024)}
+                  "llama3_3b": (4, 2048), "llama3_8b": (2, 2048), "gpt2_small": (16, 1024),
+                  "qwen3_1_7b": (8, 2048), "gemma2_2b": (8, 2048), "gemma3_1b": (8, 2048)}
 TINY_VOCAB = 4096  # presets without a vocabulary size (tiny) take this one
 
 

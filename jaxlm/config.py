@@ -33,6 +33,22 @@ MODEL_PRESETS = {
     "gpt2_small": dict(family="gpt2", d_model=768, num_layers=12, num_heads=12, num_kv_heads=12,
                        ffn_dim=3072, vocab_size=50257, tie_embeddings=True, max_seq_len=1024,
                        norm_eps=1e-5),
+    # The shapes of Qwen3-1.7B, Gemma-2-2B and Gemma-3-1B (their config.json files).
+    "qwen3_1_7b": dict(d_model=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                       ffn_dim=6144, vocab_size=151936, tie_embeddings=True, qk_norm=True,
+                       rope_theta=1000000.0, max_seq_len=40960, hf_architecture="qwen3"),
+    "gemma2_2b": dict(d_model=2304, num_layers=26, num_heads=8, num_kv_heads=4, head_dim=256,
+                      ffn_dim=9216, vocab_size=256000, tie_embeddings=True, norm_plus_one=True,
+                      post_norms=True, mlp_activation="gelu_tanh", scale_embeddings=True,
+                      query_scale=256.0, attn_softcap=50.0, final_softcap=30.0,
+                      sliding_window=4096, layer_pattern="LG", max_seq_len=8192,
+                      hf_architecture="gemma2"),
+    "gemma3_1b": dict(d_model=1152, num_layers=26, num_heads=4, num_kv_heads=1, head_dim=256,
+                      ffn_dim=6912, vocab_size=262144, tie_embeddings=True, norm_plus_one=True,
+                      post_norms=True, qk_norm=True, mlp_activation="gelu_tanh",
+                      scale_embeddings=True, query_scale=256.0, sliding_window=512,
+                      layer_pattern="LLLLLG", rope_theta=1000000.0, rope_local_theta=10000.0,
+                      max_seq_len=32768, hf_architecture="gemma3_text"),
 }
 
 # The device mesh's axes, outermost first (jaxlm.sharding builds meshes of them).

@@ -532,8 +532,12 @@ class _Tensors:
     raise HFError(f"{self.path}: tensor {name!r} is missing")
 
 
-def load_hf(path: str, param_dtype: str | None = None):
-  """(model_config, params as numpy) from a Hugging Face model directory."""
+# long: every family's tensors, one parameter at a time (stacked layers, fused, GPT-2's)
+def load_hf(path: str, param_dtype: str | None = None, place=None):
+  """(model_config, params) from a Hugging Face model directory: numpy arrays, or with
+  `place`, each parameter given to `place(path, array)` (path: ("embed",) or ("layers",
+  "wq")) as soon as it is whole, and its result kept: placed on its devices, the host
+  holds one parameter at a time rather than the whole model."""
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise HFError(f"{path}: no config.json; not a Hugging Face model directory")
@@ -543,59 +547,60 @@ def load_hf(path: str, param_dtype: str | None = None):
   fields = _Fields(hf, config_path)
   stored = fields.get("dtype", str, None) or fields.get("torch_dtype", str, "float32")
   m.param_dtype = param_dtype or ("bfloat16" if stored == "bfloat16" else "float32")
-  dtype = np.dtype(m.param_dtype) if m.param_dtype != "bfloat16" else None
+  dtype = np.dtype(m.param_dtype) if m.param_dtype != "bfloat16" else np.dtype(ml_dtypes.bfloat16)
   shapes = model.param_shapes_and_axes(m)
   names = _names(m)
+  place = place or (lambda _, x: x)
+  L = m.num_layers
 
-  def cast(x):
-    return x.astype(dtype if dtype is not None else ml_dtypes.bfloat16)
-
-  def convert(hf_name, kind, shape):
-    x = tensors.get(hf_name)
+  def convert(hf_name, kind, shape, x=None):
+    x = tensors.get(hf_name) if x is None else x
     try:
-      return cast(_to_jaxlm(x, kind, shape))
+      return _to_jaxlm(x, kind, shape)
     except ValueError:  # the tensor's size disagrees with config.json's shape
       raise HFError(f"{path}: tensor {hf_name!r} has shape {tuple(x.shape)}, which does not "
                     f"fit the {tuple(shape)} that config.json implies") from None
 
-  params = {}
+  def stack(name):  # the [L, ...] parameter, filled layer by layer
+    return np.empty(shapes["layers"][name][0], dtype)
+
+  params, layers = {}, {}
   for name, (hf_name, kind) in names["top"].items():
-    params[name] = convert(hf_name, kind, shapes[name][0])
-  layers = {}
+    params[name] = place((name,), convert(hf_name, kind, shapes[name][0]).astype(dtype))
   for name, (pattern, kind) in names["layer"].items():
     if m.family == "gpt2" and name in ("wq", "wk", "wv", "bq", "bk", "bv"):
       continue
-    shape = shapes["layers"][name][0][1:]
-    layers[name] = np.stack([convert(pattern.format(i=i), kind, shape)
-                             for i in range(m.num_layers)])
+    out = stack(name)
+    for i in range(L):
+      out[i] = convert(pattern.format(i=i), kind, out.shape[1:])
+    layers[name] = place(("layers", name), out)
   for pattern, parts in names["fused"].items():  # Phi-3: [q; k; v] and [gate; up] rows
     rows = sum(r for _, _, r in parts)
-    split = {name: [] for name, _, _ in parts}
-    for i in range(m.num_layers):
+    outs = {name: stack(name) for name, _, _ in parts}
+    for i in range(L):
       x = tensors.get(pattern.format(i=i))
       if x.shape != (rows, m.d_model):
         raise HFError(f"{path}: tensor {pattern.format(i=i)!r} has shape {tuple(x.shape)}, "
                       f"which does not fit the ({rows}, {m.d_model}) that config.json implies")
       start = 0
       for name, kind, r in parts:
-        split[name].append(cast(_to_jaxlm(x[start:start + r], kind,
-                                          shapes["layers"][name][0][1:])))
+        outs[name][i] = convert(pattern, kind, outs[name].shape[1:], x[start:start + r])
         start += r
-    layers.update({name: np.stack(xs) for name, xs in split.items()})
+    layers.update({name: place(("layers", name), x) for name, x in outs.items()})
   if m.family == "gpt2":  # c_attn holds q, k, v side by side: [D, 3D] and [3D]
     H, K = m.num_heads, model.head_dim(m)
-    for part, (w, b) in enumerate((("wq", "bq"), ("wk", "bk"), ("wv", "bv"))):
-      ws, bs = [], []
-      for i in range(m.num_layers):
-        cw = tensors.get(f"h.{i}.attn.c_attn.weight")
-        cb = tensors.get(f"h.{i}.attn.c_attn.bias")
-        if cw.shape != (m.d_model, 3 * H * K) or cb.shape != (3 * H * K,):
-          raise HFError(f"{path}: tensors 'h.{i}.attn.c_attn.*' have shapes "
-                        f"{tuple(cw.shape)} and {tuple(cb.shape)}, which do not fit the "
-                        f"({m.d_model}, {3 * H * K}) that config.json implies")
-        ws.append(cast(cw[:, part * H * K:(part + 1) * H * K].reshape(-1, H, K)))
-        bs.append(cast(cb[part * H * K:(part + 1) * H * K].reshape(H, K)))
-      layers[w], layers[b] = np.stack(ws), np.stack(bs)
+    outs = {name: stack(name) for name in ("wq", "wk", "wv", "bq", "bk", "bv")}
+    for i in range(L):
+      cw = tensors.get(f"h.{i}.attn.c_attn.weight")
+      cb = tensors.get(f"h.{i}.attn.c_attn.bias")
+      if cw.shape != (m.d_model, 3 * H * K) or cb.shape != (3 * H * K,):
+        raise HFError(f"{path}: tensors 'h.{i}.attn.c_attn.*' have shapes "
+                      f"{tuple(cw.shape)} and {tuple(cb.shape)}, which do not fit the "
+                      f"({m.d_model}, {3 * H * K}) that config.json implies")
+      for part, (w, b) in enumerate((("wq", "bq"), ("wk", "bk"), ("wv", "bv"))):
+        outs[w][i] = cw[:, part * H * K:(part + 1) * H * K].reshape(-1, H, K)
+        outs[b][i] = cb[part * H * K:(part + 1) * H * K].reshape(H, K)
+    layers.update({name: place(("layers", name), x) for name, x in outs.items()})
   params["layers"] = layers
   return m, params
 
@@ -662,12 +667,19 @@ def _write_shards(tensors: dict, path: str, max_shard_bytes: int, save_file):
   shards.append(current)
 
   def save(shard, fname):
+    file = os.path.join(path, fname)
+    # safetensors writes through a private temporary file (mode 0600) renamed into place:
+    # the shard gets the mode any new file gets here (0666 less the umask) once written.
+    with open(file, "wb"):
+      pass
+    mode = os.stat(file).st_mode & 0o777
     try:
-      save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+      save_file(shard, file, metadata={"format": "pt"})
     except OSError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (SafetensorError: a full disk, ...)
       raise OSError(one_line(f"{fname}: {e}")) from None
+    os.chmod(file, mode)
 
   if len(shards) == 1:
     save(shards[0], "model.safetensors")

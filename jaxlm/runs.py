@@ -22,10 +22,10 @@ import re
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxlm import checkpoint, console, fileio, hf, lora, model, reward_model, sharding
+from jaxlm import (checkpoint, console, fileio, hf, hf_tokenizer, lora, model, reward_model,
+                   sharding)
 from jaxlm.config import base_config, frozen_model, model_config
 from jaxlm.data import sft, tokenizer as tokenizer_lib
 from jaxlm.errors import CheckpointError, ConfigError, HFError, error_detail, one_line
@@ -45,15 +45,25 @@ def load_params(path: str, like_params) -> dict:
   """Parameters from a jaxlm checkpoint or a Hugging Face model directory, placed like
   `like_params` (shape, dtype and sharding)."""
   if hf.is_hf_dir(path):
-    _, params = hf.load_hf(path)
     abstract = checkpoint.abstract(like_params)
 
-    def put(x, like):
-      if x.shape != like.shape:
-        raise ConfigError(f"init_from: {path} has a parameter of shape {x.shape} where the "
-                          f"model config wants {like.shape}")
-      return jax.device_put(np.asarray(x).astype(like.dtype), like.sharding)
-    return jax.tree.map(put, params, abstract)
+    def put(where, x):  # onto its devices as soon as it is read: one on the host at a time
+      like = abstract
+      for key in where:
+        like = like.get(key) if isinstance(like, dict) else None
+      if like is None or x.shape != like.shape:
+        raise ConfigError(f"init_from: {path} has a parameter {'/'.join(where)} of shape "
+                          f"{x.shape} where the model config wants "
+                          f"{None if like is None else like.shape}")
+      return jax.device_put(x.astype(like.dtype, copy=False), like.sharding)
+    _, params = hf.load_hf(path, place=put)
+    def keys(tree):
+      return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    missing = keys(abstract) - keys(params)
+    if missing:
+      raise ConfigError(f"init_from: {path} has no parameter {sorted(missing)[0]} that the "
+                        f"model config wants")
+    return params
   return checkpoint.restore_params(path, like_params)
 
 
@@ -255,15 +265,16 @@ def import_hf(hf_dir: str, out: str) -> str:
 
 def export_hf(jaxlm_path: str, out: str) -> str:
   """A jaxlm workdir, checkpoints folder or step folder -> a HF model directory
-  (its latest step unless a step folder is given), with the tokenizer files, written
-  whole or not at all (`hf.staged_export`). A LoRA run's adapters are merged into its
-  base (its init_from)."""
+  (its latest step unless a step folder is given) that transformers and vLLM load as it
+  is, written whole or not at all (`hf.staged_export`): weights, config.json, and the
+  run's tokenizer as Hugging Face files (`_export_tokenizer`). A LoRA run's adapters are
+  merged into its base (its init_from)."""
   hf.check_export_target(out, "huggingface")  # before the (long) restore
-  m, params, workdir, _ = load_jaxlm(jaxlm_path)
+  m, params, workdir, run_config = load_jaxlm(jaxlm_path)
   token_ids = _token_ids(workdir)
   with hf.staged_export(out, "huggingface") as folder:
     hf.write_hf(m, params, folder, 5 * 2**30, extra_config=token_ids)
-    hf.copy_tokenizer(workdir, folder)
+    _export_tokenizer(workdir, folder, run_config, m)
   return out
 
 
@@ -275,3 +286,27 @@ def _token_ids(workdir: str) -> dict:
       tok = tokenizer_lib.load(os.path.join(workdir, name))
       return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
   return {}
+
+
+def _export_tokenizer(workdir: str, folder: str, run_config: dict, m) -> None:
+  """The run's tokenizer files into the export. A Hugging Face tokenizer (tokenizer.json:
+  an imported model's, or data.tokenizer's) keeps its own files as they are, plus a
+  generation_config.json when it has none; a SentencePiece model gains the files
+  transformers needs to use it without sentencepiece (`hf_tokenizer`)."""
+  copied = hf.copy_tokenizer(workdir, folder)
+  template = (run_config.get("data") or {}).get("chat_template") or (  # an import has no data
+      "hf" if _has_chat_template(workdir) else "jaxlm")
+  if "tokenizer.json" in copied:
+    if "generation_config.json" not in copied:
+      tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer.json"))
+      hf_tokenizer.write_generation_config(folder, tok, template, m.vocab_size)
+  elif "tokenizer.model" in copied:
+    tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer.model"))
+    hf_tokenizer.write_sentencepiece(folder, tok, template, vocab_size=m.vocab_size,
+                                     max_len=m.max_seq_len)
+
+
+def _has_chat_template(workdir: str) -> bool:
+  """Whether the tokenizer_config.json in `workdir` holds a chat template."""
+  path = os.path.join(workdir, "tokenizer_config.json")
+  return os.path.isfile(path) and "chat_template" in hf.read_json(path)

@@ -203,3 +203,18 @@ def test_sft_through_the_launcher_on_an_imported_family_and_export_it(family, tm
   with torch.no_grad():
     want = back(torch.tensor(tokens)).logits.numpy()
   assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["qwen3_1_7b", "gemma2_2b", "gemma3_1b", "llama3_8b"])
+def test_presets_have_the_published_models_shapes(preset):
+  """Each preset's export config builds, in transformers, a model with jaxlm's own
+  parameter count (on the meta device: no memory, nothing downloaded)."""
+  from jaxlm.config import model_config
+  m = model_config(preset, dtype="float32")
+  config = transformers.AutoConfig.for_model(**hf.hf_config_from_model(m, "bfloat16"))
+  with torch.device("meta"):
+    ref = transformers.AutoModelForCausalLM.from_config(config)
+  want = sum(p.numel() for p in ref.parameters())  # tied weights counted once
+  shapes = model.param_shapes_and_axes(m)
+  got = sum(int(np.prod(s)) for s, _ in jax.tree.leaves(shapes, is_leaf=model._is_spec))
+  assert got == want
