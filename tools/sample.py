@@ -3,6 +3,7 @@
   python tools/sample.py --model runs/tiny --prompt "def parse(" --max_new_tokens 64
   python tools/sample.py --model runs/sft_tiny --chat --temperature 0 --prompt "Name a prime."
   python tools/sample.py --model path/to/hf_model --chat    # interactive, multi-turn
+  python tools/sample.py --model runs/tiny --prompt "def" --temperature 0 --dtype float32
 
 DIR is a jaxlm run (any step folder of it; a LoRA run comes merged) or a Hugging Face
 model directory. Without --chat the prompt is continued as plain text; with --chat it is
@@ -32,6 +33,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this much mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_DTYPE = flags.DEFINE_enum("dtype", None, list(sample.DTYPES), "Compute dtype; default: the "
+                           "model's own (a run's model.dtype, bfloat16 unless it set another; "
+                           "float32 for a HF directory).")
 flags.mark_flag_as_required("model")
 
 
@@ -100,7 +104,7 @@ def main(argv):
     fail(e)
   sampler = sample.TextSampler(lm, chat=_CHAT.value, max_new_tokens=_MAX_NEW.value,
                                temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                               top_p=_TOP_P.value, seed=_SEED.value)
+                               top_p=_TOP_P.value, seed=_SEED.value, dtype=_DTYPE.value or "")
   system = [("system", _SYSTEM.value)] if _SYSTEM.value else []
   if _PROMPT.value:
     complete_prompts(sampler, system, _PROMPT.value)

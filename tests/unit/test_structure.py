@@ -20,7 +20,7 @@ LAYERS = (
     ("fileio", "console"),
     ("config", "cli"),
     ("sharding", "attention", "model", "lora", "losses", "optimizer", "metrics", "data"),
-    ("checkpoint", "hf"),
+    ("checkpoint", "hf", "hf_tokenizer"),
     ("workdir", "generate", "sample", "reward_model"),
     ("runs",),
     ("reward_fns",),
