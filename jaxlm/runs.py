@@ -55,8 +55,12 @@ def load_params(path: str, like_params) -> dict:
         raise ConfigError(f"init_from: {path} has a parameter {'/'.join(where)} of shape "
                           f"{x.shape} where the model config wants "
                           f"{None if like is None else like.shape}")
-      return jax.device_put(x.astype(like.dtype, copy=False), like.sharding)
-    _, params = hf.load_hf(path, place=put)
+      # Waited for, so the host copy is gone before the next parameter is read.
+      return jax.block_until_ready(jax.device_put(x.astype(like.dtype, copy=False),
+                                                  like.sharding))
+    dtypes = {str(x.dtype) for x in jax.tree.leaves(abstract)}
+    stacked = dtypes.pop() if len(dtypes) == 1 and not dtypes - {"float32", "bfloat16"} else None
+    _, params = hf.load_hf(path, param_dtype=stacked, place=put)
     def keys(tree):
       return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
     missing = keys(abstract) - keys(params)

@@ -7,14 +7,17 @@
 safetensors shard per layer and one for the rest, the index), each tensor random bf16,
 one layer in memory at a time. `load` reads it the way `init_from` does
 (`runs.load_params`: every parameter placed on the devices as float32, the training
-dtype), in a fresh process, and reports the process's peak resident memory (VmHWM:
-anonymous memory and the file pages of the memory-mapped shards) against the
-checkpoint's size, with the environment of the measurement.
+dtype), in a fresh process, and reports against the checkpoint's size the process's peak
+resident memory (VmHWM: its own memory and the page cache of the memory-mapped shards,
+which the kernel can drop) and the peak of its own (anonymous) memory alone (RssAnon,
+sampled every 10 ms), with the environment of the measurement. It prints with print(),
+not jaxlm.console, so that it also runs against older checkouts for a before/after.
 """
 
 import json
 import os
 import sys
+import threading
 import time
 
 from absl import app, flags
@@ -73,7 +76,7 @@ def make(folder: str, preset: str) -> None:
   fileio.atomic_write_json(os.path.join(folder, "config.json"),
                            hf.hf_config_from_model(m, "bfloat16"))
   size = sum(os.path.getsize(os.path.join(folder, f)) for f in set(weight_map.values()))
-  console.info(f"{folder}: {preset}, {size / 2**30:.2f} GiB of bf16 safetensors")
+  print(f"{folder}: {preset}, {size / 2**30:.2f} GiB of bf16 safetensors")
 
 
 def _hf_shape(x, kind: str) -> tuple:
@@ -96,14 +99,26 @@ def load(folder: str) -> dict:
   abstract = jax.eval_shape(lambda r: model.init(m, r), jax.random.PRNGKey(0))
   like = sharder.placed(model.param_axes(m), abstract)
   jax.block_until_ready(jax.device_put(np.zeros(4), jax.devices()[0]))  # the runtime is up
-  before = _status_gib("VmRSS")
+  before, anon_before = _status_gib("VmRSS"), _status_gib("RssAnon")
+  anon_peak, done = [anon_before], threading.Event()
+
+  def sample():
+    while not done.wait(0.01):
+      anon_peak[0] = max(anon_peak[0], _status_gib("RssAnon"))
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
   t0 = time.perf_counter()
   params = jax.block_until_ready(runs.load_params(folder, like))
   took = time.perf_counter() - t0
+  done.set()
+  sampler.join()
   peak = _status_gib("VmHWM")
-  result = {"checkpoint_gib": size / 2**30, "rss_before_gib": before, "peak_rss_gib": peak,
-            "peak_over_checkpoint": peak / (size / 2**30),
-            "load_growth_over_checkpoint": (peak - before) / (size / 2**30),
+  ckpt = size / 2**30
+  result = {"checkpoint_gib": ckpt, "rss_before_gib": before, "peak_rss_gib": peak,
+            "peak_over_checkpoint": peak / ckpt,
+            "load_growth_over_checkpoint": (peak - before) / ckpt,
+            "anon_before_gib": anon_before, "peak_anon_gib": anon_peak[0],
+            "peak_anon_over_checkpoint": anon_peak[0] / ckpt,
             "seconds": took, "parameters": model.count_params(params),
             "devices": jax.device_count(), **console.environment()}
   return result
@@ -111,13 +126,13 @@ def load(folder: str) -> dict:
 
 def main(argv):
   if len(argv) != 3 or argv[1] not in ("make", "load"):
-    console.error("usage: bench_hf_load.py make|load DIR [--preset P] [--json FILE]")
+    print("usage: bench_hf_load.py make|load DIR [--preset P] [--json FILE]", file=sys.stderr)
     return 2
   if argv[1] == "make":
     make(argv[2], _PRESET.value)
     return 0
   result = load(argv[2])
-  console.info(json.dumps(result, indent=2))
+  print(json.dumps(result, indent=2))
   if _JSON.value:
     fileio.atomic_write_json(_JSON.value, result)
   return 0
