@@ -8,7 +8,7 @@
   python tools/bench.py --preset tiny --task pretrain          # CPU: the tiny preset
 
 Presets are jaxlm.config.MODEL_PRESETS (tiny, llama_150m, tinyllama_1b, llama3_3b,
-llama3_8b, gpt2_small). --batch and --seq default to the preset's usual shape (decode:
+llama3_8b, gpt2_small, qwen3_1_7b, gemma2_2b, gemma3_1b). --batch and --seq default to the preset's usual shape (decode:
 --seq is the prompt length, default 128). --set changes any config field, its value read
 as the launcher reads --config.KEY=VALUE (jaxlm.cli: booleans are true/false, t/f or 1/0).
 The step is the launcher's own (jaxlm.bench).
