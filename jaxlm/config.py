@@ -142,6 +142,15 @@ _KNOBS = (
     Knob("progress", "auto", ("auto", "bar", "log"),
          'progress display: "auto" (a bar on a terminal, else log lines) | "bar" | "log"'),
 
+    _section("logging", "where metrics go besides metrics.jsonl and TensorBoard"),
+    Knob("logging.wandb_project", "", None,
+         "a Weights & Biases project: the run's scalars and resolved config go there too; "
+         "empty: off"),
+    Knob("logging.wandb_entity", "", None, "the W&B entity (team or user); empty: yours"),
+    Knob("logging.wandb_mode", "", ("", "online", "offline"),
+         '"offline": written under WORKDIR/wandb for `wandb sync` later, no network; '
+         '"": W&B\'s own setting (WANDB_MODE, else online)'),
+
     _section("mesh", "device mesh sizes per axis; their product is the device count"),
     Knob("mesh.data", 1, Unranged("> 0, or -1 (checked against the device count)"),
          "pure data parallelism (parameters replicated)"),

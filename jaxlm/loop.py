@@ -543,7 +543,8 @@ def _start(config, workdir, task, sharder, stop) -> tuple[_Run, dict]:
   notes = []  # said once the metrics writer exists (it keeps records up to the restored step)
   start, state, data_state = ckpt.restore_latest(s.state, notes.append)
   log = metrics_lib.MetricsWriter(workdir, total_steps=config.steps, start_step=start,
-                                  progress=config.progress)
+                                  progress=config.progress, wandb=config.get("logging"),
+                                  run_config=config.to_dict())
   for note in notes:
     log.info(note)
   if start is not None:

@@ -1,7 +1,10 @@
-"""Where training numbers go: metrics.jsonl, TensorBoard events, and the console.
+"""Where training numbers go: metrics.jsonl, TensorBoard events, the console, and
+Weights & Biases when `logging.wandb_project` is set.
 
 Only process 0 writes. On a terminal the console is a progress bar with step, loss,
-tokens/s, MFU and ETA; otherwise plain log lines every `log_every` steps.
+tokens/s, MFU and ETA; otherwise plain log lines every `log_every` steps. W&B gets the
+same scalars at the same steps and the resolved config; its run id is kept in the
+workdir (WANDB_RUN_ID_FILE), so a resumed run goes on in the same W&B run.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import math
 import os
 import sys
 import time
+import uuid
 
 import jax
 from tqdm import tqdm
 
 from jaxlm import console, fileio
 
+
+WANDB_RUN_ID_FILE = "wandb_run_id"
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
 PEAK_TFLOPS = (
@@ -48,9 +54,11 @@ class MetricsWriter:
   """Append-only metrics for one run directory."""
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int | None,
-               progress: str = "auto"):
+               progress: str = "auto", wandb=None, run_config: dict | None = None):
     """`start_step`: the step a run resumes from (its records up to there are kept), or
-    None for a fresh start (records left by an earlier attempt are dropped)."""
+    None for a fresh start (records left by an earlier attempt are dropped). `wandb`:
+    the config's `logging` section (W&B when its wandb_project is set), `run_config` the
+    resolved config it records."""
     self.active = jax.process_index() == 0
     self.total_steps = total_steps
     self.start_step = start_step or 0
@@ -58,6 +66,7 @@ class MetricsWriter:
     self.t0 = time.time()
     self.bar = None
     self.tb = None
+    self.wandb = None
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -68,6 +77,8 @@ class MetricsWriter:
     from tensorboardX import SummaryWriter  # lazy: only when a run writes its event files
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
                             purge_step=None if start_step is None else start_step + 1)
+    if wandb is not None and wandb.wandb_project:
+      self.wandb = _wandb_run(workdir, wandb, run_config)
     use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
     if use_bar:
       self.bar = tqdm(total=total_steps, initial=self.start_step, dynamic_ncols=True,
@@ -115,6 +126,9 @@ class MetricsWriter:
       if k != "step" and v is not None:
         self.tb.add_scalar(k, v, step)
     self.tb.flush()
+    if self.wandb is not None:
+      self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None},
+                     step=int(step))
     if console:
       self._console(step, record)
 
@@ -150,3 +164,22 @@ class MetricsWriter:
       self.bar.close()
     self.tb.close()
     self.file.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+
+
+def _wandb_run(workdir: str, settings, run_config: dict | None):
+  """A W&B run for this workdir: its id made once and kept in the workdir, so that a
+  resume continues it; files under WORKDIR/wandb."""
+  import wandb  # lazy: optional, only when logging.wandb_project is set
+  path = os.path.join(workdir, WANDB_RUN_ID_FILE)
+  run_id = ""
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      run_id = f.read().strip()
+  if not run_id:
+    run_id = uuid.uuid4().hex[:16]
+    fileio.atomic_write(path, run_id + "\n")
+  return wandb.init(project=settings.wandb_project, entity=settings.wandb_entity or None,
+                    mode=settings.wandb_mode or None, dir=workdir, id=run_id, resume="allow",
+                    name=os.path.basename(os.path.abspath(workdir)), config=run_config)
