@@ -13,7 +13,9 @@ A generated table sits between two comments in the document:
   <!-- /results -->
 
 `files`: JSON results (a list of records, or one record), their rows in order; the key
-`_file` is each row's file name.
+`_file` is each row's file name. With `select=a.b` (one file) the table is turned: the
+object at that path holds one record per column (`keys=` orders them, `corner=` heads
+the label column), and each of `columns` is a row.
 `columns`: `Header=key[:format]`, `|`-separated; `key*1000` scales a number first, a
 format is Python's (`,.0f`, `.1%`) with any text after it kept (`:.2f GiB`), a list
 value is joined with spaces, a missing one is empty. `commit`: the commit whose code the
@@ -64,9 +66,25 @@ def _cell(record: dict, column: str) -> str:
   return f"{value:{number}}{space}{suffix}"
 
 
+def _turned(spec: dict, columns: list, root: str) -> str:
+  (name,) = spec["files"].split()
+  with open(os.path.join(root, name), encoding="utf-8") as f:
+    data = json.load(f)
+  for part in spec["select"].split("."):
+    data = data[part]
+  keys = spec.get("keys", " ".join(data)).split()
+  lines = ["| " + " | ".join([spec.get("corner", ""), *keys]) + " |",
+           "|" + "---|" * (len(keys) + 1)]
+  lines += ["| " + " | ".join([label, *(_cell(data.get(k, {}), c) for k in keys)]) + " |"
+            for label, c in columns]
+  return "\n".join(lines) + "\n"
+
+
 def table(spec: dict, root: str = ROOT) -> str:
   """The Markdown table a region's spec asks for, from its results files."""
   columns = [c.split("=", 1) for c in spec["columns"].split("|")]
+  if spec.get("select"):
+    return _turned(spec, columns, root)
   rows = []
   for name in spec["files"].split():
     with open(os.path.join(root, name), encoding="utf-8") as f:

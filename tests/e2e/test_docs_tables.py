@@ -57,3 +57,13 @@ def test_a_changed_number_fails_and_changed_code_marks_the_table_stale(tmp_path)
 def test_a_region_without_its_files_is_one_line():
   with pytest.raises(ValueError, match=r"^D.md:1: a results table needs files="):
     docs_tables.render('<!-- results columns="a=a" -->\n<!-- /results -->', "D.md")
+
+
+def test_a_turned_table_has_a_column_per_record(tmp_path):
+  (tmp_path / "report.json").write_text(json.dumps(
+      {"stages": {"base": {"acc": 0.0}, "sft": {"acc": 0.25, "n": 3}}}))
+  spec = docs_tables._spec('files="report.json" select=stages keys="base sft" corner=held-out '
+                           'columns="accuracy=acc:.3f|count=n"', "D.md")
+  assert docs_tables.table(spec, str(tmp_path)) == (
+      "| held-out | base | sft |\n|---|---|---|\n| accuracy | 0.000 | 0.250 |\n"
+      "| count |  | 3 |\n")
