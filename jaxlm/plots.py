@@ -62,8 +62,34 @@ def _save(plt, fig, path: str) -> str:
   return path
 
 
+def objective(folder: str) -> tuple[str, str]:
+  """(metric key, panel title) of what a stage's training optimizes, from its
+  config.json: its loss, named; for RL the reward, since the policy-gradient surrogate's
+  value says little about progress."""
+  config = fileio.read_json(os.path.join(folder, "config.json"), optional=True) or {}
+  task = config.get("task", "")
+  if task in ("grpo", "ppo"):
+    return "reward", f"{task.upper()}: reward per rollout (smoothed)"
+  titles = {"pretrain": "next-token cross-entropy", "sft": "cross-entropy on responses",
+            "reward": "Bradley-Terry loss on pairs",
+            "dpo": f"DPO loss ({config.get('dpo', {}).get('loss', 'sigmoid')})"}
+  return "loss", titles.get(task, "loss")
+
+
+def smoothed(values: list[float], frac: float = 0.1) -> list[float]:
+  """A trailing mean over about `frac` of the points (at least 1)."""
+  window = max(1, round(len(values) * frac))
+  out, total = [], 0.0
+  for i, v in enumerate(values):
+    total += v - (values[i - window] if i >= window else 0.0)
+    out.append(total / min(i + 1, window))
+  return out
+
+
 def plot_losses(runs: dict[str, str], path: str) -> str | None:
-  """Training (solid) and held-out (dashed) loss per stage, one panel per stage."""
+  """Training (solid) and held-out (dashed) loss per stage, one panel per stage, titled
+  with the stage's objective; an RL stage's panel is its reward, smoothed over the raw
+  series drawn faint."""
   stages = {label: find_stages(w) for label, w in runs.items()}
   names = list(dict.fromkeys(n for s in stages.values() for n in s))
   if not names:
@@ -76,16 +102,19 @@ def plot_losses(runs: dict[str, str], path: str) -> str | None:
         continue
       rows = read_metrics(os.path.join(found[name], "metrics.jsonl"))
       color = f"C{i}"
-      key = "loss" if any("loss" in r for r in rows) else "loss/policy_avg"
-      ax.plot(*_series(rows, key), color=color, label=label if len(runs) > 1 else "train")
+      key, title = objective(found[name])
+      steps, values = _series(rows, key)
+      if key == "reward":
+        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        values = smoothed(values)
+      ax.plot(steps, values, color=color, label=label if len(runs) > 1 else "train")
       steps, values = _series(rows, "eval_loss")
       if steps:
         ax.plot(steps, values, "--o", color=color, markersize=3,
                 label=f"{label} held out" if len(runs) > 1 else "held out")
-    ax.set_title(STAGE_LABELS.get(name, name or "run"))
+    ax.set_title(f"{STAGE_LABELS.get(name, name or 'run')}: {title}", fontsize=9)
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
-  axes[0][0].set_ylabel("loss")
   return _save(plt, fig, path)
 
 
@@ -102,9 +131,11 @@ def plot_rl(runs: dict[str, str], path: str) -> str | None:
   plt = _pyplot()
   fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.0))
   for i, (label, rows) in enumerate(found.items()):
-    a.plot(*_series(rows, "reward"), color=f"C{i}", label=label)
+    steps, values = _series(rows, "reward")
+    a.plot(steps, values, color=f"C{i}", alpha=0.25, linewidth=0.8)  # raw, faint
+    a.plot(steps, smoothed(values), color=f"C{i}", label=label)
     b.plot(*_series(rows, "objective/kl"), color=f"C{i}", label=label)
-  a.set_title("reward")
+  a.set_title("reward (smoothed; raw faint)")
   b.set_title("KL to the reference (per token)")
   for ax in (a, b):
     ax.set_xlabel("step")

@@ -113,6 +113,29 @@ def write(config, workdir: str) -> dict:
   return result
 
 
+def shown(samples: list[dict], n: int) -> list[dict]:
+  """Up to `n` samples, right and wrong answers in turn while both last (in their order),
+  so the card shows what a stage gets wrong as well as what it gets right."""
+  right = [x for x in samples if x.get("correct")]
+  wrong = [x for x in samples if not x.get("correct")]
+  out = []
+  while len(out) < n and (right or wrong):
+    for group in (right, wrong):
+      if group and len(out) < n:
+        out.append(group.pop(0))
+  return out
+
+
+def notes(stages: dict) -> list[str]:
+  """One line for each metric that moves for a reason the stages explain."""
+  out = []
+  ppl = [(n, s["perplexity"]) for n, s in stages.items() if s.get("perplexity") is not None]
+  if any(b > a for (_, a), (_, b) in zip(ppl, ppl[1:])):
+    out.append("- Held-out perplexity is on pretraining text: it rises once a stage trains "
+               "on chat answers instead (SFT and after), as expected.")
+  return ["", *out] if out else []
+
+
 def _markdown(result, stages, plot_files, workdir, tok, n_samples) -> str:
   env, cost = result["environment"], result["cost"]
   names = list(stages)
@@ -138,6 +161,7 @@ def _markdown(result, stages, plot_files, workdir, tok, n_samples) -> str:
     if any(key in s for s in stages.values()):
       out.append(f"| {labels.get(key, key)} | "
                  + " | ".join(_fmt(stages[n].get(key)) for n in names) + " |")
+  out += notes(stages)
   if plot_files:
     out += ["", "## Plots", ""]
     out += [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plot_files]
@@ -146,7 +170,7 @@ def _markdown(result, stages, plot_files, workdir, tok, n_samples) -> str:
     if not s["samples"]:
       continue
     out += [f"### {name}", ""]
-    for sample in s["samples"][:n_samples]:
+    for sample in shown(s["samples"], n_samples):
       mark = "right" if sample.get("correct") else "wrong"
       out += [f"- **{sample['prompt']}** (answer {sample.get('answer')}; {mark})",
               "  ```", *[f"  {line}" for line in (sample["greedy"] or "(empty)").splitlines()],

@@ -1,0 +1,32 @@
+"""The report card's choices: objectives per stage, smoothing, which samples it shows,
+and its notes."""
+
+import json
+
+from jaxlm import plots, report
+
+
+def test_each_stage_plots_its_own_objective(tmp_path):
+  for task, extra in [("pretrain", {}), ("dpo", {"dpo": {"loss": "ipo"}}), ("grpo", {})]:
+    (tmp_path / task).mkdir()
+    (tmp_path / task / "config.json").write_text(json.dumps({"task": task, **extra}))
+  assert plots.objective(str(tmp_path / "pretrain")) == ("loss", "next-token cross-entropy")
+  assert plots.objective(str(tmp_path / "dpo")) == ("loss", "DPO loss (ipo)")
+  assert plots.objective(str(tmp_path / "grpo"))[0] == "reward"  # not the surrogate
+
+
+def test_smoothing_is_a_trailing_mean():
+  assert plots.smoothed([1.0, 2.0, 3.0, 4.0, 5.0], frac=0.4) == [1.0, 1.5, 2.5, 3.5, 4.5]
+  assert plots.smoothed([]) == []
+
+
+def test_samples_alternate_right_and_wrong():
+  samples = [{"id": i, "correct": i in (0, 1, 2)} for i in range(6)]
+  assert [x["id"] for x in report.shown(samples, 4)] == [0, 3, 1, 4]
+  assert [x["id"] for x in report.shown(samples[:3], 4)] == [0, 1, 2]
+
+
+def test_a_perplexity_rise_gets_its_note():
+  stages = {"base": {"perplexity": 2.7}, "sft": {"perplexity": 13.4}, "reward": {}}
+  assert "rises" in report.notes(stages)[1]
+  assert report.notes({"base": {"perplexity": 3.0}, "sft": {"perplexity": 2.0}}) == []
