@@ -55,7 +55,7 @@ def stage_configs(rl: str = "grpo") -> dict:
   pretrain.optimizer.warmup_steps = 40
   pretrain.optimizer.weight_decay = 0.01
 
-  sft = _common(base_config(), "sft", 200, "@pretrain")
+  sft = _common(base_config(), "sft", 600, "@pretrain")  # 200 left it copying numbers wrong
   sft.data.train = world + "sft:train"
   sft.data.eval = world + "sft:eval"
   sft.data.seq_len = 128
