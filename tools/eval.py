@@ -10,10 +10,16 @@
       --reference runs/pipeline/sft --reward_model runs/pipeline/reward \
       --baseline runs/pipeline/sft/eval --out runs/eval/dpo
 
+  python tools/eval.py --model runs/pipeline/sft --tasks builtin:world_prompts:eval \
+      --lm_eval_tasks hellaswag,arc_easy --lm_eval_dtype float32 --out runs/eval/sft
+
 --model is a jaxlm run (pretrain, SFT, LoRA, DPO, GRPO, PPO: a language model; reward:
 a reward model) or a Hugging Face directory. Writes eval.json and samples.jsonl into
 --out and prints the metrics. The same as
 `python -m jaxlm.launch --config FILE --workdir OUT` with config.task = "eval".
+--lm_eval_tasks also runs those lm-evaluation-harness tasks on the model (jaxlm.harness,
+the `eval` extra) and adds their results to eval.json as metrics["lm_eval"]; lm_eval's
+whole output goes to lm_eval.json beside it.
 """
 
 import json
@@ -41,6 +47,16 @@ _TEMPLATE = flags.DEFINE_string("chat_template", "", "jaxlm | chatml | llama3 | 
                                 "the run's, or hf for a HF directory with one.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Rows per generation or perplexity batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Perplexity row length.")
+_LM_EVAL_TASKS = flags.DEFINE_string("lm_eval_tasks", "", "lm-evaluation-harness tasks, "
+                                     "comma-separated (needs lm_eval: the eval extra).")
+_LM_EVAL_INCLUDE = flags.DEFINE_string("lm_eval_include", "", "A folder of lm_eval task "
+                                       "YAML files (lm_eval's --include_path).")
+_LM_EVAL_DTYPE = flags.DEFINE_string("lm_eval_dtype", "", "Compute dtype for the lm_eval "
+                                     "tasks; default the model's own.")
+_LM_EVAL_LIMIT = flags.DEFINE_integer("lm_eval_limit", 0, "The first N documents of each "
+                                      "lm_eval task; 0: all.")
+_LM_EVAL_FEWSHOT = flags.DEFINE_integer("lm_eval_num_fewshot", -1, "Few-shot examples per "
+                                        "lm_eval prompt; -1: each task's own.")
 flags.mark_flags_as_required(["model", "out"])
 
 
@@ -67,9 +83,42 @@ def main(argv):
   except (ConfigError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
+  if _LM_EVAL_TASKS.value:
+    try:
+      result = _lm_eval(result, out)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+      print(f"error: --lm_eval_tasks: {err}", file=sys.stderr)
+      sys.exit(2)
   print(json.dumps(result["metrics"], indent=2))
   print(f"wrote {os.path.join(out, evaluate.EVAL_FILE)} and {evaluate.SAMPLES_FILE}",
         file=sys.stderr)
+
+
+def _lm_eval(result: dict, out: str) -> dict:
+  """`result` (eval.json's contents) with the lm_eval tasks' results as
+  metrics["lm_eval"], eval.json rewritten and lm_eval's output in lm_eval.json."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import lm_eval  # pylint: disable=import-outside-toplevel
+  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+  from lm_eval.utils import handle_non_serializable  # pylint: disable=import-outside-toplevel
+  from jaxlm import evaluate, fileio, harness  # pylint: disable=import-outside-toplevel
+  lm = harness.JaxLM(pretrained=_MODEL.value, batch_size=_BATCH.value,
+                     dtype=_LM_EVAL_DTYPE.value, chat_template=_TEMPLATE.value)
+  names = [t.strip() for t in _LM_EVAL_TASKS.value.split(",") if t.strip()]
+  manager = TaskManager(include_path=_LM_EVAL_INCLUDE.value or None)
+  output = lm_eval.simple_evaluate(
+      model=lm, tasks=names, task_manager=manager, limit=_LM_EVAL_LIMIT.value or None,
+      num_fewshot=None if _LM_EVAL_FEWSHOT.value < 0 else _LM_EVAL_FEWSHOT.value)
+  if output is None:  # lm_eval answers None on processes other than the first
+    return result
+  output = json.loads(json.dumps(output, default=handle_non_serializable))
+  result["metrics"]["lm_eval"] = output["results"]
+  result["lm_eval"] = {"tasks": names, "include": _LM_EVAL_INCLUDE.value,
+                       "versions": output.get("versions"), "n-shot": output.get("n-shot")}
+  if jax.process_index() == 0:
+    fileio.atomic_write_json(os.path.join(out, "lm_eval.json"), output)
+    fileio.atomic_write_json(os.path.join(out, evaluate.EVAL_FILE), result)
+  return result
 
 
 if __name__ == "__main__":

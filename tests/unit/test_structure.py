@@ -26,7 +26,7 @@ LAYERS = (
     ("reward_fns",),
     ("loop",),
     ("tasks",),
-    ("evaluate", "estimate", "plots", "report", "selfdata", "tpu"),
+    ("evaluate", "estimate", "plots", "report", "selfdata", "tpu", "harness"),
     ("validate",),
     ("pipeline", "sweep", "bench"),
     ("launch",),
