@@ -165,13 +165,6 @@ _GEMMA = ("gemma2", "gemma3_text")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
-def _minimal_pattern(kinds: list[bool]) -> str:
-  """"L"/"G" per layer, as the shortest pattern whose repeats give the layers."""
-  text = "".join("L" if k else "G" for k in kinds)
-  return next(text[:p] for p in range(1, len(text) + 1)
-              if all(text[i] == text[i % p] for i in range(len(text))))
-
-
 def _layer_pattern(f: _Fields, kind: str, layers: int, where: str) -> tuple[str, int]:
   """(model.layer_pattern, model.sliding_window): from `layer_types` when config.json
   lists them, else from the family's own fields."""
@@ -197,7 +190,8 @@ def _layer_pattern(f: _Fields, kind: str, layers: int, where: str) -> tuple[str,
     return "G", 0
   if not window:
     raise HFError(f"{where}: layers are sliding_attention but field 'sliding_window' is not set")
-  return _minimal_pattern(local), window
+  # The shortest pattern whose repeats give the layers (model.layer_pattern's form).
+  return "".join("L" if k else "G" for k in local[:model.period(local)]), window
 
 
 # long: one reading of every family's config.json fields, each checked as it is read
@@ -439,11 +433,18 @@ def _to_jaxlm(x: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
   return np.ascontiguousarray(x.reshape(shape))
 
 
-def _to_hf(x: np.ndarray, kind: str, hf_shape: tuple) -> np.ndarray:
+def to_hf(x: np.ndarray, kind: str) -> np.ndarray:
+  """One jaxlm tensor (one layer's, for layer params) in HF's layout: `_to_jaxlm` undone.
+  out_heads [D, H, K] -> [H*K, D]; in_heads_t [H, K, D] -> [D, H*K]; in_heads (GPT-2's
+  Conv1D) [H, K, D] -> [H*K, D]; heads [H, K] -> [H*K]; transpose [in, out] -> [out, in]."""
   if kind in ("transpose", "out_heads", "in_heads_t"):
     x = x.reshape(x.shape[0], -1) if kind == "out_heads" else x.reshape(-1, x.shape[-1])
     x = x.T
-  return np.ascontiguousarray(x.reshape(hf_shape))
+  elif kind == "in_heads":
+    x = x.reshape(-1, x.shape[-1])
+  elif kind == "heads":
+    x = x.reshape(-1)
+  return np.ascontiguousarray(x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -617,31 +618,16 @@ def write_hf(m, params, folder: str, max_shard_bytes: int, extra_config: dict | 
   params = jax.tree.map(np.asarray, jax.device_get(params))
   names = _names(m)
   out = {}
+  prefix = "transformer." if m.family == "gpt2" else ""
   for name, (hf_name, kind) in names["top"].items():
-    x = params[name]
-    hf_shape = x.shape if kind == "same" else x.shape[::-1]
-    out[("transformer." if m.family == "gpt2" else "") + hf_name] = _to_hf(x, kind, hf_shape)
+    out[prefix + hf_name] = to_hf(params[name], kind)
   for name, (pattern, kind) in names["layer"].items():
     for i in range(m.num_layers):
-      x = params["layers"][name][i]
-      if kind == "heads":
-        hf_shape = (x.size,)
-      elif kind == "out_heads":
-        hf_shape = (x.shape[1] * x.shape[2], x.shape[0])
-      elif kind == "in_heads_t":
-        hf_shape = (x.shape[2], x.shape[0] * x.shape[1])
-      elif kind == "in_heads":
-        hf_shape = (x.shape[0] * x.shape[1], x.shape[2])
-      elif kind == "transpose":
-        hf_shape = x.shape[::-1]
-      else:
-        hf_shape = x.shape
-      out[("transformer." if m.family == "gpt2" else "") + pattern.format(i=i)] = (
-          _to_hf(x, kind, hf_shape))
+      out[prefix + pattern.format(i=i)] = to_hf(params["layers"][name][i], kind)
   for pattern, parts in names["fused"].items():
     for i in range(m.num_layers):
-      out[pattern.format(i=i)] = np.concatenate([
-          _to_hf(params["layers"][name][i], kind, (r, m.d_model)) for name, kind, r in parts])
+      out[pattern.format(i=i)] = np.concatenate([to_hf(params["layers"][name][i], kind)
+                                                 for name, kind, _ in parts])
   if m.family == "gpt2":
     for i in range(m.num_layers):
       lp = {k: params["layers"][k][i] for k in ("wq", "wk", "wv", "bq", "bk", "bv")}

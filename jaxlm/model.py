@@ -139,8 +139,8 @@ def layer_kinds(cfg) -> tuple[bool, ...]:
   return tuple(pattern[i % len(pattern)] == "L" for i in range(cfg.num_layers))
 
 
-def _period(kinds: tuple[bool, ...]) -> int:
-  """The shortest p for which the layers are repeats of their first p kinds."""
+def period(kinds) -> int:
+  """The shortest p for which a sequence of layer kinds is repeats of its first p."""
   return next(p for p in range(1, len(kinds) + 1)
               if all(kinds[i] == kinds[i % p] for i in range(len(kinds))))
 
@@ -381,7 +381,7 @@ def hidden_states(params, tokens_BT, cfg, *, segment_ids=None, positions=None,
   unroll = True if unrolls_layers(cfg, sharder) else 1
   xs = (compute_weights(params["layers"], cfg), adapters, drop_rngs)
   kinds = layer_kinds(cfg)
-  P = _period(kinds)
+  P = period(kinds)
   if P == 1:  # every layer alike: one scan over them
     run = block(kinds[0])
     x, _ = jax.lax.scan(lambda x, xs: (run(x, xs), None), x, xs, unroll=unroll)

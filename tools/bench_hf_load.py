@@ -61,15 +61,12 @@ def make(folder: str, preset: str) -> None:
 
   top = {}
   for name, (hf_name, kind) in names["top"].items():
-    shape = shapes[name][0]
-    top[hf_name] = random(shape if kind == "same" else shape[::-1])
+    top[hf_name] = hf.to_hf(random(shapes[name][0]), kind)
   write(top, "top.safetensors")
   for i in range(m.num_layers):
     layer = {}
     for name, (pattern, kind) in names["layer"].items():
-      x = random(shapes["layers"][name][0][1:])
-      # pylint: disable-next=protected-access
-      layer[pattern.format(i=i)] = hf._to_hf(x, kind, _hf_shape(x, kind))
+      layer[pattern.format(i=i)] = hf.to_hf(random(shapes["layers"][name][0][1:]), kind)
     write(layer, f"layer-{i:03d}.safetensors")
   fileio.atomic_write_json(os.path.join(folder, hf.SAFETENSORS_INDEX),
                            {"metadata": {}, "weight_map": weight_map})
@@ -77,16 +74,6 @@ def make(folder: str, preset: str) -> None:
                            hf.hf_config_from_model(m, "bfloat16"))
   size = sum(os.path.getsize(os.path.join(folder, f)) for f in set(weight_map.values()))
   print(f"{folder}: {preset}, {size / 2**30:.2f} GiB of bf16 safetensors")
-
-
-def _hf_shape(x, kind: str) -> tuple:
-  if kind == "out_heads":
-    return (x.shape[1] * x.shape[2], x.shape[0])
-  if kind == "in_heads_t":
-    return (x.shape[2], x.shape[0] * x.shape[1])
-  if kind == "heads":
-    return (x.size,)
-  return x.shape[::-1] if kind == "transpose" else x.shape
 
 
 def load(folder: str) -> dict:
