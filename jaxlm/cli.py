@@ -211,6 +211,14 @@ def _kind(config, key: str, flag: str) -> str:
           list: "list"}.get(kind, "literal")
 
 
+def parse_bool(text: str, what: str) -> bool:
+  """absl's spellings of a boolean, any case; ConfigError naming `what` for anything else
+  ("yes" too: one reading of true and false everywhere)."""
+  if text.lower() in _TRUE + _FALSE:
+    return text.lower() in _TRUE
+  raise ConfigError(one_line(f"{what}={text}: must be true or false (t, f, 1, 0 also do)"))
+
+
 def _parse_text(kind: str, text: str | None, flag: str):
   def bad(reason):
     return ConfigError(one_line(f"flag {flag}={text}: {reason}"))
@@ -222,9 +230,7 @@ def _parse_text(kind: str, text: str | None, flag: str):
   if kind == "str":
     return text
   if kind == "bool":
-    if text.lower() in _TRUE + _FALSE:
-      return text.lower() in _TRUE
-    raise bad("must be true or false (t, f, 1, 0 also do)")
+    return parse_bool(text, f"flag {flag}")
   if kind in ("int", "float"):
     base = {"0o": 8, "0x": 16}.get(text[:2], 10) if len(text) > 2 else 10
     try:

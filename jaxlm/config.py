@@ -110,6 +110,8 @@ def _section(key: str, description: str) -> Knob:
 
 # Every knob of base_config, in its order. Keys under "model." are model_config's
 # defaults, before a shape preset (base_config's model section is the "tiny" preset's).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype's choices
+
 _KNOBS = (
     Knob("task", "pretrain", None,
          "what to run: pretrain | sft | reward | dpo | grpo | ppo | eval | pipeline "
@@ -193,7 +195,7 @@ _KNOBS = (
     Knob("model.tie_embeddings", False, None,
          "share the input embedding with the output projection"),
     Knob("model.init_std", 0.02, "(0, inf)", "standard deviation of the initial weights"),
-    Knob("model.dtype", "bfloat16", ("float32", "bfloat16", "float16"), "compute dtype"),
+    Knob("model.dtype", "bfloat16", COMPUTE_DTYPES, "compute dtype"),
     Knob("model.param_dtype", "float32", ("float32", "bfloat16"),
          "storage dtype of parameters and optimizer state"),
     Knob("model.remat", "minimal", ("none", "minimal", "full"),
@@ -444,6 +446,21 @@ def frozen_model(m) -> ModelConfig:
     if key not in known:
       raise ConfigError(f"model.{key}: not a model setting (known: {', '.join(sorted(known))})")
   return ModelConfig(**values)
+
+
+def check_compute_dtype(dtype: str, key: str) -> None:
+  """ConfigError naming `key` unless `dtype` is empty or one of model.dtype's choices."""
+  if dtype and dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"{key}={dtype!r}: one of {', '.join(COMPUTE_DTYPES)}")
+
+
+def compute_in(m, dtype: str, key: str) -> ModelConfig:
+  """`m` frozen, computing in `dtype` instead of its own when `dtype` is given
+  (`check_compute_dtype`): how a sampler or an evaluator runs a model in float32 to
+  compare with another implementation."""
+  check_compute_dtype(dtype, key)
+  frozen = frozen_model(m)
+  return dataclasses.replace(frozen, dtype=dtype) if dtype else frozen
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -171,7 +171,7 @@ def evaluate_policy(e, policy, workdir: str, log=console.info) -> tuple[dict, li
     log(sources.summary("eval.tasks", loaded))
   metrics["tasks"] = len(records)
   tok, template = policy.tokenizer, policy.template
-  stop = generate.stop_ids(tok, sft.end_of_turn(template))
+  stop = sft.end_of_turn_ids(tok, template)
   prompt_ids = [sft.generation_prompt(r.turns, tok, template) for r in records]
   engine = generate.Engine(policy.model_config, eos_id=tok.eos_id, vocab_size=tok.vocab_size)
   t0 = time.perf_counter()

@@ -123,12 +123,6 @@ def check_length(cfg, prompt_len: int, max_new_tokens: int):
                      f"the model's max_seq_len={cfg.max_seq_len} (learned positions)")
 
 
-def stop_ids(tok, marker: str) -> tuple[int, ...]:
-  """The ids `marker` (an end-of-turn string) encodes to, leading space pieces dropped:
-  the stop sequence that ends a chat reply."""
-  return tuple(i for i in tok.encode(marker) if tok.decode([i]).strip()) if marker else ()
-
-
 def completion_ids(tokens, length: int, eos_id: int, stop: tuple[int, ...]) -> list[int]:
   """A row's generated ids without the EOS or stop sequence that ended it."""
   ids = [int(t) for t in tokens[:length]]

@@ -36,7 +36,6 @@ early when its tokens spell one.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
@@ -51,8 +50,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval import utils as lm_utils
 from tqdm import tqdm
 
-from jaxlm import console, generate, losses, model, runs, sample, sharding
-from jaxlm.config import base_config, frozen_model
+from jaxlm import cli, console, generate, losses, model, runs, sharding
+from jaxlm.config import base_config, check_compute_dtype, compute_in
 from jaxlm.data import sft
 from jaxlm.errors import ConfigError
 
@@ -66,16 +65,6 @@ def _scores(params, tokens_BT, targets_BT, mask_BT, *, cfg, sharder):
   logp_B = losses.sequence_logps_from_stats(log_z, target_logit, mask)
   greedy_B = jnp.all((correct > 0) | (mask == 0), axis=-1)
   return logp_B, greedy_B
-
-
-def _as_bool(value, key: str) -> bool:
-  if isinstance(value, bool):
-    return value
-  if str(value).lower() in ("true", "1", "yes"):
-    return True
-  if str(value).lower() in ("false", "0", "no"):
-    return False
-  raise ConfigError(f"model_args {key}={value!r}: true or false")
 
 
 @register_model("jaxlm")
@@ -96,18 +85,16 @@ class JaxLM(TemplateLM):
     if device not in (None, "", "cpu", "cuda", "tpu"):
       console.warning(f"jaxlm: device={device!r} ignored; rows go to JAX's devices "
                       f"(data_parallel)")
-    if dtype and dtype not in sample.DTYPES:
-      raise ConfigError(f"model_args dtype={dtype!r}: one of {', '.join(sample.DTYPES)}")
+    check_compute_dtype(dtype, "model_args dtype")  # before the (long) load
     lm = runs.load_lm(pretrained, chat_template)
-    cfg = frozen_model(lm.model_config)
-    if dtype:
-      cfg = dataclasses.replace(cfg, dtype=dtype)
+    cfg = compute_in(lm.model_config, dtype, "model_args dtype")
     self.cfg, self.tok, self.pretrained = cfg, lm.tokenizer, pretrained
     self.template = lm.template
     self.batch_size = int(batch_size)
     self._max_length = int(max_length) or cfg.max_seq_len
     self.max_gen_toks = int(max_gen_toks)
-    self.add_bos_token = _as_bool(add_bos_token, "add_bos_token")
+    self.add_bos_token = (add_bos_token if isinstance(add_bos_token, bool)
+                          else cli.parse_bool(str(add_bos_token), "model_args add_bos_token"))
     self.sharder = self._sharder(int(data_parallel))
     if self.sharder is not None:
       params = jax.device_put(lm.params, self.sharder.sharding(()))  # whole on every device

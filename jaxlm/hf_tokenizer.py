@@ -183,8 +183,7 @@ def _template(tok, name: str, *, warn: bool) -> sft.ChatTemplate | None:
 
 def end_of_turn_id(tok, template: sft.ChatTemplate | None) -> int | None:
   """The id of the marker that ends an assistant turn, when it is one token."""
-  marker = sft.end_of_turn(template) if template is not None else ""
-  ids = [i for i in tok.encode(marker) if tok.decode([i]).strip()] if marker else []
+  ids = sft.end_of_turn_ids(tok, template) if template is not None else ()
   return ids[0] if len(ids) == 1 else None
 
 

@@ -15,30 +15,25 @@ import jax
 import numpy as np
 
 from jaxlm import generate
-from jaxlm.config import frozen_model
+from jaxlm.config import compute_in
 from jaxlm.data import sft
-from jaxlm.errors import ConfigError
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class TextSampler:
   """Prompt ids in, completion texts out, one key split off per call. With `chat`, a
   completion ends at the template's end-of-turn marker (and at EOS, as without).
-  `dtype` (one of DTYPES) computes in that dtype instead of the model's own
+  `dtype` (one of config.COMPUTE_DTYPES) computes in that dtype instead of the model's own
   (a run's model.dtype, bfloat16 unless it set another; float32 for a Hugging Face
   directory): float32 to compare with another implementation token for token."""
 
   def __init__(self, lm, *, chat: bool, max_new_tokens: int, temperature: float,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, dtype: str = ""):
-    if dtype and dtype not in DTYPES:
-      raise ConfigError(f"--dtype={dtype!r}: one of {', '.join(DTYPES)}")
     if dtype:
-      lm = dataclasses.replace(lm, model_config=dataclasses.replace(
-          frozen_model(lm.model_config), dtype=dtype))
+      lm = dataclasses.replace(lm, model_config=compute_in(lm.model_config, dtype, "--dtype"))
     self.lm = lm
     tok = lm.tokenizer
-    self.stop = generate.stop_ids(tok, sft.end_of_turn(lm.template)) if chat else ()
+    self.stop = sft.end_of_turn_ids(tok, lm.template) if chat else ()
     self.sampling = generate.Sampling(max_new_tokens=max_new_tokens, temperature=temperature,
                                       top_k=top_k, top_p=top_p,
                                       stop=(self.stop,) if self.stop else ())

@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
-from jaxlm import runs, sample
+from jaxlm import config, runs, sample
 from jaxlm.errors import ConfigError, DataError
 
 
@@ -33,9 +33,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this much mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_DTYPE = flags.DEFINE_enum("dtype", None, list(sample.DTYPES), "Compute dtype; default: the "
-                           "model's own (a run's model.dtype, bfloat16 unless it set another; "
-                           "float32 for a HF directory).")
+_DTYPE = flags.DEFINE_enum("dtype", None, list(config.COMPUTE_DTYPES), "Compute dtype; "
+                           "default: the model's own (a run's model.dtype, bfloat16 unless it "
+                           "set another; float32 for a HF directory).")
 flags.mark_flag_as_required("model")
 
 

@@ -455,6 +455,13 @@ def end_of_turn(template: ChatTemplate) -> str:
   return template.end.strip() or template.eos_token
 
 
+def end_of_turn_ids(tok, template: ChatTemplate) -> tuple[int, ...]:
+  """The ids `end_of_turn(template)` encodes to, leading space pieces dropped: the stop
+  sequence that ends a chat reply."""
+  marker = end_of_turn(template)
+  return tuple(i for i in tok.encode(marker) if tok.decode([i]).strip()) if marker else ()
+
+
 def load_examples(files: list[str], tok, template: ChatTemplate, *, fmt: str, seq_len: int,
                   loss_on: str, truncation: str, on_error: str,
                   max_bytes: int = MAX_RECORD_BYTES) -> Examples:

@@ -97,7 +97,7 @@ class Rollouts:
     except ValueError as e:
       raise ConfigError(f"rl.max_new_tokens: {e} (data.train's longest prompt is {longest} "
                         f"tokens)") from None
-    self.stop = generate.stop_ids(self.tok, sft_data.end_of_turn(self.template))
+    self.stop = sft_data.end_of_turn_ids(self.tok, self.template)
     self.sampling = generate.Sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                       top_k=r.top_k, top_p=r.top_p,
                                       stop=(self.stop,) if self.stop else ())
