@@ -104,19 +104,25 @@ def test_flops_per_token_matches_palm_formula_for_tinyllama():
   assert model.flops_per_token(cfg, 2048) == 6 * n + 12 * 22 * 2048 * 2048
 
 
-def test_splash_attention_interpret_matches_xla():
-  pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
-  B, T, H, G, K = 1, 128, 2, 1, 128
+def _qkv(B, T, H, G, K):
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  q = jax.random.normal(keys[0], (B, T, H, K), jnp.float32)
-  k = jax.random.normal(keys[1], (B, T, G, K), jnp.float32)
-  v = jax.random.normal(keys[2], (B, T, G, K), jnp.float32)
+  return (jax.random.normal(keys[0], (B, T, H, K), jnp.float32),
+          jax.random.normal(keys[1], (B, T, G, K), jnp.float32),
+          jax.random.normal(keys[2], (B, T, G, K), jnp.float32))
+
+
+@pytest.mark.parametrize("options", [attention.PLAIN,
+                                     attention.Options(window=16, softcap=5.0, scale=0.05)],
+                         ids=["plain", "window_softcap_scale"])
+def test_splash_attention_interpret_matches_xla(options):
+  pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+  q, k, v = _qkv(1, 128, 2, 1, 128)
   seg = jnp.array([[1] * 50 + [2] * 78])
   try:
-    got = attention.attend(q, k, v, seg, "splash_interpret")
+    got = attention.attend(q, k, v, seg, "splash_interpret", options)
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f"splash attention does not run in interpret mode here: {type(e).__name__}")
-  np.testing.assert_allclose(got, attention.attend(q, k, v, seg, "xla"), atol=2e-3)
+  np.testing.assert_allclose(got, attention.attend(q, k, v, seg, "xla", options), atol=2e-3)
 
 
 def _naive_attention(q, k, v, window, softcap, scale):
@@ -141,10 +147,7 @@ def _naive_attention(q, k, v, window, softcap, scale):
                                                   (0, 1.5, 0.0)])
 def test_window_softcap_and_scale_equal_a_direct_computation(window, softcap, scale):
   B, T, H, G, K = 2, 12, 4, 2, 8
-  keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  q = jax.random.normal(keys[0], (B, T, H, K), jnp.float32)
-  k = jax.random.normal(keys[1], (B, T, G, K), jnp.float32)
-  v = jax.random.normal(keys[2], (B, T, G, K), jnp.float32)
+  q, k, v = _qkv(B, T, H, G, K)
   options = attention.Options(window=window, softcap=softcap, scale=scale)
   want = _naive_attention(q, k, v, window, softcap, scale or K ** -0.5)
   with jax.default_matmul_precision("highest"):
@@ -152,22 +155,6 @@ def test_window_softcap_and_scale_equal_a_direct_computation(window, softcap, sc
     # The decode path: every slot valid, queries at their own slots.
     cached = attention.cached_attention(q, k, v, jnp.ones((B, T), bool), jnp.arange(T), options)
     np.testing.assert_allclose(cached, want, atol=1e-5)
-
-
-def test_splash_attention_interpret_honours_window_and_softcap():
-  pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
-  B, T, H, G, K = 1, 128, 2, 1, 128
-  keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  q = jax.random.normal(keys[0], (B, T, H, K), jnp.float32)
-  k = jax.random.normal(keys[1], (B, T, G, K), jnp.float32)
-  v = jax.random.normal(keys[2], (B, T, G, K), jnp.float32)
-  seg = jnp.array([[1] * 50 + [2] * 78])
-  options = attention.Options(window=16, softcap=5.0, scale=0.05)
-  try:
-    got = attention.attend(q, k, v, seg, "splash_interpret", options)
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f"splash attention does not run in interpret mode here: {type(e).__name__}")
-  np.testing.assert_allclose(got, attention.attend(q, k, v, seg, "xla", options), atol=2e-3)
 
 
 def test_flops_count_local_layers_over_their_window():
