@@ -121,6 +121,8 @@ _KNOBS = (
     Knob("log_every", 10, "(0, inf)", "steps between logged metrics"),
     Knob("eval_every", 200, "[0, inf)", "steps between evaluations; 0 disables evaluation"),
     Knob("eval_steps", 10, "[0, inf)", "batches per evaluation"),
+    Knob("eval_on_start", False, None,
+         "also evaluate the initial parameters, at step 0 of a fresh run (with eval_every)"),
     Knob("checkpoint_every", 200, "(0, inf)",
          "steps between checkpoints; one is also written at the end"),
     Knob("keep_checkpoints", 3, "(0, inf)", "the newest checkpoints kept (older ones deleted)"),

@@ -608,6 +608,11 @@ def _train(config, workdir, task, sharder, stop) -> dict:
   run, state = _start(config, workdir, task, sharder, stop)
   progress = _Progress(state, synced_step=run.start, synced_time=time.perf_counter(),
                        spikes=_LossWatch(config, run.log), saved_step=run.start)
+  if run.start == 0 and config.eval_on_start and config.eval_every:
+    ev = _evaluate(run, state["params"], 0)  # the starting point of the held-out curve
+    if ev:
+      run.log.write(0, ev)
+    progress.sync(0)
   try:
     for step in range(run.start, config.steps):
       if stop.should_stop(step):

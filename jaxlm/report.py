@@ -7,15 +7,21 @@ report.json holds the same numbers as report.md:
 
 Each stage's object has its evaluation's metrics by name (task_accuracy, perplexity,
 pairwise_accuracy, win_rate, kl_to_reference, ...) and its run's `steps`, `tokens`,
-`train_seconds`, `eval_seconds`, `train_loss` and `train_flops`.
+`train_seconds`, `eval_seconds`, `train_loss` and `train_flops`. A language-model stage
+also has `task_accuracy_se` (binomial standard error), and from the second on
+`task_accuracy_gain` over the stage before with its paired standard error
+(`task_accuracy_gain_se`), from the two evaluations' answers to the same problems.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import jax
 import ml_collections
+import numpy as np
 
 from jaxlm import console, fileio, model, plots
 from jaxlm.config import model_config
@@ -26,6 +32,9 @@ REPORT_JSON = "report.json"
 # Rows of the metrics table, in order: (key, what it is).
 ROWS = (
     ("task_accuracy", "task accuracy, greedy (strict `####` match)"),
+    ("task_accuracy_se", "its standard error"),
+    ("task_accuracy_gain", "gain over the stage before (same problems)"),
+    ("task_accuracy_gain_se", "the gain's paired standard error"),
     ("task_accuracy_sampled", "task accuracy, sampled"),
     ("task_accuracy_flexible", "task accuracy, greedy (last number)"),
     ("well_formed", "answers with a `####` line"),
@@ -69,8 +78,41 @@ def collect(workdir: str) -> dict:
              eval_seconds=ev.get("seconds"), train_flops=_train_flops(d, tokens),
              train_loss=summary.get("metrics", {}).get("loss"))
     s["samples"] = ev.get("samples", [])
+    s["_correct"] = _correct(os.path.join(d, "eval", "samples.jsonl"))
     stages[label] = s
+  _add_gains(stages)
+  for s in stages.values():
+    s.pop("_correct")
   return stages
+
+
+def _correct(path: str) -> dict:
+  """prompt -> whether its greedy answer was right, from an evaluation's samples.jsonl."""
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return {r["prompt"]: bool(r["correct"]) for r in map(json.loads, f) if "correct" in r}
+
+
+def _add_gains(stages: dict):
+  """Each language-model stage's `task_accuracy_se` (binomial), and its
+  `task_accuracy_gain` over the language-model stage before it with the gain's paired
+  standard error (`task_accuracy_gain_se`: the standard error of the mean per-problem
+  difference, on the problems both answered)."""
+  before = None
+  for s in stages.values():
+    correct = s["_correct"]
+    if not correct:
+      continue
+    p, n = float(np.mean(list(correct.values()))), len(correct)
+    s["task_accuracy_se"] = math.sqrt(p * (1 - p) / n)
+    if before is not None:
+      shared = [k for k in correct if k in before]
+      if len(shared) > 1:
+        d = np.array([float(correct[k]) - float(before[k]) for k in shared])
+        s["task_accuracy_gain"] = float(d.mean())
+        s["task_accuracy_gain_se"] = float(d.std(ddof=1) / math.sqrt(len(d)))
+    before = correct
 
 
 def _fmt(v) -> str:

@@ -1,6 +1,7 @@
 """The whole pipeline in one command (task=pipeline), evaluation (task=eval, tools/eval.py),
 the report card and tools/plot.py, at a size CI runs in a minute or two."""
 
+import importlib.util
 import json
 import os
 import re
@@ -304,16 +305,22 @@ def test_plot_tool_overlays_runs(pipeline_run, tmp_path):
   assert same.returncode != 0 and "share a name" in same.stderr
 
 
-def test_pipeline_config_errors_name_the_stage_key():
-  from jaxlm.cli import parse_flags  # noqa: F401  (the launcher's parser)
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("p", os.path.join(REPO, "configs",
-                                                                  "pipeline_tiny.py"))
+def load_config_module(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def test_pipeline_config_errors_name_the_stage_key():
+  module = load_config_module("pipeline_tiny")
   c = module.get_config()
   assert pipeline.config_errors(c, 8) == []
   assert pipeline.config_errors(module.get_config("rl=ppo"), 8) == []
+  gpu = load_config_module("pipeline_gpu").get_config()  # the speedrun: ~150M parameters
+  assert pipeline.config_errors(gpu, 1) == [] and gpu.rl.model.d_model == 1024
+  assert load_config_module("pipeline_gpu").get_config("stage=dpo").init_from.endswith(
+      os.path.join("runs", "pipeline_gpu", "sft"))
   c.sft.optimizer.lr = -1.0
   c.stages = "tokenizer,sft"
   assert pipeline.config_errors(c, 8) == ["sft.optimizer.lr=-1.0: must be > 0"]
@@ -339,3 +346,14 @@ def test_real_data_pipeline_config(shared_data, tmp_path, stages):
     assert {"task_accuracy", "task_accuracy_flexible"} <= set(report[name])
   run = read_json(str(tmp_path / "run" / "sft" / "config.json"))
   assert run["data"]["train"].endswith("alpaca_5000.json")
+
+
+@pytest.mark.slow
+def test_gpu_pipeline_config_runs_shrunk(tmp_path):
+  """configs/pipeline_gpu.py, every stage at the shrunk size: its stages fit together
+  (the GPU run itself is README's speedrun)."""
+  launch("--config", small_config_file(tmp_path, "pipeline_gpu"), "--workdir",
+         str(tmp_path / "run"))
+  report = read_json(str(tmp_path / "run" / "report.json"))["stages"]
+  assert set(report) == {"base", "sft", "reward", "dpo", "rl"}
+  assert read_json(str(tmp_path / "run" / "rl" / "config.json"))["rl"]["num_generations"] == 2

@@ -82,6 +82,17 @@ def test_resumed_run_reproduces_every_step_exactly(uninterrupted, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
 
+def test_eval_on_start_evaluates_the_initial_params_once(uninterrupted, tmp_path):
+  run(tmp_path, steps=15, eval_on_start=True)  # checkpoint at 10; ends with an eval at 15
+  run(tmp_path, eval_on_start=True)            # resumed: step 0 is not evaluated again
+  evals = [r for r in read_metrics(tmp_path) if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [0, 10, 15, 20, 30]
+  first = [r for r in read_metrics(uninterrupted) if "eval_loss" in r][0]
+  assert evals[1]["eval_loss"] == first["eval_loss"]  # the training is the same
+  assert evals[0]["eval_loss"] > evals[1]["eval_loss"] + 0.5  # random init: near log(512)
+  assert train_losses(tmp_path) == train_losses(uninterrupted)
+
+
 def test_inspect_checkpoint_tool_lists_steps_and_params(uninterrupted):
   out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "inspect_checkpoint.py"),
                         str(uninterrupted)], capture_output=True, text=True, check=True).stdout

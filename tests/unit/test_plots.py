@@ -30,3 +30,16 @@ def test_a_perplexity_rise_gets_its_note():
   stages = {"base": {"perplexity": 2.7}, "sft": {"perplexity": 13.4}, "reward": {}}
   assert "rises" in report.notes(stages)[1]
   assert report.notes({"base": {"perplexity": 3.0}, "sft": {"perplexity": 2.0}}) == []
+
+
+def test_accuracy_gains_carry_their_paired_standard_errors():
+  before = {"a": False, "b": False, "c": True, "d": True}
+  after = {"a": True, "b": False, "c": True, "d": False, "new": True}
+  stages = {"base": {"_correct": before}, "reward": {"_correct": {}},
+            "sft": {"_correct": after}}
+  report._add_gains(stages)
+  assert stages["base"]["task_accuracy_se"] == 0.5 / 2  # sqrt(p (1 - p) / n), p = 0.5
+  assert "task_accuracy_gain" not in stages["base"] and "task_accuracy_se" not in stages["reward"]
+  # Per shared problem: +1, 0, 0, -1: mean 0, sample std sqrt(2/3), over sqrt(4).
+  assert stages["sft"]["task_accuracy_gain"] == 0.0
+  assert abs(stages["sft"]["task_accuracy_gain_se"] - (2 / 3) ** 0.5 / 2) < 1e-12
