@@ -23,11 +23,11 @@ MODEL = dict(d_model=1024, num_layers=12, num_heads=16, num_kv_heads=8, ffn_dim=
 
 # stage: (steps, batch size, peak learning rate, warmup steps)
 SCHEDULE = {
-    "pretrain": (2000, 128, 6e-4, 200),
+    "pretrain": (1500, 128, 6e-4, 150),
     "sft": (600, 64, 1e-4, 30),
     "reward": (200, 64, 5e-5, 20),
     "dpo": (150, 64, 1e-5, 15),
-    "rl": (150, 32, 1e-5, 0),      # 32 prompts x 8 samples a step
+    "rl": (100, 32, 1e-5, 0),      # 32 prompts x 8 samples a step
 }
 
 

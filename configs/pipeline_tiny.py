@@ -47,7 +47,7 @@ def _common(c, task, steps, init_from):
 
 def stage_configs(rl: str = "grpo") -> dict:
   world = "builtin:world_"
-  pretrain = _common(base_config(), "pretrain", 250, "")
+  pretrain = _common(base_config(), "pretrain", 600, "")
   pretrain.data.train = world + "text:train"
   pretrain.data.eval = world + "text:eval"
   pretrain.data.seq_len = 128
@@ -64,7 +64,7 @@ def stage_configs(rl: str = "grpo") -> dict:
   sft.optimizer.lr = 1e-3
   sft.optimizer.warmup_steps = 20
 
-  reward = _common(base_config(), "reward", 80, "@sft")
+  reward = _common(base_config(), "reward", 200, "@sft")  # 80 stopped at 0.82 pairwise
   reward.data.train = world + "pairs:train"
   reward.data.eval = world + "pairs:eval"
   reward.data.seq_len = 64
@@ -82,18 +82,18 @@ def stage_configs(rl: str = "grpo") -> dict:
   dpo.dpo.beta = 0.1
   dpo.dpo.sft_weight = 1.0             # + NLL of the chosen answer (RPO): keeps answers right
 
-  rl_cfg = _common(base_config(), rl, 60, "@dpo")
+  rl_cfg = _common(base_config(), rl, 100, "@dpo")
   rl_cfg.data.train = world + "prompts:train"
   rl_cfg.data.batch_size = 16          # prompts a step
   rl_cfg.log_every = 1
   rl_cfg.loss_spike_factor = 0.0       # the surrogate loss sits near 0: its ratios say nothing
   rl_cfg.checkpoint_every = 10
-  rl_cfg.optimizer.lr = 1e-4
+  rl_cfg.optimizer.lr = 3e-4
   rl_cfg.optimizer.warmup_steps = 0
-  rl_cfg.rl.num_generations = 4
+  rl_cfg.rl.num_generations = 8
   rl_cfg.rl.max_new_tokens = 24
   rl_cfg.rl.temperature = 1.0
-  rl_cfg.rl.kl_coef = 0.04
+  rl_cfg.rl.kl_coef = 0.02
   if rl == "ppo":
     rl_cfg.reward.model = "@reward"    # the learned reward model, and the critic's start
     rl_cfg.rl.critic_from = "@reward"
