@@ -23,10 +23,10 @@ MODEL = dict(d_model=1024, num_layers=12, num_heads=16, num_kv_heads=8, ffn_dim=
 
 # stage: (steps, batch size, peak learning rate, warmup steps)
 SCHEDULE = {
-    "pretrain": (1500, 128, 6e-4, 150),
+    "pretrain": (1000, 128, 6e-4, 100),
     "sft": (600, 64, 1e-4, 30),
     "reward": (200, 64, 5e-5, 20),
-    "dpo": (150, 64, 1e-5, 15),
+    "dpo": (100, 64, 3e-6, 10),
     "rl": (100, 32, 1e-5, 0),      # 32 prompts x 8 samples a step
 }
 
@@ -51,6 +51,5 @@ def get_config(arg=None):
     s.checkpoint_every = s.steps     # one checkpoint, at the end: the next stage's start
     if name == "rl":
       s.checkpoint_every = 20
-    s.eval.batch_size = 256
   stages["rl"].rl.num_generations = 8
   return tiny.assemble(args, stages)
