@@ -399,6 +399,14 @@ _KNOBS = (
     Knob("eval.chat_template", "", ("", "jaxlm", "chatml", "llama3", "hf"),
          "empty: the run's data.chat_template (hf for Hugging Face directories)"),
     Knob("eval.show", 4, "[0, inf)", "sample completions kept in eval.json"),
+    Knob("eval.lm_eval_tasks", "", None,
+         "lm-evaluation-harness tasks, comma-separated, run beside the rest (the eval extra)"),
+    Knob("eval.lm_eval_include", "", None, "a folder of lm_eval task YAML files"),
+    Knob("eval.lm_eval_limit", 0, "[0, inf)", "the first N documents of each lm_eval task; 0: all"),
+    Knob("eval.lm_eval_num_fewshot", -1, "[-1, inf)",
+         "few-shot examples per lm_eval prompt; -1: each task's own"),
+    Knob("eval.lm_eval_dtype", "", ("", *COMPUTE_DTYPES),
+         "compute dtype of the lm_eval tasks; empty: the model's own"),
 )
 
 

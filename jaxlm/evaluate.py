@@ -281,6 +281,8 @@ def evaluate(e, path: str, workdir: str, log=console.info) -> dict:
   else:
     policy = runs.load_lm(path, e.chat_template)
     metrics, samples = evaluate_policy(e, policy, workdir, log)
+    if e.lm_eval_tasks.strip():  # language models only: a reward model has no text to score
+      metrics["lm_eval"] = _lm_eval(e, path, workdir, log)
   shown = min(e.show, len(samples))  # spread over the tasks, so of several kinds
   result = {"model": os.path.abspath(path), "step": step, "config": e.to_dict(),
             "metrics": metrics,
@@ -290,6 +292,24 @@ def evaluate(e, path: str, workdir: str, log=console.info) -> dict:
     fileio.write_jsonl(os.path.join(workdir, SAMPLES_FILE), samples)
     fileio.atomic_write_json(os.path.join(workdir, EVAL_FILE), result)
   return result
+
+
+def _lm_eval(e, path: str, workdir: str, log) -> dict:
+  """lm-evaluation-harness's per-task results for `e.lm_eval_tasks` (its whole output
+  goes to lm_eval.json in `workdir`)."""
+  from jaxlm import harness  # lazy: imports lm_eval, an optional dependency
+  t0 = time.perf_counter()
+  output = harness.evaluate_tasks(e, path, batch_size=e.batch_size)
+  if output is None:  # not the first process
+    return {}
+  os.makedirs(workdir, exist_ok=True)
+  fileio.atomic_write_json(os.path.join(workdir, "lm_eval.json"), output)
+  results = output["results"]
+  for task, values in results.items():
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items()
+                      if isinstance(v, float) and "stderr" not in k)
+    log(f"lm_eval {task}: {shown} ({time.perf_counter() - t0:.1f}s)")
+  return results
 
 
 def run(config, workdir: str) -> dict:
@@ -327,9 +347,15 @@ def path_errors(e) -> list[str]:
         fileio.expand_globs(spec, f"eval.{key}")
       except ConfigError as err:
         errors.append(str(err))
-  for key in ("reward_model", "baseline", "reference"):
+  for key in ("reward_model", "baseline", "reference", "lm_eval_include"):
     if e[key] and not e[key].startswith("@") and not os.path.exists(e[key]):
       errors.append(f"eval.{key}: no such path {e[key]!r}")
+  if e.lm_eval_tasks.strip():
+    try:
+      import lm_eval  # noqa: F401  # lazy: an optional, heavy dependency (the eval extra)
+    except ImportError:
+      errors.append(f"eval.lm_eval_tasks={e.lm_eval_tasks!r}: needs lm_eval "
+                    "(pip install 'jaxlm[eval]')")
   return errors
 
 

@@ -43,6 +43,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import lm_eval
 from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -281,6 +282,27 @@ def _cut(text: str, until) -> str:
     if s and s in text:
       text = text[:text.index(s)]
   return text
+
+
+def evaluate_tasks(e, path: str, batch_size: int) -> dict | None:
+  """lm_eval's output (made JSON-able) for the tasks of an eval section `e`
+  (`e.lm_eval_tasks`, `_include`, `_limit`, `_num_fewshot`, `_dtype`, `chat_template`) on
+  the model at `path`; None on processes other than the first, as lm_eval answers."""
+  from lm_eval.tasks import TaskManager  # lazy: builds lm_eval's task index, seconds
+  names = [t.strip() for t in e.lm_eval_tasks.split(",") if t.strip()]
+  manager = TaskManager(include_path=e.lm_eval_include or None)
+  unknown = [n for n in names if n not in manager.all_tasks]
+  if unknown:
+    raise ConfigError(f"eval.lm_eval_tasks: no lm_eval task {unknown[0]!r}"
+                      + (f" (nor in {e.lm_eval_include})" if e.lm_eval_include else ""))
+  lm = JaxLM(pretrained=path, batch_size=batch_size, dtype=e.lm_eval_dtype,
+             chat_template=e.chat_template)
+  output = lm_eval.simple_evaluate(
+      model=lm, tasks=names, task_manager=manager, limit=e.lm_eval_limit or None,
+      num_fewshot=None if e.lm_eval_num_fewshot < 0 else e.lm_eval_num_fewshot)
+  if output is None:
+    return None
+  return json.loads(json.dumps(output, default=lm_utils.handle_non_serializable))
 
 
 def main(argv=None) -> None:

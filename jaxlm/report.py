@@ -11,6 +11,8 @@ pairwise_accuracy, win_rate, kl_to_reference, ...) and its run's `steps`, `token
 also has `task_accuracy_se` (binomial standard error), and from the second on
 `task_accuracy_gain` over the stage before with its paired standard error
 (`task_accuracy_gain_se`), from the two evaluations' answers to the same problems.
+With `eval.lm_eval_tasks`, lm-evaluation-harness's numbers are there as
+`lm_eval/TASK/METRIC` (e.g. `lm_eval/arc_easy/acc,none`), rows of report.md's table too.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def collect(workdir: str) -> dict:
     ev = _record(os.path.join(d, "eval", "eval.json")) or {"metrics": {}, "samples": []}
     tokens = int(summary["step"] * summary.get("tokens_per_step", 0))
     s = dict(ev["metrics"])
+    for task, values in (s.pop("lm_eval", None) or {}).items():  # lm-evaluation-harness's
+      s.update({f"lm_eval/{task}/{k}": v for k, v in values.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)})
     s.update(steps=summary["step"], tokens=tokens,
              train_seconds=(_record(os.path.join(d, "stage.json")) or {}).get("seconds"),
              eval_seconds=ev.get("seconds"), train_flops=_train_flops(d, tokens),
@@ -197,7 +202,7 @@ def _markdown(result, stages, plot_files, workdir, tok, n_samples) -> str:
   out += ["", "## Metrics", "", "| metric | " + " | ".join(names) + " |",
           "|---|" + "---|" * len(names)]
   keys = [k for k, _ in ROWS] + sorted({k for s in stages.values() for k in s
-                                       if k.startswith("task_accuracy/")})
+                                       if k.startswith(("task_accuracy/", "lm_eval/"))})
   labels = dict(ROWS)
   for key in keys:
     if any(key in s for s in stages.values()):

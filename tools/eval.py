@@ -72,7 +72,10 @@ def main(argv):
            reward_model=_REWARD_MODEL.value, baseline=_BASELINE.value,
            reference=_REFERENCE.value, max_tasks=_MAX_TASKS.value,
            max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-           chat_template=_TEMPLATE.value, batch_size=_BATCH.value, seq_len=_SEQ_LEN.value)
+           chat_template=_TEMPLATE.value, batch_size=_BATCH.value, seq_len=_SEQ_LEN.value,
+           lm_eval_tasks=_LM_EVAL_TASKS.value, lm_eval_include=_LM_EVAL_INCLUDE.value,
+           lm_eval_limit=_LM_EVAL_LIMIT.value, lm_eval_num_fewshot=_LM_EVAL_FEWSHOT.value,
+           lm_eval_dtype=_LM_EVAL_DTYPE.value)
   errors = evaluate.section_errors(e)
   if errors:
     print(f"error: {errors[0]}", file=sys.stderr)
@@ -83,42 +86,9 @@ def main(argv):
   except (ConfigError, FileNotFoundError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
-  if _LM_EVAL_TASKS.value:
-    try:
-      result = _lm_eval(result, out)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
-      print(f"error: --lm_eval_tasks: {err}", file=sys.stderr)
-      sys.exit(2)
   print(json.dumps(result["metrics"], indent=2))
   print(f"wrote {os.path.join(out, evaluate.EVAL_FILE)} and {evaluate.SAMPLES_FILE}",
         file=sys.stderr)
-
-
-def _lm_eval(result: dict, out: str) -> dict:
-  """`result` (eval.json's contents) with the lm_eval tasks' results as
-  metrics["lm_eval"], eval.json rewritten and lm_eval's output in lm_eval.json."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import lm_eval  # pylint: disable=import-outside-toplevel
-  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
-  from lm_eval.utils import handle_non_serializable  # pylint: disable=import-outside-toplevel
-  from jaxlm import evaluate, fileio, harness  # pylint: disable=import-outside-toplevel
-  lm = harness.JaxLM(pretrained=_MODEL.value, batch_size=_BATCH.value,
-                     dtype=_LM_EVAL_DTYPE.value, chat_template=_TEMPLATE.value)
-  names = [t.strip() for t in _LM_EVAL_TASKS.value.split(",") if t.strip()]
-  manager = TaskManager(include_path=_LM_EVAL_INCLUDE.value or None)
-  output = lm_eval.simple_evaluate(
-      model=lm, tasks=names, task_manager=manager, limit=_LM_EVAL_LIMIT.value or None,
-      num_fewshot=None if _LM_EVAL_FEWSHOT.value < 0 else _LM_EVAL_FEWSHOT.value)
-  if output is None:  # lm_eval answers None on processes other than the first
-    return result
-  output = json.loads(json.dumps(output, default=handle_non_serializable))
-  result["metrics"]["lm_eval"] = output["results"]
-  result["lm_eval"] = {"tasks": names, "include": _LM_EVAL_INCLUDE.value,
-                       "versions": output.get("versions"), "n-shot": output.get("n-shot")}
-  if jax.process_index() == 0:
-    fileio.atomic_write_json(os.path.join(out, "lm_eval.json"), output)
-    fileio.atomic_write_json(os.path.join(out, evaluate.EVAL_FILE), result)
-  return result
 
 
 if __name__ == "__main__":

@@ -169,3 +169,13 @@ def test_the_command_lines_write_results(setup, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   written = json.loads((eval_out / "eval.json").read_text())
   assert written["metrics"]["lm_eval"]["jx_mc"]["acc,none"] == results["jx_mc"]["acc,none"]
+
+
+def test_an_unknown_lm_eval_task_is_one_line(setup, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "tools/eval.py", f"--model={setup['run']}", f"--out={tmp_path / 'e'}",
+       "--lm_eval_tasks=jx_mc,jx_nope", f"--lm_eval_include={setup['tasks']}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: eval.lm_eval_tasks: no lm_eval task 'jx_nope' (nor in {setup['tasks']})")

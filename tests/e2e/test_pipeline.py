@@ -247,6 +247,34 @@ def test_a_stage_alone_and_a_subset(pipeline_run, tmp_path):
   assert len(out.stderr.strip().splitlines()) == 1
 
 
+def test_a_stage_runs_lm_eval_tasks_into_the_report(pipeline_run, tmp_path, monkeypatch):
+  """`<stage>.eval.lm_eval_tasks`: lm-evaluation-harness beside the stage's own metrics,
+  on a task defined here (nothing downloaded), listed by the report card."""
+  pytest.importorskip("lm_eval")
+  _, workdir, _ = pipeline_run
+  run = str(tmp_path / "run")
+  shutil.copytree(workdir, run)
+  rows = [{"q": "What is 2 + 3?", "choices": [" 2 + 3 = 5", " 2 + 3 = 9"], "a": 0},
+          {"q": "What number comes after 7?", "choices": [" 7 + 1 = 3", " 7 + 1 = 8"], "a": 1}]
+  (tmp_path / "world_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (tmp_path / "world_mc.yaml").write_text(
+      f"task: world_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+      f"    test: {tmp_path / 'world_mc.jsonl'}\ntest_split: test\n"
+      "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+      "doc_to_target: '{{a}}'\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the launcher's process inherits them
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  out = launch("--config", pipeline_run[0], "--workdir", run, "--config.stages=sft",
+               "--config.sft.eval.lm_eval_tasks=world_mc",
+               f"--config.sft.eval.lm_eval_include={tmp_path}")
+  assert "[sft] evaluating" in out.stderr + out.stdout  # the eval settings changed
+  report = read_json(os.path.join(run, "report.json"))["stages"]
+  assert 0 <= report["sft"]["lm_eval/world_mc/acc,none"] <= 1
+  assert "lm_eval/world_mc/acc,none" not in report["base"]
+  assert "| lm_eval/world_mc/acc,none |" in open(os.path.join(run, "report.md")).read()
+  assert read_json(os.path.join(run, "sft", "eval", "lm_eval.json"))["results"]["world_mc"]
+
+
 def test_eval_task_and_tool(pipeline_run, tmp_path, shared_data):
   _, workdir, _ = pipeline_run
   # config.task = "eval" through the launcher, on the SFT model.

@@ -43,3 +43,20 @@ def test_accuracy_gains_carry_their_paired_standard_errors():
   # Per shared problem: +1, 0, 0, -1: mean 0, sample std sqrt(2/3), over sqrt(4).
   assert stages["sft"]["task_accuracy_gain"] == 0.0
   assert abs(stages["sft"]["task_accuracy_gain_se"] - (2 / 3) ** 0.5 / 2) < 1e-12
+
+
+def test_the_report_lists_lm_eval_results(tmp_path):
+  stage = tmp_path / "sft"
+  (stage / "eval").mkdir(parents=True)
+  (stage / "summary.json").write_text(json.dumps({"step": 3, "metrics": {"loss": 1.0}}))
+  (stage / "eval" / "eval.json").write_text(json.dumps({"metrics": {
+      "task_accuracy": 0.5, "lm_eval": {"jx_mc": {"alias": "jx_mc", "acc,none": 0.75,
+                                                  "acc_stderr,none": 0.25}}}}))
+  s = report.collect(str(tmp_path))["sft"]
+  assert s["lm_eval/jx_mc/acc,none"] == 0.75 and s["lm_eval/jx_mc/acc_stderr,none"] == 0.25
+  assert "lm_eval" not in s and "lm_eval/jx_mc/alias" not in s
+  md = report._markdown({"environment": {}, "total_seconds": 1.0, "cost": dict(
+      cpu_vm="vm", cpu_vm_price_per_hour=0.1, cpu_vm_cost=0.0, train_flops=0.0,
+      accelerator="gpu", accelerator_mfu=0.3, accelerator_price_per_hour=1.0,
+      accelerator_hours=0.0, accelerator_cost=0.0)}, {"sft": s}, [], str(tmp_path), {}, 0)
+  assert "| lm_eval/jx_mc/acc,none | 0.75" in md

@@ -45,6 +45,7 @@ LEAVES = dict(_leaves(base_config()))
 KEYS = sorted(LEAVES)
 NUMERIC = {k for k, v in LEAVES.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 NEGATIVE_OK = {"mesh.data", "mesh.fsdp", "mesh.tensor", "reward.model_weight"}  # -1: fill
+MINUS_ONE_OK = {"eval.lm_eval_num_fewshot"}  # -1: each lm_eval task's own few-shot count
 
 
 def load(config_file, *overrides):
@@ -68,7 +69,8 @@ def out_of_range(key, value) -> bool:
     return True
   if isinstance(LEAVES[key], int) and abs(value) > 2**31 - 1:
     return True
-  if value < (-1 if key.startswith("mesh.") else 0) and key not in NEGATIVE_OK:
+  floor = -1 if key.startswith("mesh.") or key in MINUS_ONE_OK else 0  # -1: a sentinel
+  if value < floor and key not in NEGATIVE_OK:
     return True
   if key in config_lib._RANGES and not config_lib._in_interval(value, config_lib._RANGES[key]):
     return True
