@@ -15,11 +15,10 @@ gradients and AdamW moments sharded over fsdp x tensor (replicated over data), p
 activations the remat policy keeps for the backward pass and the float32 logits. It
 leaves out XLA's temporaries and fragmentation, attention scores (a fused attention
 kernel is assumed), the runtime's own reserve and communication buffers, so treat a
-"fits" near 100% as "does not fit". As a check: TinyLlama 1.1B at 8 x 2048 (vocabulary
-32000) gives 33.2 GiB under `minimal`; on an H200 the step peaked at 31.7 GiB with the
-layers scanned (`model.layer_loop=scan`) and 37.3 GiB unrolled, whose program keeps more
-buffers live (BENCHMARKS.md): expect the real peak up to 20% higher scanned and up to 30%
-unrolled.
+"fits" near 100% as "does not fit". Check it against a measured peak: the peak memory
+column of README's benchmark table (from benchmarks/issue21_h200) for the same preset
+and batch. The measured peak runs above the estimate, more so with the layers unrolled
+(`model.layer_loop`), whose program keeps more buffers live.
 
 Importing this module does not import jax; the functions that count parameters or
 FLOPs import jaxlm.model (and so jax) when first called. No device is needed.
