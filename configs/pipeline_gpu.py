@@ -4,7 +4,7 @@ report card) at about 150M parameters, on one GPU in under ten minutes.
 
   python -m jaxlm.launch --config configs/pipeline_gpu.py --workdir runs/pipeline_gpu
   python -m jaxlm.launch --config configs/pipeline_gpu.py:stage=rl,from=runs/pipeline_gpu \
-      --workdir runs/rl2 --config.rl.lr=2e-6                  # one stage again, alone
+      --workdir runs/rl2 --config.optimizer.lr=2e-6           # one stage again, alone
 
 The same data (the task world of jaxlm/data/world.py), the same stages and the same
 evaluation as the CPU pipeline; only the model, the batch sizes, the step counts and the

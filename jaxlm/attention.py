@@ -225,7 +225,7 @@ def cudnn_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, options: Option
   if fixed is not None:
     return kernels[LAYOUTS.index(fixed)](q_BTHK, k_BSGK, v_BSGK)
   # Chosen on the device: every branch's residuals are kept for the backward pass, which
-  # costs memory (the 1.1B step's peak: 31.3 -> 45.6 GiB on an H200; BENCHMARKS.md).
+  # costs memory (at 1.1B far more than one layout's program holds).
   return jax.lax.switch(layout_index(seg), kernels, q_BTHK, k_BSGK, v_BSGK)
 
 

@@ -19,8 +19,9 @@ the label column), and each of `columns` is a row.
 `columns`: `Header=key[:format]`, `|`-separated; `key*1000` scales a number first, a
 format is Python's (`,.0f`, `.1%`) with any text after it kept (`:.2f GiB`), a list
 value is joined with spaces, a missing one is empty. `commit`: the commit whose code the
-results measured. `depends`: the files whose change changes what they measure. When git
-shows one of them changed after `commit`, the table is stale: `--write` puts a line
+results measured. `depends`: the files whose change changes what they measure. When one of them differs
+from `commit`'s (the working tree against that commit; in a Python file, in its code,
+not in its comments and docstrings alone), the table is stale: `--write` puts a line
 saying so under it, and `--check` fails until the results are re-run (new files, a new
 commit) or that line is there.
 """
@@ -28,6 +29,7 @@ commit) or that line is there.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -37,7 +39,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTS = ("README.md", "BENCHMARKS.md")
-_REGION = re.compile(r"(<!-- results (?P<spec>.*?)-->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+# A region's comments start their lines (so prose can quote them inside backticks).
+_REGION = re.compile(r"^(<!-- results (?P<spec>.*?)-->\n)(?P<body>.*?)^(<!-- /results -->)",
+                     re.S | re.M)
 STALE = "**Stale:**"
 
 
@@ -97,21 +101,60 @@ def table(spec: dict, root: str = ROOT) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _code(source: str) -> str | None:
+  """A Python file's code without its comments and docstrings (its AST), or None when
+  it does not parse."""
+  try:
+    tree = ast.parse(source)
+  except SyntaxError:
+    return None
+  for node in ast.walk(tree):
+    body = getattr(node, "body", None)
+    if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+      node.body = body[1:] or [ast.Pass()]
+  return ast.dump(tree)
+
+
+def _git(root: str, *args: str) -> str:
+  return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                        timeout=30, check=True).stdout
+
+
+def _code_changed(root: str, commit: str, path: str) -> bool:
+  """Whether `path` differs between `commit` and the checkout in more than comments and
+  docstrings (a file that is not Python: in anything)."""
+  try:
+    before = _git(root, "show", f"{commit}:{path}")
+  except subprocess.CalledProcessError:  # added since
+    return True
+  full = os.path.join(root, path)
+  if not os.path.isfile(full):
+    return True
+  with open(full, encoding="utf-8") as f:
+    after = f.read()
+  if not path.endswith(".py") or before == after:
+    return before != after
+  return _code(before) is None or _code(before) != _code(after)
+
+
 def stale_because(spec: dict, root: str = ROOT) -> str | None:
-  """The files of `depends` that changed after `commit`, as a sentence; None when none
-  did, or when git cannot tell (not a checkout, the commit unknown)."""
+  """The files of `depends` whose code changed after `commit` (a change to comments or
+  docstrings alone does not count), as a sentence; None when none did, or when git
+  cannot tell (not a checkout, the commit unknown)."""
   if not spec.get("commit") or not spec.get("depends"):
     return None
   try:
-    out = subprocess.run(["git", "-C", root, "log", "--format=%h", f"{spec['commit']}..HEAD",
-                          "--", *spec["depends"].split()], capture_output=True, text=True,
-                         timeout=30, check=True).stdout.split()
+    changed = _git(root, "diff", "--name-only", spec["commit"], "--",
+                   *spec["depends"].split()).split()
+    changed = [p for p in changed if _code_changed(root, spec["commit"], p)]
   except (OSError, subprocess.SubprocessError):
     return None
-  if not out:
+  if not changed:
     return None
-  return (f"{STALE} {spec['depends']} changed after commit {spec['commit']} (in {out[-1]}); "
-          f"re-run the command above and point `commit=` at the new results.\n")
+  return (f"{STALE} {spec['depends']} changed after commit {spec['commit']} (in "
+          f"{', '.join(changed)}); re-run the command above and point `commit=` at the new "
+          f"results.\n")
 
 
 def render(text: str, path: str, root: str = ROOT) -> tuple[str, list[str]]:

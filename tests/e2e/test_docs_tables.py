@@ -46,11 +46,14 @@ def test_a_changed_number_fails_and_changed_code_marks_the_table_stale(tmp_path)
   edited = doc.replace("1,234", "1,300")  # a number typed by hand
   new, problems = docs_tables.render(edited, "D.md", str(tmp_path))
   assert new == doc and problems == ["D.md:2: the table differs from r.json"]
+  (tmp_path / "model.py").write_text('"""The model."""\n\n# one\nx = 1  # the same code\n')
+  _git(tmp_path, "commit", "-qam", "comments and a docstring")  # not stale: same code
+  assert docs_tables.render(doc, "D.md", str(tmp_path)) == (doc, [])
   (tmp_path / "model.py").write_text("x = 2\n")  # the code it measured changes
   _git(tmp_path, "commit", "-qam", "faster")
   new, problems = docs_tables.render(doc, "D.md", str(tmp_path))
   assert problems == ["D.md:2: the table differs from r.json (stale, not marked)"]
-  assert f"{docs_tables.STALE} model.py changed after commit {commit}" in new
+  assert f"{docs_tables.STALE} model.py changed after commit {commit} (in model.py)" in new
   assert docs_tables.render(new, "D.md", str(tmp_path))[1] == []  # marked: passes
 
 
