@@ -105,13 +105,13 @@ class Rollouts:
                                   vocab_size=self.tok.vocab_size, sharder=sharder)
 
   def dataset(self):
-    """Batches of prompt indices, shuffled and repeated, per process (checkpointable)."""
+    """Global batches of prompt indices, shuffled and repeated (checkpointable). Every
+    process reads the whole stream (indices only): the rollouts, which every process
+    makes whole, are then the same rows in the same order on any process count."""
     d = self.config.data
     ds = sft_data.record_stream(grain.MapDataset.range(len(self.prompts)), seed=self.config.seed,
-                                shuffle=d.shuffle, repeat=True, process_index=jax.process_index(),
-                                process_count=jax.process_count())
-    return ds.map(lambda i: {"index": np.int32(i)}).batch(d.batch_size // jax.process_count(),
-                                                          drop_remainder=True)
+                                shuffle=d.shuffle, repeat=True, process_index=0, process_count=1)
+    return ds.map(lambda i: {"index": np.int32(i)}).batch(d.batch_size, drop_remainder=True)
 
   def completion_text(self, tokens, length) -> str:
     return self.tok.decode(generate.completion_ids(tokens, length, self.tok.eos_id, self.stop))
@@ -119,8 +119,7 @@ class Rollouts:
   def sample(self, weights, adapters, host_batch, step):
     """Generate and score one batch -> (rows of numpy arrays, scores, metrics)."""
     r = self.config.rl
-    index = np.asarray(multihost_utils.process_allgather(host_batch["index"], tiled=True))
-    index = np.repeat(index.reshape(-1), r.num_generations)  # groups are adjacent rows
+    index = np.repeat(np.asarray(host_batch["index"]).reshape(-1), r.num_generations)
     started = time.perf_counter()
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
     out = self.engine.generate(weights, [self.ids[i] for i in index], rng, self.sampling,

@@ -1,7 +1,7 @@
 """Several processes, proven on one machine: 2 processes x 4 CPU devices train exactly as
-1 process x 8 devices (the default data.shards fixes the global batches), and a run killed
+1 process x 8 devices (the default data.shards fixes the global batches), a run killed
 on every process resumes from its last checkpoint with the same losses, on 2 processes or
-(slow) on 1."""
+(slow) on 1, and GRPO's rollouts and updates on 2 x 4 are those of 1 x 8."""
 
 import json
 import os
@@ -27,14 +27,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(workdir, devices, *extra, process=None, port=None):
+def start(workdir, devices, *extra, process=None, port=None, config="configs/pretrain_tiny.py",
+          args=ARGS):
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
          "JAX_PLATFORMS": "cpu"}
   if process is not None:
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(process))
-  cmd = [sys.executable, "-m", "jaxlm.launch", "--config", "configs/pretrain_tiny.py",
-         "--workdir", str(workdir), *ARGS, *extra]
+  cmd = [sys.executable, "-m", "jaxlm.launch", "--config", config, "--workdir", str(workdir),
+         *args, *extra]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
@@ -74,7 +75,8 @@ def killed(tmp_path_factory):
     p.send_signal(signal.SIGKILL)
     p.communicate()
   assert os.path.isdir(two / "checkpoints" / "3")
-  return {"reference": reference, "workdir": two, "before_kill": losses(two), "tok": tok}
+  return {"reference": reference, "workdir": two, "before_kill": losses(two), "tok": tok,
+          "one": one}
 
 
 def check_resumed(after, killed):
@@ -106,3 +108,28 @@ def test_a_run_killed_on_two_processes_resumes_on_one(tmp_path, killed):
   shutil.copytree(killed["workdir"], one)
   finish([start(one, 8, killed["tok"])])
   check_resumed(losses(one), killed)
+
+
+def test_grpo_on_two_processes_rolls_out_and_learns_as_on_one(tmp_path, killed):
+  """Every process makes the whole rollout batch (the same prompts in the same order,
+  the same sampling keys), so 2 x 4 samples the same completions as 1 x 8 and takes the
+  same steps (up to the order of cross-process sums)."""
+  args = [f"--config.init_from={killed['one']}", "--config.steps=2", "--config.log_every=1",
+          "--config.checkpoint_every=2", "--config.async_checkpointing=False",
+          "--config.progress=log", "--config.rl.max_new_tokens=8"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  finish([start(one, 8, config="configs/grpo_tiny.py", args=args)])
+  port = free_port()
+  finish([start(two, 4, process=i, port=port, config="configs/grpo_tiny.py", args=args)
+          for i in range(2)])
+  def records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      return [r for r in map(json.loads, f) if "loss" in r]
+  a, b = records(one), records(two)
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+  for x, y in zip(a, b):  # the same completions: their rewards and lengths, exactly
+    for key in ("reward", "reward_std", "completion_length", "val/num_eos_tokens"):
+      assert x[key] == y[key], (x["step"], key)
+    for key in ("loss", "grad_norm", "objective/kl"):
+      assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-8), (x["step"], key)
+  assert a[0]["reward_std"] > 0  # the samples differ, so equal rewards are not trivial
