@@ -74,7 +74,9 @@ def local_data_state(data: dict, process_index: int, process_count: int,
                      where: str) -> dict | None:
   """Process `process_index`'s part of a checkpoint's `data` item (None when it holds
   none): the states of its shards (any process count that divides the shard count), or,
-  from a checkpoint with one state per process, its own (that process count only).
+  from a checkpoint with one state per process, its own (that process count only; any,
+  for a state marked {"scope": "global"}: every process read the whole stream, as RL's
+  prompts are read).
   CheckpointError (one line, naming `where`) otherwise."""
   if "shard_count" in data:
     count = data["shard_count"]
@@ -87,6 +89,9 @@ def local_data_state(data: dict, process_index: int, process_count: int,
   processes = data.get("processes")
   if not processes:
     return None
+  if (isinstance(processes[0], dict) and processes[0].get("scope") == "global"
+      and all(p == processes[0] for p in processes)):  # every process held the whole stream
+    return processes[0]
   if len(processes) != process_count:
     raise CheckpointError(f"{where} holds the data positions of {len(processes)} "
                           f"process(es), not of data shards (written before jaxlm kept them "

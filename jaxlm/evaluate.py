@@ -300,10 +300,9 @@ def _lm_eval(e, path: str, workdir: str, log) -> dict:
   from jaxlm import harness  # lazy: imports lm_eval, an optional dependency
   t0 = time.perf_counter()
   output = harness.evaluate_tasks(e, path, batch_size=e.batch_size)
-  if output is None:  # not the first process
-    return {}
-  os.makedirs(workdir, exist_ok=True)
-  fileio.atomic_write_json(os.path.join(workdir, "lm_eval.json"), output)
+  if jax.process_index() == 0:  # every process ran the tasks alike; one writes
+    os.makedirs(workdir, exist_ok=True)
+    fileio.atomic_write_json(os.path.join(workdir, "lm_eval.json"), output)
   results = output["results"]
   for task, values in results.items():
     shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items()
@@ -331,8 +330,10 @@ def config_errors(config) -> list[str]:
                   "Hugging Face directory)")
   elif not os.path.exists(config.eval.model):
     errors.append(f"eval.model: no such path {config.eval.model!r}")
-  if not (config.eval.tasks or config.eval.text or config.eval.pairs):
-    errors.append("eval.tasks / eval.text / eval.pairs: all empty; nothing to evaluate")
+  e = config.eval
+  if not (e.tasks or e.text or e.pairs or e.lm_eval_tasks.strip()):
+    errors.append("eval.tasks / eval.text / eval.pairs / eval.lm_eval_tasks: all empty; "
+                  "nothing to evaluate")
   return errors
 
 
@@ -352,10 +353,16 @@ def path_errors(e) -> list[str]:
       errors.append(f"eval.{key}: no such path {e[key]!r}")
   if e.lm_eval_tasks.strip():
     try:
-      import lm_eval  # noqa: F401  # lazy: an optional, heavy dependency (the eval extra)
+      from jaxlm import harness  # lazy: imports lm_eval, an optional, heavy dependency
     except ImportError:
       errors.append(f"eval.lm_eval_tasks={e.lm_eval_tasks!r}: needs lm_eval "
                     "(pip install 'jaxlm[eval]')")
+    else:
+      if not e.lm_eval_include.startswith("@"):  # before any training or generation
+        try:
+          harness.task_names(e)
+        except ConfigError as err:
+          errors.append(str(err))
   return errors
 
 

@@ -284,24 +284,36 @@ def _cut(text: str, until) -> str:
   return text
 
 
-def evaluate_tasks(e, path: str, batch_size: int) -> dict | None:
-  """lm_eval's output (made JSON-able) for the tasks of an eval section `e`
-  (`e.lm_eval_tasks`, `_include`, `_limit`, `_num_fewshot`, `_dtype`, `chat_template`) on
-  the model at `path`; None on processes other than the first, as lm_eval answers."""
+def task_names(e) -> tuple[list[str], object]:
+  """The names in `e.lm_eval_tasks` and lm_eval's TaskManager that knows them;
+  ConfigError naming the key for a name it does not know."""
   from lm_eval.tasks import TaskManager  # lazy: builds lm_eval's task index, seconds
   names = [t.strip() for t in e.lm_eval_tasks.split(",") if t.strip()]
-  manager = TaskManager(include_path=e.lm_eval_include or None)
+  try:
+    manager = TaskManager(include_path=e.lm_eval_include or None)
+  except (KeyError, ValueError, OSError) as err:  # a task YAML lm_eval cannot read
+    raise ConfigError(f"eval.lm_eval_include={e.lm_eval_include!r}: lm_eval: {err}") from None
   unknown = [n for n in names if n not in manager.all_tasks]
   if unknown:
     raise ConfigError(f"eval.lm_eval_tasks: no lm_eval task {unknown[0]!r}"
                       + (f" (nor in {e.lm_eval_include})" if e.lm_eval_include else ""))
+  return names, manager
+
+
+def evaluate_tasks(e, path: str, batch_size: int) -> dict:
+  """lm_eval's output (made JSON-able) for the tasks of an eval section `e`
+  (`e.lm_eval_tasks`, `_include`, `_limit`, `_num_fewshot`, `_dtype`, `chat_template`) on
+  the model at `path`. Every process runs them (lm_eval sees each as rank 0) and gets
+  the same output."""
+  names, manager = task_names(e)
   lm = JaxLM(pretrained=path, batch_size=batch_size, dtype=e.lm_eval_dtype,
              chat_template=e.chat_template)
-  output = lm_eval.simple_evaluate(
-      model=lm, tasks=names, task_manager=manager, limit=e.lm_eval_limit or None,
-      num_fewshot=None if e.lm_eval_num_fewshot < 0 else e.lm_eval_num_fewshot)
-  if output is None:
-    return None
+  try:
+    output = lm_eval.simple_evaluate(
+        model=lm, tasks=names, task_manager=manager, limit=e.lm_eval_limit or None,
+        num_fewshot=None if e.lm_eval_num_fewshot < 0 else e.lm_eval_num_fewshot)
+  except (KeyError, ValueError) as err:  # a task lm_eval cannot build (its YAML, its data)
+    raise ConfigError(f"eval.lm_eval_tasks={e.lm_eval_tasks!r}: lm_eval: {err}") from None
   return json.loads(json.dumps(output, default=lm_utils.handle_non_serializable))
 
 

@@ -145,10 +145,10 @@ def stale_because(spec: dict, root: str = ROOT) -> str | None:
   if not spec.get("commit") or not spec.get("depends"):
     return None
   try:
-    changed = _git(root, "diff", "--name-only", spec["commit"], "--",
-                   *spec["depends"].split()).split()
-    changed = [p for p in changed if _code_changed(root, spec["commit"], p)]
-  except (OSError, subprocess.SubprocessError):
+    changed = _git(root, "diff", "--name-only", "-z", spec["commit"], "--",
+                   *spec["depends"].split()).split("\0")
+    changed = [p for p in changed if p and _code_changed(root, spec["commit"], p)]
+  except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
     return None
   if not changed:
     return None

@@ -29,7 +29,7 @@ from jaxlm import (console, generate, loop, lora as lora_lib, losses, model, rew
                    reward_model, runs, sharding)
 from jaxlm.config import frozen_model
 from jaxlm.data import prompts as prompts_lib, sft as sft_data, sources
-from jaxlm.errors import ConfigError
+from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.tasks import common
 
 
@@ -53,9 +53,14 @@ class _StatefulIterator:
     return next(self.inner)
 
   def get_state(self):
-    return {"data": self.inner.get_state(), "rollout": dict(self.state)}
+    return {"data": self.inner.get_state(), "rollout": dict(self.state), "scope": "global"}
 
   def set_state(self, state):
+    if state.get("scope") != "global" and jax.process_count() > 1:
+      raise CheckpointError(
+          "this RL checkpoint was written on several processes before every process read "
+          "the whole prompt stream (each then held its own share): its data position "
+          "cannot be resumed exactly; start the run again in a new workdir")
     self.inner.set_state(state["data"])
     self.state.update(state["rollout"])
 

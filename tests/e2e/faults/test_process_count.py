@@ -229,3 +229,15 @@ def test_a_packer_state_without_a_remainder_resumes_exactly_through_json(corpus)
   resumed = make()
   resumed.set_state(state)
   assert_same(global_batches([resumed], 3), full[1:])
+
+
+def test_a_global_state_resumes_on_any_process_count():
+  """RL's prompt stream: every process reads it whole and saves the same state, marked
+  {"scope": "global"}; it resumes on any count. Unmarked per-process states do not."""
+  state = {"data": {"next_index": 24}, "rollout": {}, "scope": "global"}
+  data = json.loads(json.dumps({"processes": [state, state]}))
+  for n in (1, 2, 4):
+    assert checkpoint.local_data_state(data, 0, n, "step 3") == state
+  local = {"processes": [{"next_index": 12}, {"next_index": 12}]}
+  with pytest.raises(checkpoint.CheckpointError, match="resume it on 2 process.es., not 1$"):
+    checkpoint.local_data_state(local, 0, 1, "step 3")
