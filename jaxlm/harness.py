@@ -284,13 +284,20 @@ def _cut(text: str, until) -> str:
   return text
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(include: str):
+  """lm_eval's task index (with the YAMLs of `include`): built once per process, since
+  building it reads every task file lm_eval ships (seconds)."""
+  from lm_eval.tasks import TaskManager  # lazy: that index
+  return TaskManager(include_path=include or None)
+
+
 def task_names(e) -> tuple[list[str], object]:
   """The names in `e.lm_eval_tasks` and lm_eval's TaskManager that knows them;
   ConfigError naming the key for a name it does not know."""
-  from lm_eval.tasks import TaskManager  # lazy: builds lm_eval's task index, seconds
   names = [t.strip() for t in e.lm_eval_tasks.split(",") if t.strip()]
   try:
-    manager = TaskManager(include_path=e.lm_eval_include or None)
+    manager = _task_manager(e.lm_eval_include)
   except (KeyError, ValueError, OSError) as err:  # a task YAML lm_eval cannot read
     raise ConfigError(f"eval.lm_eval_include={e.lm_eval_include!r}: lm_eval: {err}") from None
   unknown = [n for n in names if n not in manager.all_tasks]

@@ -118,10 +118,10 @@ def test_grpo_on_two_processes_rolls_out_and_learns_as_on_one(tmp_path, killed):
           "--config.checkpoint_every=2", "--config.async_checkpointing=False",
           "--config.progress=log", "--config.rl.max_new_tokens=8"]
   one, two = tmp_path / "one", tmp_path / "two"
-  finish([start(one, 8, config="configs/grpo_tiny.py", args=args)])
-  port = free_port()
-  finish([start(two, 4, process=i, port=port, config="configs/grpo_tiny.py", args=args)
-          for i in range(2)])
+  port = free_port()  # the 1 x 8 run and the two processes at once: CI's time
+  finish([start(one, 8, config="configs/grpo_tiny.py", args=args)]
+         + [start(two, 4, process=i, port=port, config="configs/grpo_tiny.py", args=args)
+            for i in range(2)])
   def records(workdir):
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
       return [r for r in map(json.loads, f) if "loss" in r]

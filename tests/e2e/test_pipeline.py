@@ -247,9 +247,12 @@ def test_a_stage_alone_and_a_subset(pipeline_run, tmp_path):
   assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_stage_runs_lm_eval_tasks_into_the_report(pipeline_run, tmp_path, monkeypatch):
   """`<stage>.eval.lm_eval_tasks`: lm-evaluation-harness beside the stage's own metrics,
-  on a task defined here (nothing downloaded), listed by the report card."""
+  on a task defined here (nothing downloaded), listed by the report card. (Slow tier: CI
+  runs the same evaluation through tools/eval.py in test_harness.py, and the report's
+  rows in tests/unit/test_plots.py.)"""
   pytest.importorskip("lm_eval")
   _, workdir, _ = pipeline_run
   run = str(tmp_path / "run")
