@@ -11,10 +11,7 @@ evaluation as the CPU pipeline; only the model, the batch sizes, the step counts
 learning rates change. README's "The speedrun" has the time and the table of a run.
 """
 
-import importlib.util
-import os
-
-from jaxlm.config import model_config
+from jaxlm.config import config_beside, model_config
 
 
 # About 150M parameters: 12 layers of d_model 1024 (16 heads of 64, 8 of them for keys
@@ -31,16 +28,8 @@ SCHEDULE = {
 }
 
 
-def _pipeline_tiny():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline_tiny.py")
-  spec = importlib.util.spec_from_file_location("pipeline_tiny", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg=None):
-  tiny = _pipeline_tiny()
+  tiny = config_beside(__file__, "pipeline_tiny")
   args = tiny.parse_args(arg, default_from="runs/pipeline_gpu")
   stages = tiny.stage_configs(args["rl"])
   for name, s in stages.items():

@@ -18,25 +18,16 @@ The samples have no held-out splits of their own, so perplexity and the reward m
 held-out accuracy are off (`eval.text`, `eval.pairs`): point them at held-out files.
 """
 
-import importlib.util
 import os
 
-from jaxlm.config import parse_arg
-
-
-def _pipeline_tiny():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline_tiny.py")
-  spec = importlib.util.spec_from_file_location("pipeline_tiny", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from jaxlm.config import config_beside, parse_arg
 
 
 def get_config(arg=None):
   shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
   args = parse_arg(arg, data=os.path.normpath(shared))
   d = args["data"]
-  c = _pipeline_tiny().get_config()
+  c = config_beside(__file__, "pipeline_tiny").get_config()
   c.tokenizer.train = os.path.join(d, "tinyshakespeare.txt")
   c.tokenizer.vocab_size = 2048
   c.pretrain.data.train = os.path.join(d, "tinyshakespeare.txt")

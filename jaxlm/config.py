@@ -8,8 +8,10 @@ a one-line description, so a locked config accepts it on the command line
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import numbers
+import os
 import re
 from typing import NamedTuple
 
@@ -734,6 +736,16 @@ def section_errors(name: str, section, rules=None) -> list[str]:
 def model_errors(m) -> list[str]:
   """The problems of a model section alone: `section_errors` and the shape rules."""
   return section_errors("model", m, _model_shape_errors)
+
+
+def config_beside(file: str, name: str):
+  """The config file `name`.py in the folder of `file` (a config file's `__file__`), as
+  a module: how one config builds on another (configs/ is not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(file)), name + ".py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def parse_arg(arg: str | None, choices: dict | None = None, **defaults):

@@ -135,7 +135,8 @@ def _code_changed(root: str, commit: str, path: str) -> bool:
     after = f.read()
   if not path.endswith(".py") or before == after:
     return before != after
-  return _code(before) is None or _code(before) != _code(after)
+  code = _code(before)
+  return code is None or code != _code(after)
 
 
 def stale_because(spec: dict, root: str = ROOT) -> str | None:

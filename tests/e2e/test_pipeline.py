@@ -1,7 +1,6 @@
 """The whole pipeline in one command (task=pipeline), evaluation (task=eval, tools/eval.py),
 the report card and tools/plot.py, at a size CI runs in a minute or two."""
 
-import importlib.util
 import json
 import os
 import re
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm import evaluate, pipeline, reward_fns
+from jaxlm.config import config_beside
 from jaxlm.errors import ConfigError
 from jaxlm.data import prompts as prompts_lib, world
 
@@ -337,10 +337,7 @@ def test_plot_tool_overlays_runs(pipeline_run, tmp_path):
 
 
 def load_config_module(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_beside(os.path.join(REPO, "configs", name + ".py"), name)
 
 
 def test_pipeline_config_errors_name_the_stage_key():
