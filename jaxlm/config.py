@@ -738,14 +738,19 @@ def model_errors(m) -> list[str]:
   return section_errors("model", m, _model_shape_errors)
 
 
-def config_beside(file: str, name: str):
-  """The config file `name`.py in the folder of `file` (a config file's `__file__`), as
-  a module: how one config builds on another (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(file)), name + ".py")
+def load_module(path: str, name: str):
+  """The Python file at `path`, run as a module called `name` (config, sweep and
+  estimate files are not in a package). Its exceptions propagate."""
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def config_beside(file: str, name: str):
+  """The config file `name`.py in the folder of `file` (a config file's `__file__`), as
+  a module: how one config builds on another (configs/ is not a package)."""
+  return load_module(os.path.join(os.path.dirname(os.path.abspath(file)), name + ".py"), name)
 
 
 def parse_arg(arg: str | None, choices: dict | None = None, **defaults):

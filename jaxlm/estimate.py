@@ -27,7 +27,6 @@ FLOPs import jaxlm.model (and so jax) when first called. No device is needed.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import re
@@ -37,7 +36,7 @@ import jax
 import ml_collections
 
 from jaxlm import model
-from jaxlm.config import MESH_AXES, MODEL_PRESETS, model_config
+from jaxlm.config import MESH_AXES, MODEL_PRESETS, load_module, model_config
 from jaxlm.errors import EstimateError
 
 
@@ -115,10 +114,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise EstimateError(f"no such file {path!r}")
-  module_spec = importlib.util.spec_from_file_location("_jaxlm_estimate_config", path)
-  module = importlib.util.module_from_spec(module_spec)
   try:
-    module_spec.loader.exec_module(module)
+    module = load_module(path, "_jaxlm_estimate_config")
   except Exception as e:  # pylint: disable=broad-except
     raise EstimateError(f"{path}: {type(e).__name__}: {e}") from e
   if not hasattr(module, "get_config"):

@@ -19,7 +19,6 @@ sweep_report.md, sweep_report.csv and sweep_report.png (`report` here).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import math
@@ -32,7 +31,7 @@ import sys
 import ml_collections
 
 from jaxlm import console, fileio
-from jaxlm.config import set_key
+from jaxlm.config import load_module, set_key
 from jaxlm.errors import ConfigError
 from jaxlm.validate import config_errors as validate
 
@@ -40,9 +39,7 @@ from jaxlm.validate import config_errors as validate
 def load_trials(config_spec: str) -> list[dict]:
   """The override dicts of FILE[:ARG]'s get_sweep(ARG)."""
   path, _, arg = config_spec.partition(":")
-  spec = importlib.util.spec_from_file_location("_jaxlm_sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_module(path, "_jaxlm_sweep_config")
   if not hasattr(module, "get_sweep"):
     raise ConfigError(f"--sweep: {path} defines no get_sweep(arg) returning a list of "
                       f"override dicts")

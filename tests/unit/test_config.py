@@ -47,10 +47,8 @@ def test_each_problem_is_one_line_naming_the_key(overrides, message):
 
 def test_config_arg_values_are_checked():
   from jaxlm.errors import ConfigError
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "pretrain_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from jaxlm.config import load_module
+  module = load_module(os.path.join(ROOT, "configs", "pretrain_tiny.py"), "tiny")
   assert module.get_config("family=gpt2").model.family == "gpt2"
   with pytest.raises(ConfigError, match="family='gpt3': must be one of llama, gpt2"):
     module.get_config("family=gpt3")

@@ -4,23 +4,19 @@ in any phase ends the run cleanly with a line saying so."""
 
 import json
 import os
-import importlib.util
 import signal
 
 import pytest
 
 from jaxlm import pipeline, tasks
-from jaxlm.config import set_key
+from jaxlm.config import load_module, set_key
 from jaxlm.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def pipeline_config(**overrides):
-  spec = importlib.util.spec_from_file_location(
-      "pipeline_tiny", os.path.join(REPO, "configs", "pipeline_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_module(os.path.join(REPO, "configs", "pipeline_tiny.py"), "pipeline_tiny")
   c = module.get_config(None)
   for key, value in overrides.items():
     set_key(c, key, value)
