@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 
 from absl import app, flags
 import jax
@@ -174,20 +175,25 @@ def main(argv):
     with _locked(_WORKDIR.value):
       _run(config, _WORKDIR.value)
   except workdir_lib.WorkdirError as e:
-    console.error(f"error: {e}")
-    sys.exit(2)
+    _fail(f"error: {e}", 2)
   except (ConfigError, sharding.ShardingError) as e:
-    console.error(f"config error: {e}")
-    sys.exit(2)
+    _fail(f"config error: {e}", 2)
   except DataError as e:
-    console.error(f"data error: {e}")
-    sys.exit(2)
+    _fail(f"data error: {e}", 2)
   except (TrainingError, CheckpointError) as e:  # the checkpoints written so far stay
-    console.error(f"error: {e}")
-    sys.exit(1)
+    _fail(f"error: {e}", 1)
   except OSError as e:  # a full disk, a vanished mount: the file and the reason
-    console.error(f"error: {e}")
-    sys.exit(1)
+    _fail(f"error: {e}", 1)
+
+
+def _fail(line: str, code: int):
+  """The run's failure as one line on stderr, then exit `code`. A checkpoint write that
+  failed part way (a full disk) leaves orbax's unfinished write coroutines behind;
+  Python would warn about each at shutdown, after the line that already said why."""
+  console.error(line)
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                          category=RuntimeWarning)
+  sys.exit(code)
 
 
 def run():
