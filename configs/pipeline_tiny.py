@@ -25,6 +25,10 @@ import ml_collections
 from jaxlm.config import base_config, model_config, parse_arg
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "rl")
+# Room for the longest answer: "len([a, b, c, d, e, f]) = 6\n#### 6" and the end token
+# take 25 of the 512-piece tokenizer's tokens; at 24 six-item counts could never be
+# right, in the evaluation or for RL's reward.
+ANSWER_TOKENS = 32
 
 
 def _common(c, task, steps, init_from):
@@ -91,7 +95,7 @@ def stage_configs(rl: str = "grpo") -> dict:
   rl_cfg.optimizer.lr = 3e-4
   rl_cfg.optimizer.warmup_steps = 0
   rl_cfg.rl.num_generations = 8
-  rl_cfg.rl.max_new_tokens = 24
+  rl_cfg.rl.max_new_tokens = ANSWER_TOKENS
   rl_cfg.rl.temperature = 1.0
   rl_cfg.rl.kl_coef = 0.02
   if rl == "ppo":
@@ -112,7 +116,7 @@ def eval_config() -> ml_collections.ConfigDict:
   e = base_config().eval
   e.tasks = "builtin:world_prompts:eval"
   e.max_tasks = 0                      # all held-out tasks (249)
-  e.max_new_tokens = 24
+  e.max_new_tokens = ANSWER_TOKENS
   e.text = "builtin:world_text:eval"
   e.text_batches = 8
   e.seq_len = 128
