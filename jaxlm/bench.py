@@ -28,6 +28,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import attention, console, generate, loop, metrics as metrics_lib, model
@@ -265,14 +266,54 @@ def _decode(spec: Spec, c) -> dict:
     if spec.profile_dir and i == 0:
       jax.profiler.stop_trace()
   median = statistics.median(times)
-  # What each decode step reads: the weights as the engine holds them for the loop.
-  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
-      jax.eval_shape(lambda p: model.compute_weights(p, c.model), params)))
-  return dict(step_s=median, step_s_min=min(times), step_s_max=max(times),
-              compile_s=max(first_s - median, 0.0), new_tokens_per_s=B * N / median,
-              ms_per_token_step=1000 * median / N, tokens_per_step=B * N,
-              params_trained=sum(int(x.size) for x in jax.tree.leaves(params)),
-              weight_read_tb_s=weight_bytes * N / median / 1e12)
+  result = dict(step_s=median, step_s_min=min(times), step_s_max=max(times),
+                compile_s=max(first_s - median, 0.0), new_tokens_per_s=B * N / median,
+                ms_per_token_step=1000 * median / N, tokens_per_step=B * N,
+                params_trained=sum(int(x.size) for x in jax.tree.leaves(params)))
+  result.update(decode_floor(m, params, B, P, N, median, copy_bandwidth()))
+  return result
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def decode_floor(cfg, params, B: int, P: int, N: int, step_s: float, copy_bytes_s: float) -> dict:
+  """How far a decode call of B rows x (P + N) tokens taking `step_s` is from the memory
+  bandwidth limit. Each token step must read the weights as the engine holds them and
+  the cache's filled slots (P + n at step n, so P + (N - 1) / 2 on average); the engine
+  reads the whole cache (P + N slots). The floor is those bytes at the device's copy
+  bandwidth (`copy_bytes_s`, bytes read and written a second)."""
+  weights = _nbytes(jax.eval_shape(lambda p: model.compute_weights(p, cfg), params))
+  cache = _nbytes(jax.eval_shape(lambda: model.init_cache(cfg, B, P + N)))
+  per_slot = cache / (P + N)
+  live = per_slot * (P + (N - 1) / 2)
+  step = step_s / N   # one token step (the prompt's prefill counted in)
+  floor = (weights + live) / copy_bytes_s
+  return dict(weight_gb=weights / 1e9, cache_gb=cache / 1e9, cache_live_gb=live / 1e9,
+              read_tb_s=(weights + cache) / step / 1e12,
+              weight_read_tb_s=weights / step / 1e12,
+              copy_tb_s=copy_bytes_s / 1e12, floor_ms_per_token_step=1000 * floor,
+              floor_new_tokens_per_s=B / floor, of_floor=floor / step)
+
+
+def copy_bandwidth(nbytes: int = 0, repeats: int = 20) -> float:
+  """Bytes a second (read plus written) of a buffer (1 GiB on an accelerator, 64 MiB on a
+  CPU) rewritten `repeats` times back to back (dispatch is asynchronous, so the device
+  runs one pass after another and no launch is timed): what a decode step's reads are
+  measured against. The best of three such runs."""
+  if not nbytes:
+    nbytes = (64 << 20) if jax.default_backend() == "cpu" else (1 << 30)
+  rewrite = jax.jit(lambda a: a + jnp.bfloat16(1))  # reads and writes every byte once
+  x = jax.block_until_ready(rewrite(jnp.ones((nbytes // 2,), jnp.bfloat16)))
+  best = float("inf")
+  for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+      x = rewrite(x)
+    jax.block_until_ready(x)
+    best = min(best, time.perf_counter() - t0)
+  return 2 * repeats * x.size * x.dtype.itemsize / best
 
 
 def run(spec: Spec) -> dict:
@@ -298,6 +339,14 @@ def run(spec: Spec) -> dict:
   result.update(console.environment())
   if spec.profile_dir:
     result["profile"] = profile_summary(spec.profile_dir)
+    totals = profile_totals(spec.profile_dir)
+    if totals and spec.task == "decode":  # the trace holds one generate call
+      steps = spec.new_tokens
+      totals.update(kernels_per_token_step=totals["kernels"] / steps,
+                    kernels_per_layer_step=totals["kernels"] / steps / c.model.num_layers,
+                    gap_us_per_kernel=1000 * (totals["span_ms"] - totals["busy_ms"])
+                    / totals["kernels"])
+    result["profile_totals"] = totals
   return result
 
 
@@ -312,22 +361,42 @@ def profile_summary(directory: str, top: int = 25) -> list[dict]:
   paths = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))
   if not paths:
     return []
-  data = jax.profiler.ProfileData.from_file(paths[-1])
   totals, counts = {}, {}
-  for plane in data.planes:
-    if not plane.name.startswith("/device:"):
-      continue
-    lines = list(plane.lines)
-    ops = [ln for ln in lines if ln.name == "XLA Ops"] or [
-        ln for ln in lines if "stream" in ln.name.lower()]
-    for line in ops:
-      for ev in line.events:
-        totals[ev.name] = totals.get(ev.name, 0.0) + ev.duration_ns
-        counts[ev.name] = counts.get(ev.name, 0) + 1
+  for line in _device_op_lines(jax.profiler.ProfileData.from_file(paths[-1])):
+    for ev in line.events:
+      totals[ev.name] = totals.get(ev.name, 0.0) + ev.duration_ns
+      counts[ev.name] = counts.get(ev.name, 0) + 1
   busy = sum(totals.values()) or 1.0
   ranked = sorted(totals, key=totals.get, reverse=True)[:top]
   return [{"op": n, "calls": counts[n], "ms": totals[n] / 1e6, "share": totals[n] / busy}
           for n in ranked]
+
+
+def _device_op_lines(data):
+  for plane in data.planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    lines = list(plane.lines)
+    yield from ([ln for ln in lines if ln.name == "XLA Ops"] or
+                [ln for ln in lines if "stream" in ln.name.lower()])
+
+
+def profile_totals(directory: str) -> dict:
+  """The trace's device kernels: how many, their summed time and the span from the
+  first start to the last end (busy / span is how much of the time the device computes;
+  the rest is gaps between kernels)."""
+  paths = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))
+  if not paths:
+    return {}
+  n, busy, first, last = 0, 0, None, None
+  for line in _device_op_lines(jax.profiler.ProfileData.from_file(paths[-1])):
+    for ev in line.events:
+      n, busy = n + 1, busy + ev.duration_ns
+      first = ev.start_ns if first is None else min(first, ev.start_ns)
+      last = ev.end_ns if last is None else max(last, ev.end_ns)
+  if not n:
+    return {}
+  return {"kernels": n, "busy_ms": busy / 1e6, "span_ms": (last - first) / 1e6}
 
 
 def format_table(results: list[dict]) -> str:
@@ -348,6 +417,16 @@ def format_table(results: list[dict]) -> str:
     rows.append(f"| {r['preset']} | {task} | {shape} | {tps:,.0f} | {mfu} | "
                 f"{1000 * r['step_s']:.1f} ms | {mem} | {r['compile_s']:.1f} s |")
   return "\n".join([head, *rows])
+
+
+def format_floor(r: dict) -> str:
+  """A decode row's distance to the bandwidth floor, in one line."""
+  return (f"{r['preset']} decode {r['batch']} x ({r['seq']} + {r['new_tokens']}): "
+          f"{r['ms_per_token_step']:.3f} ms a token step, reading {r['weight_gb']:.2f} GB of "
+          f"weights + {r['cache_gb']:.2f} GB of cache ({r['cache_live_gb']:.2f} GB filled on "
+          f"average) at {r['read_tb_s']:.2f} TB/s; copy bandwidth {r['copy_tb_s']:.2f} TB/s, "
+          f"floor {r['floor_ms_per_token_step']:.3f} ms ({r['floor_new_tokens_per_s']:,.0f} "
+          f"new tokens/s): {100 * r['of_floor']:.0f}% of the floor")
 
 
 def default_profile_dir() -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 from jax.experimental import multihost_utils
@@ -59,6 +60,8 @@ def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, 
               vocab_size: int, sharder, lora):
   B, P = prompt_BP.shape
   params = model.unstack_layers(model.compute_weights(params, cfg))
+  if lora is None and not _shards_heads(sharder):  # LoRA adapts wq, wk, ... one by one
+    params = model.fuse_projections(params, cfg)
   N = sampling.max_new_tokens
   slots = P + N
   cache = model.init_cache(cfg, B, slots, sharder)
@@ -114,6 +117,19 @@ def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, 
           jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
   _, _, _, _, out, logps, done, length = jax.lax.while_loop(cond, body, init)
   return out, logps, length, done
+
+
+def _shards_heads(sharder) -> bool:
+  """Whether the mesh splits attention heads or the MLP (tensor parallelism): joining the
+  projections' weights along those axes would move them between devices."""
+  if sharder is None:
+    return False
+  for name in ("heads", "kv_heads", "mlp"):
+    axes = sharder.spec((name,))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if math.prod(sharder.mesh.shape[a] for a in axes) > 1:
+      return True
+  return False
 
 
 def check_length(cfg, prompt_len: int, max_new_tokens: int):

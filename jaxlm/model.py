@@ -268,9 +268,13 @@ def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
     return rms_norm(x, p[name], cfg.norm_eps, cfg.norm_plus_one)
 
   h = norm(x_BTD, "attn_norm")
-  q = proj("btd,dhk->bthk", h, "wq")
-  k = proj("btd,dgk->btgk", h, "wk")
-  v = proj("btd,dgk->btgk", h, "wv")
+  if "wqkv" in p:  # decoding's joined projections (fuse_projections)
+    q, k, v = jnp.split(proj("btd,dhk->bthk", h, "wqkv"),
+                        [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
+  else:
+    q = proj("btd,dhk->bthk", h, "wq")
+    k = proj("btd,dgk->btgk", h, "wk")
+    v = proj("btd,dgk->btgk", h, "wv")
   if "bq" in p:
     q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
   if "q_norm" in p:  # per head, over head_dim
@@ -300,13 +304,17 @@ def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
   x_BTD = c(x_BTD + o, ("batch", "length", "embed"))
 
   h = norm(x_BTD, "mlp_norm")
-  up = proj("btd,df->btf", h, "w_up")
+  if "w_gate_up" in p:
+    gate, up = jnp.split(proj("btd,df->btf", h, "w_gate_up"), 2, axis=2)
+  else:
+    up = proj("btd,df->btf", h, "w_up")
+    gate = None if gpt2 else proj("btd,df->btf", h, "w_gate")
   if gpt2:
     act = jax.nn.gelu(up + p["b_up"].astype(dt), approximate=True)
   elif cfg.mlp_activation == "gelu_tanh":
-    act = jax.nn.gelu(proj("btd,df->btf", h, "w_gate"), approximate=True) * up
+    act = jax.nn.gelu(gate, approximate=True) * up
   else:
-    act = jax.nn.silu(proj("btd,df->btf", h, "w_gate")) * up
+    act = jax.nn.silu(gate) * up
   act = c(act, ("batch", "length", "mlp"))
   out = proj("btf,fd->btd", act, "w_down")
   if gpt2:
@@ -431,6 +439,21 @@ def init_cache(cfg, batch: int, slots: int, sharder: Sharder | None = None) -> C
   return Cache(tuple(zeros() for _ in range(cfg.num_layers)),
                tuple(zeros() for _ in range(cfg.num_layers)),
                c(jnp.zeros((batch, slots), bool), ("batch", "length")))
+
+
+def fuse_projections(params, cfg) -> dict:
+  """Per-layer params (from `unstack_layers`) with each layer's query, key and value
+  weights joined into one `wqkv` [D, H + 2G, K] and its gate and up weights into one
+  `w_gate_up` [D, 2F]: a decode step, whose matmuls are one token a row and bound by
+  reading the weights, then launches three matmuls a layer fewer. The same products,
+  split after the matmul. Done once per generate call, outside the decode loop."""
+  def fuse(p):
+    p = dict(p)
+    p["wqkv"] = jnp.concatenate([p.pop("wq"), p.pop("wk"), p.pop("wv")], axis=1)
+    if "w_gate" in p and cfg.family != "gpt2":
+      p["w_gate_up"] = jnp.concatenate([p.pop("w_gate"), p.pop("w_up")], axis=1)
+    return p
+  return {**params, "layers": tuple(fuse(p) for p in params["layers"])}
 
 
 def unstack_layers(params) -> dict:

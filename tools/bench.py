@@ -93,7 +93,17 @@ def main(argv):
   for r in results:
     for p in r.pop("profile", None) or []:
       print(f"  {100 * p['share']:5.1f}%  {p['ms']:9.2f} ms  {p['calls']:6d}x  {p['op']}")
+    t = r.get("profile_totals") or {}
+    if t:
+      per_step = (f" ({t['kernels_per_token_step']:.0f} a token step, "
+                  f"{t['kernels_per_layer_step']:.1f} a layer, {t['gap_us_per_kernel']:.2f} us "
+                  f"between kernels)" if "kernels_per_token_step" in t else "")
+      print(f"  {t['kernels']} kernels{per_step}; device busy {t['busy_ms']:.1f} of "
+            f"{t['span_ms']:.1f} ms")
   print(bench.format_table(results))
+  for r in results:
+    if r.get("task") == "decode" and "of_floor" in r:
+      print(bench.format_floor(r))
   for r in results:
     print(json.dumps(r, sort_keys=True))
   if _JSON.value:

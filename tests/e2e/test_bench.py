@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -25,6 +26,8 @@ def test_each_task_measures_its_real_step(task):
   if task == "decode":
     assert r["tokens_per_step"] == 8 * 8  # every prompt generated all its tokens
     assert r["new_tokens_per_s"] == pytest.approx(64 / r["step_s"])
+    assert r["copy_tb_s"] > 0 and 0 < r["cache_live_gb"] < r["cache_gb"]
+    assert r["of_floor"] == pytest.approx(r["floor_ms_per_token_step"] / r["ms_per_token_step"])
     return
   assert np.isfinite(r["loss"])
   assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"])
@@ -36,6 +39,26 @@ def test_each_task_measures_its_real_step(task):
     assert r["flops_per_token"] == pytest.approx(per_token * 4 / 3)
   else:
     assert r["flops_per_token"] == per_token
+
+
+def test_the_decode_floor_is_the_bytes_a_step_must_read_at_copy_bandwidth():
+  cfg = bench.make_config(bench.Spec(preset="tiny", task="decode")).model
+  params = model.init(cfg, jax.random.PRNGKey(0))
+  B, P, N = 4, 10, 7
+  r = bench.decode_floor(cfg, params, B, P, N, step_s=0.07, copy_bytes_s=1e9)
+  weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+      model.compute_weights(params, cfg)))
+  kv = 2 * cfg.num_layers * B * cfg.num_kv_heads * model.head_dim(cfg) * 2  # bf16, a slot
+  per_slot = kv + B  # and the slot's valid flags
+  assert r["weight_gb"] * 1e9 == weights
+  assert r["cache_gb"] * 1e9 == pytest.approx(per_slot * (P + N))
+  assert r["cache_live_gb"] * 1e9 == pytest.approx(per_slot * (P + 3))  # P + n, n = 0..6
+  floor_s = (weights + per_slot * (P + 3)) / 1e9
+  assert r["floor_ms_per_token_step"] == pytest.approx(1000 * floor_s)
+  assert r["floor_new_tokens_per_s"] == pytest.approx(B / floor_s)
+  assert r["of_floor"] == pytest.approx(floor_s / 0.01)  # 0.07 s over 7 token steps
+  assert "% of the floor" in bench.format_floor(
+      dict(r, preset="tiny", batch=B, seq=P, new_tokens=N, ms_per_token_step=10.0))
 
 
 def test_synthetic_sft_rows_are_packed_examples_with_masked_prompts():

@@ -49,6 +49,24 @@ def test_engine_logprobs_equal_the_training_forward(family, sampling):
       np.testing.assert_array_equal(np.argmax(logits, -1)[len(prompt) - 1:], seq[len(prompt):])
 
 
+def test_joined_projections_decode_as_the_separate_ones():
+  """Without tensor parallelism the engine joins wq/wk/wv and w_gate/w_up (fewer decode
+  kernels); with it, it keeps them apart. Both give the same tokens and log-probs."""
+  cfg = small_model(dtype="float32", vocab_size=64, max_seq_len=64, **QWEN3_LIKE)
+  params = model.init(cfg, jax.random.PRNGKey(0))
+  tp = small_config()
+  tp.mesh.fsdp, tp.mesh.tensor = 4, 2
+  sharders = [loop.make_sharder(small_config()), loop.make_sharder(tp)]
+  assert [generate._shards_heads(s) for s in sharders] == [False, True]
+  layer = model.fuse_projections(model.unstack_layers(params), cfg)["layers"][0]
+  assert "wqkv" in layer and "w_gate_up" in layer and "wq" not in layer
+  sampling = generate.Sampling(max_new_tokens=12, temperature=1.0)
+  fused, apart = (generate.Engine(cfg, eos_id=3, sharder=s).generate(
+      params, PROMPTS, jax.random.PRNGKey(1), sampling) for s in sharders)
+  np.testing.assert_array_equal(fused.tokens, apart.tokens)
+  np.testing.assert_allclose(fused.logprobs, apart.logprobs, atol=2e-5)
+
+
 def test_stop_sequences_end_each_row_and_rows_share_one_program():
   cfg = small_model(dtype="float32", vocab_size=64)
   params = model.init(cfg, jax.random.PRNGKey(0))
