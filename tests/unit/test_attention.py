@@ -129,16 +129,18 @@ def test_chunked_and_fused_loss_equal_plain_loss_and_gradients(tied, cap):
     total, _, _ = losses.cross_entropy_from_stats(log_z, target_logit, mask, z_loss=1e-3)
     return total, correct
 
+  # jitted, chunk static: one program each (op by op, the test took several times longer)
+  loss_grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
   with jax.default_matmul_precision("highest"):
-    (whole, c0), g0 = jax.value_and_grad(loss, has_aux=True)(params, 0)
+    (whole, c0), g0 = loss_grad(params, 0)
     # The fused head's hand-written backward equals autodiff through the full logits.
     plain = lambda p: losses.cross_entropy(model.forward(p, tokens, cfg), targets, mask, 1e-3)[0]  # noqa: E731
-    want, g_plain = jax.value_and_grad(plain)(params)
+    want, g_plain = jax.jit(jax.value_and_grad(plain))(params)
     np.testing.assert_allclose(whole, want, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g_plain)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     for chunk in (32, 33):  # 33: the last chunk is padded
-      (got, c), g = jax.value_and_grad(loss, has_aux=True)(params, chunk)
+      (got, c), g = loss_grad(params, chunk)
       np.testing.assert_allclose(got, whole, rtol=1e-5)
       np.testing.assert_array_equal(c, c0)
       for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
