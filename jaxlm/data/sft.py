@@ -28,6 +28,7 @@ import os
 import random
 import re
 import textwrap
+import uuid
 import warnings
 import zlib
 
@@ -621,30 +622,31 @@ def stdlib_docstring_pairs(path: str) -> str:
   chosen; rejected, in turn, is another function's docstring (picked by a seeded
   shuffle), the docstring with its words shuffled, or the docstring cut off after a
   third of its words. The last two a small model learns to spot; the first is hard."""
-  source = stdlib_docstrings(path + ".sft")
+  # A name of its own: every process of a multi-process run writes the built-in data.
+  source = stdlib_docstrings(f"{path}.{uuid.uuid4().hex}.sft")
   with open(source, encoding="utf-8") as f:
     records = [json.loads(line) for line in f]
   os.remove(source)
   rng = random.Random(0)
   others = list(range(len(records)))
   rng.shuffle(others)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for i, r in enumerate(records):
-      words = r["output"].split()
-      if i % 3 == 1 and len(set(words)) > 2:
-        shuffled = list(words)
-        while shuffled == words:
-          rng.shuffle(shuffled)
-        rejected = " ".join(shuffled)
-      elif i % 3 == 2 and len(words) >= 6:
-        rejected = " ".join(words[:len(words) // 3])
-      else:
-        rejected = records[others[i]]["output"]
-        if rejected == r["output"]:
-          rejected = records[others[i - 1]]["output"]
-      f.write(json.dumps({"prompt": f"{r['instruction']}\n\n{r['input']}",
-                          "chosen": r["output"], "rejected": rejected}) + "\n")
-  os.replace(path + ".tmp", path)
+  lines = []
+  for i, r in enumerate(records):
+    words = r["output"].split()
+    if i % 3 == 1 and len(set(words)) > 2:
+      shuffled = list(words)
+      while shuffled == words:
+        rng.shuffle(shuffled)
+      rejected = " ".join(shuffled)
+    elif i % 3 == 2 and len(words) >= 6:
+      rejected = " ".join(words[:len(words) // 3])
+    else:
+      rejected = records[others[i]]["output"]
+      if rejected == r["output"]:
+        rejected = records[others[i - 1]]["output"]
+    lines.append(json.dumps({"prompt": f"{r['instruction']}\n\n{r['input']}",
+                             "chosen": r["output"], "rejected": rejected}) + "\n")
+  fileio.atomic_write(path, "".join(lines))
   return path
 
 
@@ -671,11 +673,9 @@ def resolve_builtin(spec: str, workdir: str, key: str) -> list[str]:
     BUILTINS[name](full)
   part = os.path.join(folder, f"{name}.{split}.jsonl")
   if not os.path.exists(part):
-    with open(full, encoding="utf-8") as f, open(part + ".tmp", "w", encoding="utf-8") as out:
-      for line in f:
-        if (zlib.crc32(line.encode()) % 10 == 0) == (split == "eval"):
-          out.write(line)
-    os.replace(part + ".tmp", part)
+    with open(full, encoding="utf-8") as f:  # atomic: every process writes its copy
+      fileio.atomic_write(part, "".join(line for line in f if (
+          zlib.crc32(line.encode()) % 10 == 0) == (split == "eval")))
   return [part]
 
 

@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -103,3 +104,30 @@ def test_processes_read_disjoint_shares(corpus):
     seen.append({int(t.split(":")[0]) for t in text.split("doc ")[1:] if t.split(":")[0].isdigit()})
   assert seen[0] and seen[1] and not seen[0] & seen[1]
   assert all(i % 2 == 0 for i in seen[0]) and all(i % 2 == 1 for i in seen[1])
+
+
+def test_two_processes_writing_the_same_builtin_data_do_not_collide(tmp_path, monkeypatch):
+  """Every process of a multi-process run writes the built-in files it reads. Here a
+  second writer finishes the same file while the first is about to rename its copy into
+  place: both succeed, with the same contents (a shared temporary name failed here, one
+  process's rename finding the other's file gone)."""
+  from jaxlm import fileio
+  from jaxlm.data import sft
+  part = sft.resolve_builtin("builtin:stdlib_docstrings:train", str(tmp_path / "a"), "k")[0]
+  os.remove(part)  # the whole file stays; the split is written again
+  real_replace, nested = os.replace, []
+
+  def replace(src, dst):
+    if dst == part and not nested:  # the other process, between our write and rename
+      nested.append(None)
+      nested[0] = sft.resolve_builtin("builtin:stdlib_docstrings:train",
+                                      str(tmp_path / "a"), "k")[0]
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(fileio.os, "replace", replace)
+  ours = sft.resolve_builtin("builtin:stdlib_docstrings:train", str(tmp_path / "a"), "k")[0]
+  assert nested == [ours] == [part]
+  with open(part, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  assert lines and all(json.loads(line)["output"] for line in lines)
+  assert not [n for n in os.listdir(tmp_path / "a" / "builtin") if n.endswith(".tmp")]
