@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -41,9 +42,25 @@ def start(workdir, devices, *extra, process=None, port=None, config="configs/pre
 
 
 def finish(procs, timeout=600):
-  for p in procs:
-    out, _ = p.communicate(timeout=timeout)
-    assert p.returncode == 0, out[-3000:]
+  """Wait for every process; when one fails, stop the others (processes of one run would
+  wait for it at their next collective until the timeout) and show its output."""
+  outputs = {}
+  readers = [threading.Thread(target=lambda p=p: outputs.__setitem__(p, p.communicate()[0]))
+             for p in procs]
+  for r in readers:
+    r.start()
+  deadline = time.monotonic() + timeout
+  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    if any(p.poll() not in (None, 0) for p in procs):
+      break
+    time.sleep(0.5)
+  stopped = [p for p in procs if p.poll() is None]
+  for p in stopped:
+    p.kill()
+  for r in readers:
+    r.join()
+  for p in sorted(procs, key=lambda p: p in stopped):  # the one that failed first
+    assert p.returncode == 0, outputs[p][-3000:]
 
 
 def losses(workdir) -> dict[int, float]:
