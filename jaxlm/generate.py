@@ -57,7 +57,7 @@ def filter_logits(logits_BV, top_k: int, top_p: float):
 
 
 def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, eos_id: int,
-              vocab_size: int, sharder, lora):
+              vocab_size: int, sharder, lora, samples: int = 1):
   B, P = prompt_BP.shape
   params = model.unstack_layers(model.compute_weights(params, cfg))
   if lora is None and not _shards_heads(sharder):  # LoRA adapts wq, wk, ... one by one
@@ -72,6 +72,9 @@ def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, 
   logits, cache = model.forward_cached(params, prompt_BP, cfg, cache, 0, positions=positions_BP,
                                        valid_BT=valid_BP, sharder=sharder, lora=lora,
                                        last_only=True)
+  if samples > 1:  # each prompt's samples start from its one prefill: its cache repeated
+    logits, cache, prompt_len_B = _repeat_rows((logits, cache, prompt_len_B), samples, sharder)
+    B *= samples
   temperature = sampling.temperature if sampling.temperature > 0 else 1.0
   stops = [jnp.asarray(s, jnp.int32) for s in sampling.stop]
 
@@ -119,6 +122,17 @@ def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, 
   return out, logps, length, done
 
 
+def _repeat_rows(tree, times: int, sharder):
+  """Each row `times` times in a row (row i -> rows i*times .. i*times + times - 1); the
+  KV buffers keep the cache's sharding (rows like a batch, heads as the mesh splits them)."""
+  def rep(x):
+    x = jnp.repeat(x, times, axis=0)
+    if sharder is not None and x.ndim == 4:  # [B, S, G, K] keys or values
+      x = sharder.constrain(x, ("batch", "length", "kv_heads", "head_dim"))
+    return x
+  return jax.tree.map(rep, tree)
+
+
 def _shards_heads(sharder) -> bool:
   """Whether the mesh splits attention heads or the MLP (tensor parallelism): joining the
   projections' weights along those axes would move them between devices."""
@@ -164,19 +178,21 @@ class Engine:
     self.eos_id, self.sharder, self.vocab_size = eos_id, sharder, vocab_size
     self._compiled = {}
 
-  def _fn(self, sampling: Sampling, with_lora: bool):
-    key = (sampling, with_lora)
+  def _fn(self, sampling: Sampling, with_lora: bool, samples: int):
+    key = (sampling, with_lora, samples)
     if key not in self._compiled:
       fn = functools.partial(_generate, cfg=self.cfg, sampling=sampling, eos_id=self.eos_id,
-                             vocab_size=self.vocab_size, sharder=self.sharder)
+                             vocab_size=self.vocab_size, sharder=self.sharder, samples=samples)
       self._compiled[key] = jax.jit(lambda p, t, n, r, lora: fn(p, t, n, r, lora=lora))
     return self._compiled[key]
 
   def generate(self, params, prompts: list, rng, sampling: Sampling, *, rows: int = 0,
-               prompt_len: int = 0, lora=None) -> Generation:
+               prompt_len: int = 0, lora=None, samples: int = 1) -> Generation:
     """Completions of id-sequence prompts (BOS first). `rows` pads the batch to a fixed
     row count (a multiple of the data-parallel size) and `prompt_len` the prompts to a
-    fixed length (default: the bucket of the longest), so calls share one program."""
+    fixed length (default: the bucket of the longest), so calls share one program.
+    `samples`: completions per prompt (a GRPO group), prompt i's in rows i * samples to
+    i * samples + samples - 1; the prompt is prefilled once and its cache repeated."""
     n = len(prompts)
     dp = self.sharder.data_parallel_size if self.sharder is not None else 1
     rows = max(rows, n)
@@ -197,7 +213,7 @@ class Engine:
       tokens_in, lengths_in = batch["t"], batch["n"]
     else:
       tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
-    out, logps, lens, done = self._fn(sampling, lora is not None)(params, tokens_in, lengths_in,
-                                                                  rng, lora)
-    fetch = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n]  # noqa: E731
+    out, logps, lens, done = self._fn(sampling, lora is not None, samples)(
+        params, tokens_in, lengths_in, rng, lora)
+    fetch = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n * samples]  # noqa: E731
     return Generation(fetch(out), fetch(logps), fetch(lens), fetch(done))

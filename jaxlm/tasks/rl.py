@@ -124,11 +124,14 @@ class Rollouts:
   def sample(self, weights, adapters, host_batch, step):
     """Generate and score one batch -> (rows of numpy arrays, scores, metrics)."""
     r = self.config.rl
-    index = np.repeat(np.asarray(host_batch["index"]).reshape(-1), r.num_generations)
+    unique = np.asarray(host_batch["index"]).reshape(-1)
+    index = np.repeat(unique, r.num_generations)
     started = time.perf_counter()
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
-    out = self.engine.generate(weights, [self.ids[i] for i in index], rng, self.sampling,
-                               prompt_len=self.prompt_len, lora=adapters)
+    # One prefill a prompt; its group's samples decode from copies of its cache.
+    out = self.engine.generate(weights, [self.ids[i] for i in unique], rng, self.sampling,
+                               prompt_len=self.prompt_len, lora=adapters,
+                               samples=r.num_generations)
     rollout_s = time.perf_counter() - started
     texts = [self.completion_text(t, n) for t, n in zip(out.tokens, out.lengths)]
     prompts = [self.prompts[i] for i in index]

@@ -67,6 +67,31 @@ def test_joined_projections_decode_as_the_separate_ones():
   np.testing.assert_allclose(fused.logprobs, apart.logprobs, atol=2e-5)
 
 
+def test_a_prompts_samples_share_its_prefill():
+  """samples=G prefills each prompt once and decodes its G rows from copies of its cache:
+  greedy rows equal those of the prompt repeated G times, and sampled rows' log-probs
+  are the training forward's on their own prompt."""
+  cfg = small_model(dtype="float32", vocab_size=64, max_seq_len=64, **GEMMA_LIKE)
+  params = model.init(cfg, jax.random.PRNGKey(0))
+  engine = generate.Engine(cfg, eos_id=3, sharder=loop.make_sharder(small_config()))
+  G = 4
+  greedy = generate.Sampling(max_new_tokens=10, temperature=0.0)
+  shared = engine.generate(params, PROMPTS, jax.random.PRNGKey(1), greedy, samples=G)
+  repeated = engine.generate(params, [p for p in PROMPTS for _ in range(G)],
+                             jax.random.PRNGKey(1), greedy)
+  assert shared.tokens.shape == (len(PROMPTS) * G, 10)
+  np.testing.assert_array_equal(shared.tokens, repeated.tokens)
+  np.testing.assert_allclose(shared.logprobs, repeated.logprobs, atol=2e-5)
+  sampled = engine.generate(params, PROMPTS, jax.random.PRNGKey(2),
+                            generate.Sampling(max_new_tokens=10, temperature=1.0), samples=G)
+  for row in range(len(PROMPTS) * G):
+    n = sampled.lengths[row]
+    want = training_logprobs(params, cfg, PROMPTS[row // G], sampled.tokens[row, :n], 1.0)
+    np.testing.assert_allclose(sampled.logprobs[row, :n], want, atol=2e-5)
+  for i in range(len(PROMPTS)):  # a group's samples are G draws, not one draw G times
+    assert len({tuple(t) for t in sampled.tokens[i * G:(i + 1) * G]}) > 1
+
+
 def test_stop_sequences_end_each_row_and_rows_share_one_program():
   cfg = small_model(dtype="float32", vocab_size=64)
   params = model.init(cfg, jax.random.PRNGKey(0))
