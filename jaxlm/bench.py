@@ -56,6 +56,7 @@ class Spec:
   batch: int = 0            # rows a step (DPO: sequences, i.e. 2 x records); decode: prompts
   seq: int = 0              # row length; decode: prompt length
   new_tokens: int = 256     # decode: tokens generated per prompt
+  samples: int = 1          # decode: rows per prompt, sharing its prefill (GRPO's group)
   steps: int = 10           # timed steps (decode: timed generate calls, at least 1)
   warmup: int = 3           # untimed steps after compilation
   overrides: tuple = ()     # "key=value" config settings, e.g. "model.remat=full"
@@ -249,10 +250,14 @@ def _decode(spec: Spec, c) -> dict:
   # eos -1: no row ends early, every call generates B x N tokens.
   engine = generate.Engine(c.model, eos_id=-1, vocab_size=c.model.vocab_size, sharder=sharder)
   sampling = generate.Sampling(max_new_tokens=N, temperature=1.0)
+  G = spec.samples
+  if G < 1 or B % G:
+    raise ConfigError(f"--samples={G}: the batch's {B} rows must be whole groups")
   rng = np.random.default_rng(0)
-  prompts = [rng.integers(0, c.model.vocab_size, P, dtype=np.int32) for _ in range(B)]
+  prompts = [rng.integers(0, c.model.vocab_size, P, dtype=np.int32) for _ in range(B // G)]
+  call = lambda key: engine.generate(params, prompts, key, sampling, samples=G)  # noqa: E731
   t0 = time.perf_counter()
-  out = engine.generate(params, prompts, jax.random.PRNGKey(0), sampling)
+  out = call(jax.random.PRNGKey(0))
   first_s = time.perf_counter() - t0
   if out.tokens.shape != (B, N) or not np.all(out.lengths == N):
     raise RuntimeError(f"decode produced {out.tokens.shape}, lengths {set(out.lengths)}")
@@ -261,7 +266,7 @@ def _decode(spec: Spec, c) -> dict:
     if spec.profile_dir and i == 0:
       jax.profiler.start_trace(spec.profile_dir)
     t0 = time.perf_counter()
-    engine.generate(params, prompts, jax.random.PRNGKey(i + 1), sampling)
+    call(jax.random.PRNGKey(i + 1))
     times.append(time.perf_counter() - t0)
     if spec.profile_dir and i == 0:
       jax.profiler.stop_trace()
@@ -328,6 +333,7 @@ def run(spec: Spec) -> dict:
     result["reference"] = spec.reference
   if spec.task == "decode":
     result["new_tokens"] = spec.new_tokens
+    result["samples"] = spec.samples
     result.update(_decode(spec, c))
   else:
     result.update(_train(spec, c))

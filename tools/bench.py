@@ -38,6 +38,8 @@ _BATCH = flags.DEFINE_integer("batch", 0, "Rows a step (DPO: sequences = 2 x pai
                               "prompts). 0: the preset's default.")
 _SEQ = flags.DEFINE_integer("seq", 0, "Row length (decode: prompt length). 0: the default.")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Decode: tokens generated per prompt.")
+_SAMPLES = flags.DEFINE_integer("samples", 1, "Decode: completions per prompt sharing its "
+                                "prefill (a GRPO group); --batch counts rows, prompts x samples.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (decode: timed generate calls).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config settings, e.g. model.remat=full.")
@@ -51,7 +53,8 @@ def _one(preset, task):
   from jaxlm import bench  # pylint: disable=import-outside-toplevel
   profile = _PROFILE.value and os.path.join(_PROFILE.value, f"{preset}-{task}")
   spec = bench.Spec(preset=preset, task=task, batch=_BATCH.value, seq=_SEQ.value,
-                    new_tokens=_NEW.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                    new_tokens=_NEW.value, samples=_SAMPLES.value, steps=_STEPS.value,
+                    warmup=_WARMUP.value,
                     overrides=tuple(_SET.value), reference=_REFERENCE.value,
                     profile_dir=profile or "")
   return bench.run(spec)
@@ -63,7 +66,8 @@ def _child(preset, task) -> dict:
     out = os.path.join(tmp, "r.json")
     cmd = [sys.executable, os.path.abspath(__file__), f"--preset={preset}", f"--task={task}",
            f"--json={out}", f"--batch={_BATCH.value}", f"--seq={_SEQ.value}",
-           f"--new_tokens={_NEW.value}", f"--steps={_STEPS.value}", f"--warmup={_WARMUP.value}",
+           f"--new_tokens={_NEW.value}", f"--samples={_SAMPLES.value}", f"--steps={_STEPS.value}",
+           f"--warmup={_WARMUP.value}",
            f"--reference={_REFERENCE.value}", *[f"--set={s}" for s in _SET.value]]
     if _PROFILE.value:
       cmd.append(f"--profile={_PROFILE.value}")

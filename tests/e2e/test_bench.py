@@ -41,6 +41,16 @@ def test_each_task_measures_its_real_step(task):
     assert r["flops_per_token"] == per_token
 
 
+def test_decode_with_groups_shares_each_prompts_prefill():
+  spec = bench.Spec(preset="tiny", task="decode", batch=8, seq=32, new_tokens=8, steps=1,
+                    warmup=0, samples=4)
+  r = bench.run(spec)
+  assert r["samples"] == 4 and r["tokens_per_step"] == 8 * 8  # 2 prompts x 4 rows
+  with pytest.raises(ConfigError, match="whole groups"):
+    bench.run(bench.Spec(preset="tiny", task="decode", batch=8, seq=32, new_tokens=8,
+                         steps=1, warmup=0, samples=3))
+
+
 def test_the_decode_floor_is_the_bytes_a_step_must_read_at_copy_bandwidth():
   cfg = bench.make_config(bench.Spec(preset="tiny", task="decode")).model
   params = model.init(cfg, jax.random.PRNGKey(0))
