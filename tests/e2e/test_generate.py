@@ -107,7 +107,7 @@ def test_stop_sequences_end_each_row_and_rows_share_one_program():
   # is a second one.
   sampling = generate.Sampling(max_new_tokens=10, temperature=0.0, stop=(stop,))
   engine.generate(params, PROMPTS[::-1], jax.random.PRNGKey(2), sampling)
-  fn = engine._compiled[(sampling, False)]  # pylint: disable=protected-access
+  fn = engine._compiled[(sampling, False, 1)]  # pylint: disable=protected-access
   assert fn._cache_size() == 1  # pylint: disable=protected-access
   engine.generate(params, [np.arange(2, 30)], jax.random.PRNGKey(2), sampling)
   assert fn._cache_size() == 2  # pylint: disable=protected-access
