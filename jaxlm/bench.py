@@ -344,8 +344,9 @@ def run(spec: Spec) -> dict:
   result["peak_memory_gib"] = _peak_memory_gib()
   result.update(console.environment())
   if spec.profile_dir:
-    result["profile"] = profile_summary(spec.profile_dir)
-    totals = profile_totals(spec.profile_dir)
+    trace = _trace(spec.profile_dir)
+    result["profile"] = profile_summary(trace)
+    totals = profile_totals(trace)
     if totals and spec.task == "decode":  # the trace holds one generate call
       steps = spec.new_tokens
       totals.update(kernels_per_token_step=totals["kernels"] / steps,
@@ -360,15 +361,20 @@ def run(spec: Spec) -> dict:
 # Profiles
 
 
-def profile_summary(directory: str, top: int = 25) -> list[dict]:
-  """The device ops that took the most time in a jax.profiler trace: name, calls, total
-  ms and share of the device's busy time, read from the trace's XSpace with
-  jax.profiler.ProfileData (no TensorBoard needed)."""
+def _trace(directory: str):
+  """The newest jax.profiler trace under `directory`, read from its XSpace with
+  jax.profiler.ProfileData (no TensorBoard needed); None without one."""
   paths = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))
-  if not paths:
+  return jax.profiler.ProfileData.from_file(paths[-1]) if paths else None
+
+
+def profile_summary(trace, top: int = 25) -> list[dict]:
+  """The device ops that took the most time in a trace (`_trace`): name, calls, total
+  ms and share of the device's busy time."""
+  if trace is None:
     return []
   totals, counts = {}, {}
-  for line in _device_op_lines(jax.profiler.ProfileData.from_file(paths[-1])):
+  for line in _device_op_lines(trace):
     for ev in line.events:
       totals[ev.name] = totals.get(ev.name, 0.0) + ev.duration_ns
       counts[ev.name] = counts.get(ev.name, 0) + 1
@@ -387,15 +393,14 @@ def _device_op_lines(data):
                 [ln for ln in lines if "stream" in ln.name.lower()])
 
 
-def profile_totals(directory: str) -> dict:
-  """The trace's device kernels: how many, their summed time and the span from the
-  first start to the last end (busy / span is how much of the time the device computes;
-  the rest is gaps between kernels)."""
-  paths = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))
-  if not paths:
+def profile_totals(trace) -> dict:
+  """A trace's (`_trace`) device kernels: how many, their summed time and the span from
+  the first start to the last end (busy / span is how much of the time the device
+  computes; the rest is gaps between kernels)."""
+  if trace is None:
     return {}
   n, busy, first, last = 0, 0, None, None
-  for line in _device_op_lines(jax.profiler.ProfileData.from_file(paths[-1])):
+  for line in _device_op_lines(trace):
     for ev in line.events:
       n, busy = n + 1, busy + ev.duration_ns
       first = ev.start_ns if first is None else min(first, ev.start_ns)
