@@ -28,7 +28,6 @@ import os
 import random
 import re
 import textwrap
-import uuid
 import warnings
 import zlib
 
@@ -562,9 +561,14 @@ def _source_signature(fn) -> str | None:
 
 def stdlib_docstrings(path: str, modules: tuple[str, ...] | None = None) -> str:
   """Write an Alpaca-format JSONL of "what does this function do?" pairs, drawn from the
-  public functions and methods of standard-library modules (`modules`, else the list
-  below) and their docstrings. The text is the standard library's own (signatures as its
-  source writes them), so it is the same in every process on the same Python."""
+  public functions and methods of standard-library modules (`modules`, else the list in
+  `_stdlib_docstring_records`) and their docstrings. The text is the standard library's
+  own (signatures as its source writes them), so it is the same in every process on the
+  same Python."""
+  return fileio.write_jsonl(path, _stdlib_docstring_records(modules))
+
+
+def _stdlib_docstring_records(modules: tuple[str, ...] | None = None) -> list[dict]:
   defaults = ("json", "textwrap", "string", "shutil", "os.path", "fnmatch", "glob", "base64",
               "bisect", "heapq", "statistics", "random", "calendar", "difflib", "csv", "gzip",
               "copy", "functools", "itertools", "operator", "html", "urllib.parse", "ipaddress",
@@ -614,7 +618,7 @@ def stdlib_docstrings(path: str, modules: tuple[str, ...] | None = None) -> str:
       seen.add(signature)
       records.append({"instruction": "Explain what this Python function does.",
                       "input": signature, "output": re.sub(r"\s+", " ", doc)})
-  return fileio.write_jsonl(path, records)
+  return records
 
 
 def stdlib_docstring_pairs(path: str) -> str:
@@ -622,11 +626,7 @@ def stdlib_docstring_pairs(path: str) -> str:
   chosen; rejected, in turn, is another function's docstring (picked by a seeded
   shuffle), the docstring with its words shuffled, or the docstring cut off after a
   third of its words. The last two a small model learns to spot; the first is hard."""
-  # A name of its own: every process of a multi-process run writes the built-in data.
-  source = stdlib_docstrings(f"{path}.{uuid.uuid4().hex}.sft")
-  with open(source, encoding="utf-8") as f:
-    records = [json.loads(line) for line in f]
-  os.remove(source)
+  records = _stdlib_docstring_records()
   rng = random.Random(0)
   others = list(range(len(records)))
   rng.shuffle(others)
