@@ -61,7 +61,7 @@ def _generate(params, prompt_BP, prompt_len_B, rng, *, cfg, sampling: Sampling, 
   B, P = prompt_BP.shape
   params = model.unstack_layers(model.compute_weights(params, cfg))
   if lora is None and not _shards_heads(sharder):  # LoRA adapts wq, wk, ... one by one
-    params = model.fuse_projections(params)
+    params = model.fuse_projections(params, cfg)
   N = sampling.max_new_tokens
   slots = P + N
   cache = model.init_cache(cfg, B, slots, sharder)

@@ -441,7 +441,7 @@ def init_cache(cfg, batch: int, slots: int, sharder: Sharder | None = None) -> C
                c(jnp.zeros((batch, slots), bool), ("batch", "length")))
 
 
-def fuse_projections(params) -> dict:
+def fuse_projections(params, cfg) -> dict:
   """Per-layer params (from `unstack_layers`) with each layer's query, key and value
   weights joined into one `wqkv` [D, H + 2G, K] and its gate and up weights into one
   `w_gate_up` [D, 2F]: a decode step, whose matmuls are one token a row and bound by
@@ -450,7 +450,7 @@ def fuse_projections(params) -> dict:
   def fuse(p):
     p = dict(p)
     p["wqkv"] = jnp.concatenate([p.pop("wq"), p.pop("wk"), p.pop("wv")], axis=1)
-    if "w_gate" in p:  # gpt2's MLP has no gate
+    if "w_gate" in p and cfg.family != "gpt2":
       p["w_gate_up"] = jnp.concatenate([p.pop("w_gate"), p.pop("w_up")], axis=1)
     return p
   return {**params, "layers": tuple(fuse(p) for p in params["layers"])}

@@ -58,7 +58,7 @@ def test_joined_projections_decode_as_the_separate_ones():
   tp.mesh.fsdp, tp.mesh.tensor = 4, 2
   sharders = [loop.make_sharder(small_config()), loop.make_sharder(tp)]
   assert [generate._shards_heads(s) for s in sharders] == [False, True]
-  layer = model.fuse_projections(model.unstack_layers(params))["layers"][0]
+  layer = model.fuse_projections(model.unstack_layers(params), cfg)["layers"][0]
   assert "wqkv" in layer and "w_gate_up" in layer and "wq" not in layer
   sampling = generate.Sampling(max_new_tokens=12, temperature=1.0)
   fused, apart = (generate.Engine(cfg, eos_id=3, sharder=s).generate(
