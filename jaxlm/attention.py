@@ -96,9 +96,13 @@ def cached_attention(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, q_slots_T,
   """Decoding attention over a KV cache: query t (at cache slot q_slots_T[t]) sees the
   valid slots at or before its own (and, with a window, fewer than `window` slots back:
   a row's tokens sit in consecutive slots, so slot distance is position distance). The
-  same arithmetic as `xla_attention`."""
+  same arithmetic as `xla_attention`. One query a row (a decode step) may sit in a ring
+  of slots (jaxlm.generate's rows): every valid slot is its own or an earlier token's,
+  and a slot's distance back is counted modulo S."""
   S = k_BSGK.shape[1]
   gap_TS = q_slots_T[:, None] - jnp.arange(S)[None, :]
+  if q_BTHK.shape[1] == 1:
+    gap_TS = gap_TS % S
   seen_TS = (gap_TS >= 0) & (gap_TS < options.window) if options.window else gap_TS >= 0
   mask = seen_TS[None] & key_valid_BS[:, None, :]
   return _weighted(_scores(q_BTHK, k_BSGK, options), mask, v_BSGK, q_BTHK.shape)

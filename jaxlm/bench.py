@@ -57,6 +57,10 @@ class Spec:
   seq: int = 0              # row length; decode: prompt length
   new_tokens: int = 256     # decode: tokens generated per prompt
   samples: int = 1          # decode: rows per prompt, sharing its prefill (GRPO's group)
+  requests: int = 0         # decode: completions of the workload (0: batch); more than
+                            # batch: `batch` rows at once, refilled (continuous batching)
+  min_new_tokens: int = 0   # decode: > 0: each prompt's budget log-uniform in
+                            # [min_new_tokens, new_tokens] (a mixed-length workload)
   steps: int = 10           # timed steps (decode: timed generate calls, at least 1)
   warmup: int = 3           # untimed steps after compilation
   overrides: tuple = ()     # "key=value" config settings, e.g. "model.remat=full"
@@ -238,6 +242,29 @@ def _train(spec: Spec, c) -> dict:
               params_frozen=n_frozen, plan_gib=_plan_gib(step), attention_layout=layout)
 
 
+def budgets(n: int, low: int, high: int, seed: int = 0) -> np.ndarray:
+  """`n` token budgets log-uniform in [low, high]: many short answers and a long tail,
+  as a batch of RL rollouts has."""
+  u = np.random.default_rng(seed).random(n)
+  return np.clip(np.round(low * (high / low) ** u), low, high).astype(np.int32)
+
+
+def _timed(call, steps: int, profile_dir: str = "") -> list[float]:
+  """Seconds of `steps` calls (at least 1) after one untimed call (the compile); the
+  first timed one traced into `profile_dir`."""
+  call(jax.random.PRNGKey(0))
+  times = []
+  for i in range(max(steps, 1)):
+    if profile_dir and i == 0:
+      jax.profiler.start_trace(profile_dir)
+    t0 = time.perf_counter()
+    call(jax.random.PRNGKey(i + 1))
+    times.append(time.perf_counter() - t0)
+    if profile_dir and i == 0:
+      jax.profiler.stop_trace()
+  return times
+
+
 def _decode(spec: Spec, c) -> dict:
   B, P, N = c.data.batch_size, c.data.seq_len, spec.new_tokens
   sharder = loop.make_sharder(c)
@@ -247,35 +274,48 @@ def _decode(spec: Spec, c) -> dict:
                                               jax.eval_shape(lambda r: model.init(m, r),
                                                              jax.random.PRNGKey(0))))(
                                                                  jax.random.PRNGKey(0))
-  # eos -1: no row ends early, every call generates B x N tokens.
+  # eos -1: no row ends before its budget.
   engine = generate.Engine(c.model, eos_id=-1, vocab_size=c.model.vocab_size, sharder=sharder)
   sampling = generate.Sampling(max_new_tokens=N, temperature=1.0)
-  G = spec.samples
-  if G < 1 or B % G:
-    raise ConfigError(f"--samples={G}: the batch's {B} rows must be whole groups")
+  G, total = spec.samples, spec.requests or B
+  if G < 1 or B % G or total % G:
+    raise ConfigError(f"--samples={G}: the batch's {B} rows and the {total} requests must be "
+                      "whole groups")
+  if not 0 <= spec.min_new_tokens <= N:
+    raise ConfigError(f"--min_new_tokens={spec.min_new_tokens}: in [0, --new_tokens={N}]")
   rng = np.random.default_rng(0)
-  prompts = [rng.integers(0, c.model.vocab_size, P, dtype=np.int32) for _ in range(B // G)]
-  call = lambda key: engine.generate(params, prompts, key, sampling, samples=G)  # noqa: E731
+  prompts = [rng.integers(0, c.model.vocab_size, P, dtype=np.int32) for _ in range(total // G)]
+  budget = (budgets(len(prompts), spec.min_new_tokens, N) if spec.min_new_tokens
+            else np.full(len(prompts), N, np.int32))
+  generated = int(budget.sum()) * G
+  call = lambda key: engine.generate(params, prompts, key, sampling, samples=G, rows=B,  # noqa: E731
+                                     max_new_tokens=budget)
   t0 = time.perf_counter()
   out = call(jax.random.PRNGKey(0))
   first_s = time.perf_counter() - t0
-  if out.tokens.shape != (B, N) or not np.all(out.lengths == N):
+  if out.tokens.shape != (total, N) or not np.array_equal(out.lengths, np.repeat(budget, G)):
     raise RuntimeError(f"decode produced {out.tokens.shape}, lengths {set(out.lengths)}")
-  times = []
-  for i in range(max(spec.steps, 1)):
-    if spec.profile_dir and i == 0:
-      jax.profiler.start_trace(spec.profile_dir)
-    t0 = time.perf_counter()
-    call(jax.random.PRNGKey(i + 1))
-    times.append(time.perf_counter() - t0)
-    if spec.profile_dir and i == 0:
-      jax.profiler.stop_trace()
+  times = _timed(call, spec.steps, spec.profile_dir)
   median = statistics.median(times)
   result = dict(step_s=median, step_s_min=min(times), step_s_max=max(times),
-                compile_s=max(first_s - median, 0.0), new_tokens_per_s=B * N / median,
-                ms_per_token_step=1000 * median / N, tokens_per_step=B * N,
+                compile_s=max(first_s - median, 0.0), new_tokens_per_s=generated / median,
+                ms_per_token_step=1000 * median / N, tokens_per_step=generated,
+                requests=total, min_new_tokens=spec.min_new_tokens,
                 params_trained=sum(int(x.size) for x in jax.tree.leaves(params)))
-  result.update(decode_floor(m, params, B, P, N, median, copy_bandwidth()))
+  if total == B and not spec.min_new_tokens:  # one batch of B x N: its bandwidth floor
+    result.update(decode_floor(m, params, B, P, N, median, copy_bandwidth()))
+  else:  # a workload: against static batching (B rows at a time, each until its longest)
+    per = B // G
+
+    def static(key):
+      for lo in range(0, len(prompts), per):
+        engine.generate(params, prompts[lo:lo + per], jax.random.fold_in(key, lo), sampling,
+                        samples=G, rows=B, max_new_tokens=budget[lo:lo + per])
+    static_s = statistics.median(_timed(static, spec.steps))
+    result.update(static_s=static_s, static_new_tokens_per_s=generated / static_s,
+                  ms_per_new_token=1000 * median / generated,
+                  static_ms_per_new_token=1000 * static_s / generated,
+                  continuous_speedup=static_s / median)
   return result
 
 
@@ -438,6 +478,16 @@ def format_floor(r: dict) -> str:
           f"average) at {r['read_tb_s']:.2f} TB/s; copy bandwidth {r['copy_tb_s']:.2f} TB/s, "
           f"floor {r['floor_ms_per_token_step']:.3f} ms ({r['floor_new_tokens_per_s']:,.0f} "
           f"new tokens/s): {100 * r['of_floor']:.0f}% of the floor")
+
+
+def format_workload(r: dict) -> str:
+  """A mixed-length decode workload's continuous against static batching, in one line."""
+  lengths = (f"{r['min_new_tokens']} to {r['new_tokens']}" if r["min_new_tokens"]
+             else str(r["new_tokens"]))
+  return (f"{r['preset']} decode, {r['requests']} completions of {lengths} new tokens, "
+          f"{r['batch']} rows: continuous batching {r['ms_per_new_token']:.4f} ms a new token "
+          f"({r['new_tokens_per_s']:,.0f}/s), static batches {r['static_ms_per_new_token']:.4f} "
+          f"ms ({r['static_new_tokens_per_s']:,.0f}/s): {r['continuous_speedup']:.2f}x")
 
 
 def default_profile_dir() -> str:

@@ -333,6 +333,9 @@ _KNOBS = (
     _section("rl", 'tasks "grpo" and "ppo" (data.batch_size: prompts per step)'),
     Knob("rl.num_generations", 4, "(0, inf)", "completions per prompt (GRPO's group size G)"),
     Knob("rl.max_new_tokens", 64, "(0, inf)", "the longest completion, in tokens"),
+    Knob("rl.rollout_rows", 0, "[0, inf)",
+         "completions decoding at once; a finished row takes the next waiting one "
+         "(continuous batching); 0: all of a step's at once"),
     Knob("rl.temperature", 1.0, "[0, inf)",
          "sampling temperature; the trainer's log-probs use it too"),
     Knob("rl.top_k", 0, "[0, inf)", "sample among the k likeliest tokens; 0: all"),

@@ -106,19 +106,12 @@ def _sequence_logps(cfg, params, rows: list[np.ndarray], starts: list[int], batc
 
 
 def _generate_all(policy, engine, prompt_ids, sampling, seed: int, rows: int):
-  """Completions (token lists and texts) of every prompt, `rows` at a time, one program."""
+  """Completions (token lists and texts) of every prompt, `rows` decoding at once."""
   stop = sampling.stop[0] if sampling.stop else ()
-  P = generate.bucket(max(len(p) for p in prompt_ids))
-  tokens, texts = [], []
-  rng = jax.random.PRNGKey(seed)
-  for lo in range(0, len(prompt_ids), rows):
-    rng, key = jax.random.split(rng)
-    out = engine.generate(policy.params, prompt_ids[lo:lo + rows], key, sampling, rows=rows,
-                          prompt_len=P)
-    for i in range(len(out.lengths)):
-      tokens.append([int(t) for t in out.tokens[i, :out.lengths[i]]])
-      texts.append(policy.tokenizer.decode(
-          generate.completion_ids(out.tokens[i], out.lengths[i], policy.tokenizer.eos_id, stop)))
+  out = engine.generate(policy.params, prompt_ids, jax.random.PRNGKey(seed), sampling, rows=rows)
+  tokens = [[int(t) for t in out.tokens[i, :out.lengths[i]]] for i in range(len(prompt_ids))]
+  texts = [policy.tokenizer.decode(generate.completion_ids(
+      out.tokens[i], out.lengths[i], policy.tokenizer.eos_id, stop)) for i in range(len(tokens))]
   return tokens, texts
 
 

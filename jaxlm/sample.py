@@ -53,8 +53,9 @@ class TextSampler:
     return sft.generation_prompt(turns, self.lm.tokenizer, self.lm.template)
 
   def complete(self, prompts_ids: list, rows: int = 0) -> list[str]:
-    """One completion per prompt, without the EOS or stop sequence that ended it. `rows`
-    pads the batch to a fixed row count, so batches share one compiled program."""
+    """One completion per prompt, without the EOS or stop sequence that ended it. `rows`:
+    rows decoding at once (default: all prompts), a finished row taking the next prompt;
+    a fixed count lets calls share one compiled program."""
     tok = self.lm.tokenizer
     self.rng, key = jax.random.split(self.rng)
     out = self.engine.generate(self.lm.params, prompts_ids, key, self.sampling, rows=rows)

@@ -37,8 +37,8 @@ REVISION_PROMPT = ("Principle: {principle}\n\nRequest: {prompt}\n\nResponse: {re
 
 
 class Sampler(sample.TextSampler):
-  """Chat completions from one model (runs.LanguageModel), stripped, in batches of
-  `batch_size` rows (the last one padded, so every batch runs one compiled program)."""
+  """Chat completions from one model (runs.LanguageModel), stripped, `batch_size` rows
+  decoding at once (a finished row takes the next conversation)."""
 
   def __init__(self, policy, *, max_new_tokens: int, temperature: float, top_p: float,
                seed: int, batch_size: int):
@@ -48,11 +48,8 @@ class Sampler(sample.TextSampler):
 
   def __call__(self, conversations: list) -> list[str]:
     """One completion per conversation [(role, text), ...]."""
-    out = []
-    for start in range(0, len(conversations), self.batch_size):
-      chunk = [self.chat_ids(c) for c in conversations[start:start + self.batch_size]]
-      out += [text.strip() for text in self.complete(chunk, rows=self.batch_size)]
-    return out
+    ids = [self.chat_ids(c) for c in conversations]
+    return [text.strip() for text in self.complete(ids, rows=self.batch_size)]
 
 
 def judge_prefers_first(judge, prompt: str, a: str, b: str) -> float:

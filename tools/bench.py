@@ -3,6 +3,8 @@
   python tools/bench.py --preset tinyllama_1b --task pretrain
   python tools/bench.py --preset llama_150m,tinyllama_1b --task pretrain,sft,dpo --json out.json
   python tools/bench.py --preset tinyllama_1b --task decode --batch 64 --seq 128 --new_tokens 256
+  python tools/bench.py --preset tinyllama_1b --task decode --batch 64 --requests 1024 \
+      --min_new_tokens 16 --new_tokens 512 --steps 1      # continuous vs static batching
   python tools/bench.py --preset llama3_8b --task sft --set lora.rank=16 \
       --set model.param_dtype=bfloat16 --set model.remat=full
   python tools/bench.py --preset tiny --task pretrain          # CPU: the tiny preset
@@ -40,6 +42,11 @@ _SEQ = flags.DEFINE_integer("seq", 0, "Row length (decode: prompt length). 0: th
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Decode: tokens generated per prompt.")
 _SAMPLES = flags.DEFINE_integer("samples", 1, "Decode: completions per prompt sharing its "
                                 "prefill (a GRPO group); --batch counts rows, prompts x samples.")
+_REQUESTS = flags.DEFINE_integer("requests", 0, "Decode: completions of the workload (0: "
+                                 "--batch); more: --batch rows at once, refilled as rows "
+                                 "finish, timed against static batches of --batch.")
+_MIN_NEW = flags.DEFINE_integer("min_new_tokens", 0, "Decode: > 0: each prompt's budget "
+                                "log-uniform in [min_new_tokens, new_tokens].")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (decode: timed generate calls).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config settings, e.g. model.remat=full.")
@@ -53,7 +60,8 @@ def _one(preset, task):
   from jaxlm import bench  # pylint: disable=import-outside-toplevel
   profile = _PROFILE.value and os.path.join(_PROFILE.value, f"{preset}-{task}")
   spec = bench.Spec(preset=preset, task=task, batch=_BATCH.value, seq=_SEQ.value,
-                    new_tokens=_NEW.value, samples=_SAMPLES.value, steps=_STEPS.value,
+                    new_tokens=_NEW.value, samples=_SAMPLES.value, requests=_REQUESTS.value,
+                    min_new_tokens=_MIN_NEW.value, steps=_STEPS.value,
                     warmup=_WARMUP.value,
                     overrides=tuple(_SET.value), reference=_REFERENCE.value,
                     profile_dir=profile or "")
@@ -66,7 +74,9 @@ def _child(preset, task) -> dict:
     out = os.path.join(tmp, "r.json")
     cmd = [sys.executable, os.path.abspath(__file__), f"--preset={preset}", f"--task={task}",
            f"--json={out}", f"--batch={_BATCH.value}", f"--seq={_SEQ.value}",
-           f"--new_tokens={_NEW.value}", f"--samples={_SAMPLES.value}", f"--steps={_STEPS.value}",
+           f"--new_tokens={_NEW.value}", f"--samples={_SAMPLES.value}",
+           f"--requests={_REQUESTS.value}", f"--min_new_tokens={_MIN_NEW.value}",
+           f"--steps={_STEPS.value}",
            f"--warmup={_WARMUP.value}",
            f"--reference={_REFERENCE.value}", *[f"--set={s}" for s in _SET.value]]
     if _PROFILE.value:
@@ -108,6 +118,8 @@ def main(argv):
   for r in results:
     if r.get("task") == "decode" and "of_floor" in r:
       print(bench.format_floor(r))
+    if r.get("task") == "decode" and "continuous_speedup" in r:
+      print(bench.format_workload(r))
   for r in results:
     print(json.dumps(r, sort_keys=True))
   if _JSON.value:

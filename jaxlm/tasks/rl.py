@@ -131,7 +131,7 @@ class Rollouts:
     # One prefill a prompt; its group's samples decode from copies of its cache.
     out = self.engine.generate(weights, [self.ids[i] for i in unique], rng, self.sampling,
                                prompt_len=self.prompt_len, lora=adapters,
-                               samples=r.num_generations)
+                               samples=r.num_generations, rows=r.rollout_rows)
     rollout_s = time.perf_counter() - started
     texts = [self.completion_text(t, n) for t, n in zip(out.tokens, out.lengths)]
     prompts = [self.prompts[i] for i in index]

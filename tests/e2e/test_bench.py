@@ -51,6 +51,18 @@ def test_decode_with_groups_shares_each_prompts_prefill():
                          steps=1, warmup=0, samples=3))
 
 
+def test_a_mixed_length_workload_times_continuous_against_static_batching():
+  spec = bench.Spec(preset="tiny", task="decode", batch=8, seq=16, new_tokens=16, steps=1,
+                    warmup=0, requests=24, min_new_tokens=2)
+  r = bench.run(spec)
+  want = bench.budgets(24, 2, 16)
+  assert want.min() >= 2 and want.max() <= 16 and len(set(want.tolist())) > 4
+  assert r["requests"] == 24 and r["tokens_per_step"] == want.sum()  # each its own budget
+  assert r["continuous_speedup"] == pytest.approx(r["static_s"] / r["step_s"])
+  assert r["ms_per_new_token"] == pytest.approx(1000 * r["step_s"] / want.sum())
+  assert "of_floor" not in r and "continuous batching" in bench.format_workload(r)
+
+
 def test_the_decode_floor_is_the_bytes_a_step_must_read_at_copy_bandwidth():
   cfg = bench.make_config(bench.Spec(preset="tiny", task="decode")).model
   params = model.init(cfg, jax.random.PRNGKey(0))

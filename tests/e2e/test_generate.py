@@ -92,6 +92,54 @@ def test_a_prompts_samples_share_its_prefill():
     assert len({tuple(t) for t in sampled.tokens[i * G:(i + 1) * G]}) > 1
 
 
+MORE_PROMPTS = PROMPTS + [np.array([2, 20, 21]), np.array([2, 30, 31, 32, 33, 34]),
+                         np.array([2, 40]), np.array([2, 44, 45, 46, 47])]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma_like"])
+def test_refilled_rows_decode_as_a_batch_of_their_own(family):
+  """Two rows for seven prompts of their own budgets: a row that finishes takes the next
+  prompt (continuous batching), its keys and values in a ring the other row keeps
+  writing. Tokens equal those of all prompts decoded at once (a completion samples with
+  its own key), every token's log-prob is the training forward's (gemma_like:
+  sliding-window layers over the ring), and each row stops at its budget."""
+  variant = GEMMA_LIKE if family == "gemma_like" else {}
+  cfg = small_model(dtype="float32", vocab_size=64, max_seq_len=64, **variant)
+  params = model.init(cfg, jax.random.PRNGKey(0))
+  engine = generate.Engine(cfg, eos_id=3, chunk=3)
+  budgets = [12, 3, 7, 12, 1, 5, 9]
+  for sampling in (generate.Sampling(max_new_tokens=12, temperature=0.0),
+                   generate.Sampling(max_new_tokens=12, temperature=1.0)):
+    out = engine.generate(params, MORE_PROMPTS, jax.random.PRNGKey(1), sampling, rows=2,
+                          max_new_tokens=budgets)
+    assert out.tokens.shape == (len(MORE_PROMPTS), 12)
+    for i, prompt in enumerate(MORE_PROMPTS):
+      n = out.lengths[i]
+      assert n <= budgets[i] and (n == budgets[i] or out.finished[i])
+      assert (out.tokens[i, n:] == 0).all() and (out.logprobs[i, n:] == 0).all()
+      want = training_logprobs(params, cfg, prompt, out.tokens[i, :n], sampling.temperature or 1)
+      np.testing.assert_allclose(out.logprobs[i, :n], want, atol=2e-5)
+    at_once = engine.generate(params, MORE_PROMPTS, jax.random.PRNGKey(1), sampling,
+                              max_new_tokens=budgets)
+    np.testing.assert_array_equal(out.tokens, at_once.tokens)
+    np.testing.assert_array_equal(out.lengths, at_once.lengths)
+
+
+def test_refilled_groups_share_their_prompts_prefill():
+  """Eight rows (one a device of the 8 fake devices' mesh) for seven prompts x 2 samples:
+  refills start a prompt's samples from one prefill; greedy rows equal each prompt
+  decoded alone."""
+  cfg = small_model(dtype="float32", vocab_size=64, max_seq_len=64)
+  params = model.init(cfg, jax.random.PRNGKey(0))
+  engine = generate.Engine(cfg, eos_id=3, sharder=loop.make_sharder(small_config()), chunk=2)
+  greedy = generate.Sampling(max_new_tokens=10, temperature=0.0)
+  prompts = MORE_PROMPTS
+  out = engine.generate(params, prompts, jax.random.PRNGKey(1), greedy, rows=8, samples=2)
+  alone = engine.generate(params, prompts, jax.random.PRNGKey(1), greedy)
+  np.testing.assert_array_equal(out.tokens, np.repeat(alone.tokens, 2, axis=0))
+  np.testing.assert_allclose(out.logprobs, np.repeat(alone.logprobs, 2, axis=0), atol=2e-5)
+
+
 def test_stop_sequences_end_each_row_and_rows_share_one_program():
   cfg = small_model(dtype="float32", vocab_size=64)
   params = model.init(cfg, jax.random.PRNGKey(0))
@@ -107,10 +155,12 @@ def test_stop_sequences_end_each_row_and_rows_share_one_program():
   # is a second one.
   sampling = generate.Sampling(max_new_tokens=10, temperature=0.0, stop=(stop,))
   engine.generate(params, PROMPTS[::-1], jax.random.PRNGKey(2), sampling)
-  fn = engine._compiled[(sampling, False, 1)]  # pylint: disable=protected-access
-  assert fn._cache_size() == 1  # pylint: disable=protected-access
+  def programs():  # compiled decode loops of this sampling
+    return sum(fn._cache_size() for key, fn in engine._compiled.items()  # pylint: disable=protected-access
+               if key[0] == "decode" and ("sampling", sampling) in key)
+  assert programs() == 1
   engine.generate(params, [np.arange(2, 30)], jax.random.PRNGKey(2), sampling)
-  assert fn._cache_size() == 2  # pylint: disable=protected-access
+  assert programs() == 2
 
 
 def test_gpt2_positions_past_max_seq_len_are_an_error():

@@ -142,7 +142,8 @@ def test_rl_raises_a_verifiable_reward(world, tmp_path, task, extra):
 
 def test_rollout_rows_reproduce_the_engine_logprobs(world, tmp_path):
   """The rows the trainer sees (left-padded prompt, completion, the P-1 offset) give back
-  the engine's log-probs under a training forward pass."""
+  the engine's log-probs under a training forward pass; `rl.rollout_rows` (8 rows
+  decoding the 32 completions, refilled) changes how they are decoded, not what."""
   import jax
   from jaxlm import loop, model
   from jaxlm.tasks import common, rl as rl_task
@@ -161,6 +162,12 @@ def test_rollout_rows_reproduce_the_engine_logprobs(world, tmp_path):
   logp, _ = rl_task.token_logps(logits, jnp.asarray(rows["targets"]), config.rl.temperature)
   mask = rows["loss_mask"].astype(bool)
   np.testing.assert_allclose(np.asarray(logp)[mask], rows["old_logps"][mask], atol=5e-5)
+  config.rl.rollout_rows = 8
+  refilled, again, _ = rl_task.Rollouts(config, str(tmp_path), sharder).sample(
+      params, None, {"index": np.arange(8, dtype=np.int32)}, 0)
+  np.testing.assert_array_equal(refilled["tokens"], rows["tokens"])
+  np.testing.assert_allclose(refilled["old_logps"], rows["old_logps"], atol=1e-6)
+  np.testing.assert_array_equal(again, scores)
 
 
 def test_lora_rl_holds_one_frozen_base(world, tmp_path):
