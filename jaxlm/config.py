@@ -336,6 +336,12 @@ _KNOBS = (
     Knob("rl.rollout_rows", 0, "[0, inf)",
          "completions decoding at once; a finished row takes the next waiting one "
          "(continuous batching); 0: all of a step's at once"),
+    Knob("rl.max_staleness", 0, "[0, 1]",
+         "1: step n+1's rollouts are generated while step n's update runs, from the weights "
+         "before it (a lag of one update, corrected by truncated importance sampling); 0: "
+         "synchronous"),
+    Knob("rl.is_cap", 2.0, "[1, inf)",
+         "max_staleness 1: the importance weight pi_current / pi_rollout is truncated here"),
     Knob("rl.temperature", 1.0, "[0, inf)",
          "sampling temperature; the trainer's log-probs use it too"),
     Knob("rl.top_k", 0, "[0, inf)", "sample among the k likeliest tokens; 0: all"),

@@ -53,6 +53,13 @@ class Generation:
   finished: np.ndarray          # [N] bool: ended by EOS or a stop sequence
 
 
+class Snapshot(NamedTuple):
+  """Weights as decoding reads them (`Engine.snapshot`), held apart from the params they
+  came from: a generate call may read them while those params are updated in place."""
+  weights: dict
+  lora: dict | None
+
+
 class Rows(NamedTuple):
   """The decoding rows on the device (B rows, N = max_new_tokens)."""
   cache: model.Cache    # B rows x (P + N) slots, a ring written at slot t % (P + N)
@@ -259,10 +266,24 @@ class Engine:
     return sharding.global_batch({"x": x}, self.sharder)["x"]
 
   def _rows_bucket(self, n: int, rows: int) -> int:
-    """Rows of a refill's arrays: a multiple of the data-parallel size, a power of two of
-    it (few programs), at most `rows`."""
+    """Rows of a refill's arrays: at most `rows`, else the smallest of rows/8 (a multiple
+    of the data-parallel size) times a power of two that holds `n`: four programs at
+    most, whatever the refill sizes."""
     dp = self.sharder.data_parallel_size if self.sharder is not None else 1
-    return min(rows, dp * (1 << (-(-n // dp) - 1).bit_length()))
+    smallest = max(dp, rows // 8 // dp * dp)
+    return min(rows, smallest * (1 << (-(-n // smallest) - 1).bit_length()))
+
+  def _weights(self, params, lora):
+    joined = lora is None and not _shards_heads(self.sharder)  # LoRA adapts wq, wk, ... apart
+    return self._jit("prepare", _prepare, joined=joined)(params)
+
+  def snapshot(self, params, lora=None) -> Snapshot:
+    """The weights as generate reads them, in buffers of their own: the caller may then
+    donate or update `params` and `lora` while a generate call decodes from this."""
+    weights = self._weights(params, lora)
+    given = {id(x) for x in jax.tree.leaves((params, lora))}
+    own = lambda x: jnp.copy(x) if id(x) in given else x  # noqa: E731  # passed through
+    return Snapshot(jax.tree.map(own, weights), jax.tree.map(jnp.copy, lora))
 
   # long: the host's scheduling loop (refill free rows, decode a chunk, collect the done)
   def generate(self, params, prompts: list, rng, sampling: Sampling, *, rows: int = 0,
@@ -270,6 +291,7 @@ class Engine:
                max_new_tokens: list | None = None) -> Generation:
     """Completions of id-sequence prompts (BOS first), `samples` a prompt (a GRPO group:
     prompt i's in results i * samples .. i * samples + samples - 1, from one prefill).
+    `params` may be a `snapshot` (then `lora` is the snapshot's).
     Completion c samples with `rng` folded with c: the same tokens for any `rows`.
     `rows`: rows decoding at once (default: every completion at once); with fewer, a row
     that finishes takes the next waiting completion. Rows are padded to a multiple of
@@ -291,8 +313,8 @@ class Engine:
       raise ValueError(f"max_new_tokens: one budget a prompt, each in [1, {N}]")
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a typed key: its raw words
       rng = jax.random.key_data(rng)
-    joined = lora is None and not _shards_heads(self.sharder)  # LoRA adapts wq, wk, ... apart
-    weights = self._jit("prepare", _prepare, joined=joined)(params)
+    weights, lora = ((params.weights, params.lora) if isinstance(params, Snapshot)
+                     else (self._weights(params, lora), lora))
     state = self._jit("empty", _empty, rows=rows, slots=P + N, max_new_tokens=N)(weights)
     refill = self._jit("refill", _refill)
     decode = functools.partial(self._jit, "decode", _decode, sampling=sampling,
@@ -307,7 +329,10 @@ class Engine:
       if len(free):
         todo = np.arange(waiting, waiting + len(free))
         sources, source_of = np.unique(todo // samples, return_inverse=True)
-        R, Q = self._rows_bucket(len(sources), rows), self._rows_bucket(len(free), rows)
+        # The prompts' rows follow from the completions': a run of Q completions spans at
+        # most Q / samples + 1 groups. One program per Q bucket.
+        Q = self._rows_bucket(len(free), rows)
+        R = self._rows_bucket(min(Q, -(-Q // samples) + 1), rows)
         tokens = np.zeros((R, P), np.int32)
         lengths = np.ones(R, np.int32)
         tokens[:, -1] = prompts[0][-1]  # padding: a one-token prompt, its rows dropped

@@ -188,6 +188,13 @@ def clipped_policy_loss(logp, old_logp, advantages, clip_low: float, clip_high: 
   return loss, clipfrac, approx_kl
 
 
+def truncated_is_weights(logp, rollout_logp, cap: float):
+  """Per token: the importance weight min(pi / pi_rollout, cap) that corrects for tokens
+  sampled by an older policy (truncated importance sampling), and whether it was cut."""
+  ratio = jnp.exp(logp - rollout_logp)
+  return jnp.minimum(ratio, cap), (ratio > cap).astype(jnp.float32)
+
+
 def clipped_value_loss(values, old_values, returns, clip: float):
   """Per token: 0.5 max((v - R)^2, (clip(v, v_old +- clip) - R)^2), and clip activity."""
   clipped = old_values + jnp.clip(values - old_values, -clip, clip)

@@ -16,6 +16,7 @@ to the reference in the reward (k1) or in the loss (k3); clipped value loss.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 
@@ -39,21 +40,36 @@ class _WithState:
 
   def __init__(self, dataset, state: dict):
     self.dataset, self.state = dataset, state
+    self.current = None  # the iterator the loop reads (rollouts read one batch ahead)
 
   def __iter__(self):
-    return _StatefulIterator(iter(self.dataset), self.state)
+    self.current = _StatefulIterator(iter(self.dataset), self.state)
+    return self.current
 
 
 class _StatefulIterator:
+  """The loop's batches; `peek` reads the next one early (rl.max_staleness), and the
+  checkpointed position stays that of the batches the loop has taken."""
 
   def __init__(self, inner, state: dict):
     self.inner, self.state = inner, state
+    self.ahead = None  # (the position before it, the batch read ahead)
 
   def __next__(self):
+    if self.ahead is not None:
+      batch, self.ahead = self.ahead[1], None
+      return batch
     return next(self.inner)
 
+  def peek(self):
+    if self.ahead is None:
+      position = self.inner.get_state()
+      self.ahead = (position, next(self.inner))
+    return self.ahead[1]
+
   def get_state(self):
-    return {"data": self.inner.get_state(), "rollout": dict(self.state), "scope": "global"}
+    data = self.ahead[0] if self.ahead is not None else self.inner.get_state()
+    return {"data": data, "rollout": dict(self.state), "scope": "global"}
 
   def set_state(self, state):
     if state.get("scope") != "global" and jax.process_count() > 1:
@@ -62,6 +78,7 @@ class _StatefulIterator:
           "the whole prompt stream (each then held its own share): its data position "
           "cannot be resumed exactly; start the run again in a new workdir")
     self.inner.set_state(state["data"])
+    self.ahead = None
     self.state.update(state["rollout"])
 
 
@@ -190,6 +207,8 @@ def grpo_loss_fn(config, sharder, use_lora: bool, max_new_tokens: int):
     adv = batch["advantages"][:, None]
     per_token, clipfrac, approx_kl = losses.clipped_policy_loss(logp, batch["old_logps"], adv,
                                                             r.clip_low, r.clip_high)
+    if "is_weight" in batch:  # rl.max_staleness: tokens from an older policy
+      per_token = per_token * batch["is_weight"]
     sums = {}
     agg = lambda x: losses.aggregate(x, mask, r.loss_agg, max_new_tokens)[0]  # noqa: E731
     if r.kl_coef > 0:
@@ -233,6 +252,8 @@ def ppo_loss_fn(config, sharder, use_lora: bool):
     mask = batch["loss_mask"]
     pg, clipfrac, approx_kl = losses.clipped_policy_loss(logp, batch["old_logps"],
                                                      batch["advantages"], r.clip_low, r.clip_high)
+    if "is_weight" in batch:  # rl.max_staleness: tokens from an older policy
+      pg = pg * batch["is_weight"]
     values = values_of(params["critic"], batch, m, sharder)
     vf, vf_clipfrac = losses.clipped_value_loss(values, batch["old_values"], batch["returns"],
                                             r.value_clip)
@@ -264,6 +285,9 @@ def build(config, workdir: str, sharder) -> loop.Task:
   ppo = config.task == "ppo"
   m, r = frozen_model(config.model), config.rl
   use_lora = lora_lib.enabled(config.lora)
+  if r.max_staleness and jax.process_count() > 1:
+    raise ConfigError("rl.max_staleness=1 runs its rollouts in a thread of one process; "
+                      f"this run has {jax.process_count()} processes: use 0")
   data = Rollouts(config, workdir, sharder)
   source = (common.lora_base(workdir, config) if use_lora
             else runs.pin(workdir, "reference.json", config.init_from))
@@ -309,11 +333,53 @@ def build(config, workdir: str, sharder) -> loop.Task:
       w, b["tokens"], m, segment_ids=b["segment_ids"], positions=b["positions"],
       sharder=sharder), b["targets"], r.temperature)[0])
 
+  jit_current = jax.jit(lambda w, a, b: token_logps(model.forward(
+      w, b["tokens"], m, segment_ids=b["segment_ids"], positions=b["positions"],
+      sharder=sharder, lora=a), b["targets"], r.temperature)[0])
+  train_data = _WithState(data.dataset(), state)
+  ahead = {}  # step -> its rollout, started during the step before (rl.max_staleness)
+  pool = concurrent.futures.ThreadPoolExecutor(1, "rollout") if r.max_staleness else None
+
+  def lagged(rows, metrics, lag: int, weights, adapters):
+    """rl.max_staleness: the rollout policy's log-probs against the current one's. The
+    ratio's anchor becomes the current policy (what this update starts from) and each
+    token's loss is weighted by min(pi_current / pi_rollout, rl.is_cap)."""
+    mask = rows["loss_mask"].astype(np.float32)
+    if lag:
+      inputs = {k: rows[k] for k in ("tokens", "targets", "segment_ids", "positions")}
+      current = np.asarray(multihost_utils.process_allgather(
+          jit_current(weights, adapters, sharding.global_batch(inputs, sharder)), tiled=True))
+      weight, cut = map(np.asarray, losses.truncated_is_weights(current, rows["old_logps"],
+                                                                r.is_cap))
+      rows["old_logps"] = (current * mask).astype(np.float32)
+    else:
+      weight, cut = np.ones_like(mask), np.zeros_like(mask)
+    rows["is_weight"] = (weight * mask).astype(np.float32)
+    tokens = max(float(mask.sum()), 1.0)
+    metrics.update({"rollout/lag": lag, "rollout/is_weight": float((weight * mask).sum()) / tokens,
+                    "rollout/is_clipfrac": float((cut * mask).sum()) / tokens})
+
   def rollout(params, frozen_tree, host_batch, step):
     policy_params = params["policy"] if ppo else params
     weights, adapters = lora_lib.split(policy_params, (frozen_tree or {}).get("policy"),
                                        config.lora)
-    rows, scores, metrics = data.sample(weights, adapters, host_batch, step)
+    waited = time.perf_counter()
+    pending = ahead.pop(step, None)
+    rows, scores, metrics = (pending.result() if pending is not None
+                             else data.sample(weights, adapters, host_batch, step))
+    if r.max_staleness:
+      following = step + 1
+      # After a checkpoint the next rollout is made afresh (lag 0), as a resumed run makes
+      # it: resumes stay exact.
+      if following < config.steps and following % config.checkpoint_every:
+        # Taken before this step's update is dispatched (it updates the params in place).
+        snapshot = data.engine.snapshot(weights, adapters)
+        ahead[following] = pool.submit(data.sample, snapshot, None, train_data.current.peek(),
+                                       following)
+      lagged(rows, metrics, int(pending is not None), weights, adapters)
+      # The step's time outside its update: what was left of the overlapped rollout, the
+      # snapshot, and the current policy's forward.
+      metrics["time/rollout_wait_s"] = time.perf_counter() - waited
     R = len(scores)
     if not ppo:
       adv = losses.group_advantages(jnp.asarray(scores.reshape(-1, r.num_generations)),
@@ -356,7 +422,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
   flops = model.flops_per_token(m, data.seq_len, weight_grads=not use_lora)
   return loop.Task(
       init_params=init_params, param_axes=param_axes, loss_fn=loss_fn, load_init=load_init,
-      **frozen, train_data=_WithState(data.dataset(), state), data_report=data.report,
+      **frozen, train_data=train_data, data_report=data.report,
       rollout=rollout,
       epochs=r.epochs, minibatches=r.minibatches,
       tokens_per_batch=rows * data.seq_len * r.epochs, flops_per_token=flops)

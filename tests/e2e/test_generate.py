@@ -140,6 +140,24 @@ def test_refilled_groups_share_their_prompts_prefill():
   np.testing.assert_allclose(out.logprobs, np.repeat(alone.logprobs, 2, axis=0), atol=2e-5)
 
 
+def test_a_snapshot_decodes_as_its_params_after_they_are_donated():
+  """Engine.snapshot holds the weights apart: the params it came from may be updated in
+  place (a train step donates them) while a generate call reads it (rl.max_staleness)."""
+  cfg = small_model(dtype="float32", param_dtype="float32", vocab_size=64, max_seq_len=64)
+  params = model.init(cfg, jax.random.PRNGKey(0))
+  engine = generate.Engine(cfg, eos_id=3)
+  sampling = generate.Sampling(max_new_tokens=8, temperature=1.0)
+  want = engine.generate(params, PROMPTS, jax.random.PRNGKey(1), sampling)
+  snapshot = engine.snapshot(params)
+  updated = jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(params)
+  assert all(x.is_deleted() for x in jax.tree.leaves(params))
+  got = engine.generate(snapshot, PROMPTS, jax.random.PRNGKey(1), sampling)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.logprobs, want.logprobs)
+  assert not np.array_equal(engine.generate(updated, PROMPTS, jax.random.PRNGKey(1),
+                                            sampling).logprobs, want.logprobs)
+
+
 def test_stop_sequences_end_each_row_and_rows_share_one_program():
   cfg = small_model(dtype="float32", vocab_size=64)
   params = model.init(cfg, jax.random.PRNGKey(0))

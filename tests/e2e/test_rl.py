@@ -60,6 +60,13 @@ def test_group_advantages_and_clipped_losses():
   np.testing.assert_allclose(np.asarray(vl), [0.5 * max(4.0, 1.2 ** 2)])
 
 
+def test_truncated_importance_weights():
+  logp, rollout = np.log(np.array([[0.5, 0.9, 0.1]])), np.log(np.array([[0.2, 0.9, 0.2]]))
+  w, cut = losses.truncated_is_weights(jnp.asarray(logp), jnp.asarray(rollout), 2.0)
+  np.testing.assert_allclose(np.asarray(w), [[2.0, 1.0, 0.5]], rtol=1e-6)  # 2.5 cut at 2
+  assert np.asarray(cut).tolist() == [[1.0, 0.0, 0.0]]
+
+
 def test_loss_aggregations():
   x = jnp.array([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
   mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]])
@@ -247,6 +254,32 @@ def test_ppo_resumes_exactly_with_its_adaptive_kl(world, tmp_path):
   assert coef(straight) == coef(resumed) and coef(straight)[-1] != 0.04
   assert [r["reward"] for r in straight if r["step"] > 2] == [
       r["reward"] for r in resumed if r["step"] > 2]
+
+
+def test_max_staleness_rolls_out_a_step_ahead_and_resumes_exactly(world, tmp_path):
+  """rl.max_staleness=1: each rollout after the first is made during the update before it,
+  from the weights before that update (lag 1, importance weights away from 1); the step
+  after a checkpoint rolls out afresh, so a stopped and resumed run matches one that ran
+  straight through; the first step equals a synchronous run's."""
+  from jaxlm import tasks
+  common = {"task": "grpo", "checkpoint_every": 3, "optimizer.schedule": "constant"}
+  tasks.run(rl_config(world, **common, steps=5, **{"rl.max_staleness": 1}),
+            str(tmp_path / "straight"))
+  tasks.run(rl_config(world, **common, steps=3, **{"rl.max_staleness": 1}),
+            str(tmp_path / "resumed"))
+  tasks.run(rl_config(world, **common, steps=5, **{"rl.max_staleness": 1}),
+            str(tmp_path / "resumed"))
+  tasks.run(rl_config(world, **common, steps=1), str(tmp_path / "sync"))
+  straight, resumed = rewards_of(str(tmp_path / "straight")), rewards_of(str(tmp_path / "resumed"))
+  sync = rewards_of(str(tmp_path / "sync"))
+  assert [r["rollout/lag"] for r in straight] == [0, 1, 1, 0, 1]
+  for r in straight:
+    assert (r["rollout/is_weight"] == 1.0) == (r["rollout/lag"] == 0), r
+    assert 0 <= r["rollout/is_clipfrac"] < 1 and r["time/rollout_wait_s"] >= 0
+  key = lambda rs: [(r["step"], r["reward"], r["loss"], r["rollout/is_weight"]) for r in rs]  # noqa: E731
+  assert key(resumed) == key(straight)
+  assert (sync[0]["reward"], sync[0]["loss"]) == (straight[0]["reward"], straight[0]["loss"])
+  assert "rollout/lag" not in sync[0]
 
 
 def test_gsm8k_prompts_parse_and_their_answers_score(shared_data):
