@@ -107,3 +107,29 @@ def test_cli_prints_a_table_and_json_and_rejects_bad_settings(tmp_path):
     bench.make_config(bench.Spec(overrides=("model.nope=1",)))
   with pytest.raises(ConfigError, match="model.remat"):
     bench.make_config(bench.Spec(overrides=("model.remat=sometimes",)))
+
+
+def test_grpo_bench_writes_a_model_both_trainers_read_and_times_jaxlm(shared_data, tmp_path):
+  """tools/bench_grpo.py: the random model is a Hugging Face directory transformers loads
+  (tokenizer and chat template included), and jaxlm's GRPO on it reports the step split."""
+  import importlib.util
+  import transformers
+  spec = importlib.util.spec_from_file_location("bench_grpo",
+                                                os.path.join(ROOT, "tools", "bench_grpo.py"))
+  bench_grpo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench_grpo)
+  gsm8k = os.path.join(shared_data, "gsm8k_train.jsonl")
+  prompts = bench_grpo.read_prompts(gsm8k, 64)
+  hf_dir = bench_grpo.write_model("tiny", prompts, str(tmp_path / "model"))
+  tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  text = tok.apply_chat_template([{"role": "user", "content": prompts[0]["question"]}],
+                                 tokenize=False, add_generation_prompt=True)
+  assert text == prompts[0]["question"] + "\nAnswer:"
+  assert tok.unk_token_id not in tok(prompts[0]["question"])["input_ids"]
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+  assert hf_model.config.vocab_size == len(tok)
+  shape = dict(batch=2, generations=4, new_tokens=8, steps=3, warmup=1)
+  r = bench_grpo.run_jaxlm(hf_dir, gsm8k, str(tmp_path / "jaxlm"), 1, shape)
+  assert r["timed_steps"] == 2 and 0 < r["completion_length"] <= 8
+  assert r["step_s"] == pytest.approx(r["rollout_wait_s"] + r["update_s"])
+  assert r["generation_tokens_per_s"] > 0
