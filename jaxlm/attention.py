@@ -63,12 +63,13 @@ def mask_BTS(segment_ids_BT: jax.Array | None, T: int, S: int, window: int = 0) 
   return causal_TS[None] & same_BTS
 
 
-def _scores(q_BTHK, k_BSGK, options: Options):
-  """Scaled (and capped) float32 scores [B, G, R, T, S], R query heads per kv head."""
+def _scores(q_BTHK, k, options: Options, kv: str = "bsgk"):
+  """Scaled (and capped) float32 scores [B, G, R, T, S], R query heads per kv head; `kv`
+  the keys' axes (bsgk, or bgsk: a decoding cache)."""
   B, T, H, K = q_BTHK.shape
-  G = k_BSGK.shape[2]
+  G = k.shape[kv.index("g")]
   q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
-  logits_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK,
+  logits_BGRTS = jnp.einsum(f"btgrk,{kv}->bgrts", q_BTGRK, k,
                             preferred_element_type=jnp.float32)
   if options.scale > 0:
     logits_BGRTS = logits_BGRTS * options.scale
@@ -79,10 +80,10 @@ def _scores(q_BTHK, k_BSGK, options: Options):
   return logits_BGRTS
 
 
-def _weighted(logits_BGRTS, mask_BTS, v_BSGK, shape):
+def _weighted(logits_BGRTS, mask_BTS, v, shape, kv: str = "bsgk"):
   logits_BGRTS = jnp.where(mask_BTS[:, None, None], logits_BGRTS, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits_BGRTS, axis=-1).astype(v_BSGK.dtype)
-  out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs, v_BSGK)
+  probs = jax.nn.softmax(logits_BGRTS, axis=-1).astype(v.dtype)
+  out_BTGRK = jnp.einsum(f"bgrts,{kv}->btgrk", probs, v)
   return out_BTGRK.reshape(shape)
 
 
@@ -91,21 +92,23 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, segment_ids_BT=None, options: Options 
   return _weighted(_scores(q_BTHK, k_BSGK, options), mask, v_BSGK, q_BTHK.shape)
 
 
-def cached_attention(q_BTHK, k_BSGK, v_BSGK, key_valid_BS, q_slots_T,
+def cached_attention(q_BTHK, k_BGSK, v_BGSK, key_valid_BS, q_slots_T,
                      options: Options = PLAIN):
-  """Decoding attention over a KV cache: query t (at cache slot q_slots_T[t]) sees the
-  valid slots at or before its own (and, with a window, fewer than `window` slots back:
-  a row's tokens sit in consecutive slots, so slot distance is position distance). The
-  same arithmetic as `xla_attention`. One query a row (a decode step) may sit in a ring
-  of slots (jaxlm.generate's rows): every valid slot is its own or an earlier token's,
-  and a slot's distance back is counted modulo S."""
-  S = k_BSGK.shape[1]
+  """Decoding attention over a KV cache (jaxlm.model.Cache: slots after kv heads): query
+  t (at cache slot q_slots_T[t]) sees the valid slots at or before its own (and, with a
+  window, fewer than `window` slots back: a row's tokens sit in consecutive slots, so
+  slot distance is position distance). The same arithmetic as `xla_attention`. One
+  query a row (a decode step) may sit in a ring of slots (jaxlm.generate's rows): every
+  valid slot is its own or an earlier token's, and a slot's distance back is counted
+  modulo S."""
+  S = k_BGSK.shape[2]
   gap_TS = q_slots_T[:, None] - jnp.arange(S)[None, :]
   if q_BTHK.shape[1] == 1:
     gap_TS = gap_TS % S
   seen_TS = (gap_TS >= 0) & (gap_TS < options.window) if options.window else gap_TS >= 0
   mask = seen_TS[None] & key_valid_BS[:, None, :]
-  return _weighted(_scores(q_BTHK, k_BSGK, options), mask, v_BSGK, q_BTHK.shape)
+  return _weighted(_scores(q_BTHK, k_BGSK, options, "bgsk"), mask, v_BGSK, q_BTHK.shape,
+                   "bgsk")
 
 
 # cuDNN kernels by row layout, the cheapest that fits the whole batch (jaxlm.bench, H200,

@@ -153,14 +153,13 @@ def _refill(weights, rows: Rows, prompt_RP, prompt_len_R, source_Q, row_Q, limit
                                      0, positions=positions_RP, valid_BT=valid_RP,
                                      sharder=sharder, lora=lora, last_only=True)
   ring_P = (rows.t - P + slot_P) % S
-  at = (row_Q[:, None], ring_P[None, :])
 
-  def put(old, fresh):  # the prefill's slots of each source into its rows
-    out = old.at[at].set(fresh[source_Q].astype(old.dtype), mode="drop")
-    if sharder is not None and out.ndim == 4:
-      out = sharder.constrain(out, ("batch", "length", "kv_heads", "head_dim"))
-    return out
-  valid = put(rows.cache.valid.at[row_Q].set(False, mode="drop"), valid_RP)
+  def put(old, fresh):  # the prefill's slots [Q, G, P, K] of each source into its rows
+    out = old.at[row_Q[:, None], :, ring_P[None, :]].set(
+        jnp.swapaxes(fresh[source_Q], 1, 2).astype(old.dtype), mode="drop")
+    return out if sharder is None else sharder.constrain(out, model.CACHE_AXES)
+  valid = rows.cache.valid.at[row_Q].set(False, mode="drop").at[
+      row_Q[:, None], ring_P[None, :]].set(valid_RP[source_Q], mode="drop")
   cache = model.Cache(tuple(map(put, rows.cache.k, new.k)), tuple(map(put, rows.cache.v, new.v)),
                       valid)
   start = lambda x, value: x.at[row_Q].set(value, mode="drop")  # noqa: E731

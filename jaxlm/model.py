@@ -289,10 +289,9 @@ def _layer(cfg, impl, sharder, inv_freq, x_BTD, p, segment_ids_BT, positions_BT,
     o = attention.attend(q, k, v, segment_ids_BT, impl, options)
   else:
     k_cache, v_cache, key_valid, index = cache
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
-    k_cache = c(k_cache, ("batch", "length", "kv_heads", "head_dim"))
-    v_cache = c(v_cache, ("batch", "length", "kv_heads", "head_dim"))
+    put = lambda buf, new: c(jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), index, 2), CACHE_AXES)
+    k_cache, v_cache = put(k_cache, k), put(v_cache, v)
     o = attention.cached_attention(q, k_cache, v_cache, key_valid,
                                    index + jnp.arange(x_BTD.shape[1]), options)
     cache = (k_cache, v_cache)
@@ -425,17 +424,22 @@ def _inv_freqs(cfg) -> dict:
 class Cache(NamedTuple):
   """Keys and values of every layer for `slots` positions, and which slots hold a token.
   The engine keeps one buffer per layer (tuples of L arrays), so a decode step updates
-  each in place and reads no copy."""
-  k: tuple              # L x [B, S, G, K]
-  v: tuple              # L x [B, S, G, K]
+  each in place and reads no copy. Slots come after kv heads: attention's products are
+  batched over (row, kv head), which are then the leading axes, as batched matmuls read
+  them without a transposed copy of the cache."""
+  k: tuple              # L x [B, G, S, K]
+  v: tuple              # L x [B, G, S, K]
   valid: jax.Array      # [B, S] bool
 
 
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+
+
 def init_cache(cfg, batch: int, slots: int, sharder: Sharder | None = None) -> Cache:
-  shape = (batch, slots, cfg.num_kv_heads, head_dim(cfg))
+  shape = (batch, cfg.num_kv_heads, slots, head_dim(cfg))
   dt = _dtype(cfg.dtype)
   c = sharder.constrain if sharder is not None else (lambda x, _: x)
-  zeros = lambda: c(jnp.zeros(shape, dt), ("batch", "length", "kv_heads", "head_dim"))  # noqa: E731
+  zeros = lambda: c(jnp.zeros(shape, dt), CACHE_AXES)  # noqa: E731
   return Cache(tuple(zeros() for _ in range(cfg.num_layers)),
                tuple(zeros() for _ in range(cfg.num_layers)),
                c(jnp.zeros((batch, slots), bool), ("batch", "length")))

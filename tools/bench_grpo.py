@@ -113,6 +113,8 @@ def run_jaxlm(hf_dir: str, prompts_file: str, workdir: str, staleness: int, shap
   c.rl.max_staleness = staleness
   c.reward.fn = "math_answer"
   c.model.remat = "minimal"
+  # The loss reads [rows, P + N, vocab] float32 log-probs: 16 rows a micro-batch fit.
+  c.optimizer.grad_accum_steps = max(1, shape["batch"] * shape["generations"] // 16)
   tasks.run(c, workdir)
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     records = [r for r in map(json.loads, f) if "time/update_s" in r][shape["warmup"]:]
@@ -131,8 +133,8 @@ def run_trl(hf_dir: str, prompts: list[dict], workdir: str, shape: dict) -> dict
   import time  # pylint: disable=import-outside-toplevel  # lazy: the child's own
   import datasets  # pylint: disable=import-outside-toplevel  # lazy: the peer's
   import transformers  # pylint: disable=import-outside-toplevel  # lazy: the peer's
-  import torch  # pylint: disable=import-outside-toplevel  # lazy: the peer's
   import trl  # pylint: disable=import-outside-toplevel  # lazy: the peer's
+  gpu = transformers.utils.is_torch_cuda_available()
   from jaxlm import reward_fns  # pylint: disable=import-outside-toplevel  # lazy
 
   def reward(prompts, completions, answer, **_):
@@ -158,8 +160,8 @@ def run_trl(hf_dir: str, prompts: list[dict], workdir: str, shape: dict) -> dict
   args = trl.GRPOConfig(
       output_dir=workdir, per_device_train_batch_size=rows, gradient_accumulation_steps=1,
       num_generations=shape["generations"], max_completion_length=shape["new_tokens"],
-      max_steps=shape["steps"], learning_rate=1e-4, beta=0.04, temperature=1.0, bf16=torch.cuda.is_available(),
-      use_cpu=not torch.cuda.is_available(), gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to=[],
+      max_steps=shape["steps"], learning_rate=1e-4, beta=0.04, temperature=1.0, bf16=gpu, use_cpu=not gpu,
+      gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to=[],
       use_vllm=False, seed=0)
   trainer = trl.GRPOTrainer(model=hf_dir, reward_funcs=reward, args=args, train_dataset=data,
                             callbacks=[Timer()])
