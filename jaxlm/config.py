@@ -360,6 +360,9 @@ _KNOBS = (
          "PPO: > 0 adapts kl_coef toward this KL per token; 0: kl_coef stays"),
     Knob("rl.advantage_scale", "group", ("group", "batch", "none"),
          'GRPO: advantages divided by the "group" or "batch" std, or "none"'),
+    Knob("rl.std_ddof", 0, "[0, 1]",
+         "1: GRPO's std of the rewards and PPO's whitening Bessel-corrected, as TRL's; 0: "
+         "the plain std"),
     Knob("rl.loss_agg", "sequence", ("sequence", "token", "constant"),
          'how token losses combine: "sequence" mean | "token" mean (DAPO) | "constant" '
          "(Dr. GRPO)"),
@@ -380,6 +383,9 @@ _KNOBS = (
     Knob("dpo.beta", 0.1, "(0, inf)", "strength of the implicit KL to the reference"),
     Knob("dpo.label_smoothing", 0.0, "[0, 0.5)",
          "sigmoid, robust: the assumed share of flipped labels"),
+    Knob("dpo.length_normalize", False, None,
+         "divide each answer's log-probs (policy and reference) by its token count before the "
+         "loss, as TRL does for ipo; false: sums"),
     Knob("dpo.reference", "copy", ("copy", "precomputed", "none"),
          '"copy" (frozen weights; with LoRA the base, adapters off) | "precomputed" (one pass '
          'first) | "none" (reference-free)'),

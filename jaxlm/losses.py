@@ -62,9 +62,11 @@ DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
 
 def dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *,
         beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0,
-        reference_free: bool = False):
+        reference_free: bool = False, lengths=None):
   """The DPO family on sequence log-probs, per pair -> (losses, chosen_rewards,
   rejected_rewards), the rewards being beta * (policy - reference) log-ratios.
+  `lengths` (chosen, rejected token counts): each answer's log-probs are first divided
+  by its length (TRL's IPO: the mean token log-ratio).
 
   h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected), with
   the reference terms taken as 0 when `reference_free`:
@@ -78,6 +80,9 @@ def dpo(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *,
     reference_rejected = jnp.zeros_like(policy_rejected)
   chosen_ratio = policy_chosen - reference_chosen
   rejected_ratio = policy_rejected - reference_rejected
+  if lengths is not None:
+    chosen_ratio = chosen_ratio / jnp.maximum(lengths[0], 1.0)
+    rejected_ratio = rejected_ratio / jnp.maximum(lengths[1], 1.0)
   h = chosen_ratio - rejected_ratio
   e = label_smoothing
   if loss == "sigmoid":
@@ -134,10 +139,14 @@ def masked_mean(x, mask, axis=None):
   return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
-def whiten(x, mask, shift_mean: bool = True):
-  """(x - mean) / std over the masked entries (the mean kept when not `shift_mean`)."""
+def whiten(x, mask, shift_mean: bool = True, ddof: int = 0):
+  """(x - mean) / std over the masked entries (the mean kept when not `shift_mean`);
+  `ddof` 1: the variance Bessel-corrected (n / (n - 1)), as TRL's PPO whitened."""
   mean = masked_mean(x, mask)
   var = masked_mean(jnp.square(x - mean), mask)
+  if ddof:
+    n = jnp.sum(mask.astype(jnp.float32))
+    var = var * n / jnp.maximum(n - ddof, 1.0)
   out = (x - mean) * jax.lax.rsqrt(var + 1e-8)
   if not shift_mean:
     out = out + mean
@@ -163,14 +172,15 @@ def gae(rewards, values, mask, gamma: float, lam: float):
   return adv, (adv + values) * mask
 
 
-def group_advantages(rewards_PG, scale: str):
+def group_advantages(rewards_PG, scale: str, ddof: int = 0):
   """GRPO: each completion's reward minus its group's mean, divided by the group's std
-  ("group"), the batch's std ("batch", as in Dr. GRPO's critique) or nothing ("none")."""
+  ("group"), the batch's std ("batch", as in Dr. GRPO's critique) or nothing ("none");
+  `ddof` 1: the std Bessel-corrected, as TRL's."""
   centered = rewards_PG - jnp.mean(rewards_PG, axis=1, keepdims=True)
   if scale == "group":
-    return centered / (jnp.std(rewards_PG, axis=1, keepdims=True) + 1e-4)
+    return centered / (jnp.std(rewards_PG, axis=1, keepdims=True, ddof=ddof) + 1e-4)
   if scale == "batch":
-    return centered / (jnp.std(rewards_PG) + 1e-4)
+    return centered / (jnp.std(rewards_PG, ddof=ddof) + 1e-4)
   if scale == "none":
     return centered
   raise ValueError(f"advantage scale {scale!r}: group | batch | none")

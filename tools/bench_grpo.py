@@ -214,20 +214,21 @@ def _run_child(spec: str, root: str) -> dict:
 
 def main(argv):
   del argv
+  from jaxlm import console  # pylint: disable=import-outside-toplevel  # lazy: fast --help
   if _CHILD.value:
     result = _child(_CHILD.value, _WORKDIR.value)
+    if result:  # where and from what it ran, also when a child is run alone
+      result.update(console.environment())
     fileio.atomic_write_json(_JSON.value, result)
     return
-  from jaxlm import console  # pylint: disable=import-outside-toplevel  # lazy: fast --help
   with tempfile.TemporaryDirectory() as tmp:
     root = _WORKDIR.value or tmp
     _run_child("model", root)
     results = [_run_child(f"jaxlm:{int(s)}", root) for s in _STALENESS.value.split(",") if s]
     if _PEER.value == "trl":
       results.append(_run_child("trl", root))
-  env = console.environment()
-  env["command"] = "python tools/bench_grpo.py " + " ".join(sys.argv[1:])
-  results = [{"preset": _PRESET.value, **_shape(), **r, **env} for r in results]
+  command = "python tools/bench_grpo.py " + " ".join(sys.argv[1:])
+  results = [{"preset": _PRESET.value, **_shape(), **r, "command": command} for r in results]
   jaxlm_sync = next((r for r in results if r.get("max_staleness") == 0), None)
   for r in results:
     if jaxlm_sync and r["trainer"] == "trl":

@@ -58,14 +58,15 @@ def dpo_loss_fn(config, sharder):
       reference = jnp.zeros_like(policy)
     pc, pr = losses.gather_pairs(policy, batch["pairs"])
     rc, rr = losses.gather_pairs(reference, batch["pairs"])
+    lengths = losses.gather_pairs(counts, batch["pairs"])
     per_pair, chosen_rewards, rejected_rewards = losses.dpo(
         pc, pr, rc, rr, beta=dpo.beta, loss=dpo.loss, label_smoothing=dpo.label_smoothing,
-        reference_free=dpo.reference == "none")
+        reference_free=dpo.reference == "none",
+        lengths=lengths if dpo.length_normalize else None)
     valid = batch["pair_mask"]
     sums = {}
     if dpo.sft_weight:  # RPO: the chosen response's mean token NLL, added per pair
-      chosen_counts = losses.gather_pairs(counts, batch["pairs"])[0]
-      nll = -pc / jnp.maximum(chosen_counts, 1.0)
+      nll = -pc / jnp.maximum(lengths[0], 1.0)
       per_pair = per_pair + dpo.sft_weight * nll
       sums["nll/chosen"] = jnp.sum(nll * valid)
     sums.update(common.pair_sums(chosen_rewards, rejected_rewards, per_pair, batch))

@@ -383,7 +383,7 @@ def build(config, workdir: str, sharder) -> loop.Task:
     R = len(scores)
     if not ppo:
       adv = losses.group_advantages(jnp.asarray(scores.reshape(-1, r.num_generations)),
-                                r.advantage_scale)
+                                r.advantage_scale, r.std_ddof)
       rows["advantages"] = np.asarray(adv, np.float32).reshape(R)
       metrics["objective/rlhf_reward"] = metrics["objective/scores"]
       return sharding.global_batch(rows, sharder), metrics
@@ -402,10 +402,11 @@ def build(config, workdir: str, sharder) -> loop.Task:
     if r.kl_estimator == "k1":
       per_token -= state["kl_coef"] * kl
     if r.whiten_rewards:
-      per_token = np.asarray(losses.whiten(jnp.asarray(per_token), jnp.asarray(mask), False))
+      per_token = np.asarray(losses.whiten(jnp.asarray(per_token), jnp.asarray(mask), False,
+                                           r.std_ddof))
     adv, ret = losses.gae(jnp.asarray(per_token), jnp.asarray(values * mask), jnp.asarray(mask),
                       r.gamma, r.lam)
-    adv = losses.whiten(adv, jnp.asarray(mask))
+    adv = losses.whiten(adv, jnp.asarray(mask), ddof=r.std_ddof)
     rows.update(advantages=np.asarray(adv, np.float32), returns=np.asarray(ret, np.float32),
                 old_values=(values * mask).astype(np.float32),
                 kl_coef=np.full(R, state["kl_coef"], np.float32))

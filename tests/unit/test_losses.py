@@ -72,3 +72,51 @@ def test_sequence_logps_and_pair_gather_equal_float64_formulas():
   chosen, rejected = losses.gather_pairs(jnp.asarray(values), jnp.asarray(pairs))
   np.testing.assert_array_equal(np.asarray(chosen), [values[0, [0, 0, 1]], values[1, [1, 0, 0]]])
   np.testing.assert_array_equal(np.asarray(rejected), [values[0, [1, 2, 2]], values[1, [0, 0, 0]]])
+
+
+def test_length_normalized_ipo_equals_trls_formula():
+  """dpo.length_normalize: TRL's IPO divides each answer's log-ratio by its token count
+  (trl/trainer/dpo_trainer.py, loss_type "ipo") before the squared loss."""
+  rng = np.random.default_rng(3)
+  pc, pr, rc, rr = rng.normal(size=(4, 16)) * 3 - 40
+  nc, nr = rng.integers(1, 30, size=(2, 16)).astype(np.float64)
+  beta = 0.1
+  got, chosen_rewards, _ = losses.dpo(*map(jnp.asarray, (pc, pr, rc, rr)), beta=beta, loss="ipo",
+                                      lengths=(jnp.asarray(nc), jnp.asarray(nr)))
+  delta = (pc - rc) / nc - (pr - rr) / nr
+  np.testing.assert_allclose(np.asarray(got), (delta - 1 / (2 * beta)) ** 2, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(chosen_rewards), beta * (pc - rc) / nc, rtol=1e-5)
+
+
+def test_bessel_corrected_group_std_and_whitening_equal_float64_formulas():
+  """rl.std_ddof=1: GRPO's std of each group's rewards (and the batch's) and PPO's masked
+  whitening divide by n - 1 (at G=4 the advantages are sqrt(4/3) = 1.15x smaller)."""
+  rng = np.random.default_rng(4)
+  r = rng.normal(size=(3, 4))
+  got = np.asarray(losses.group_advantages(jnp.asarray(r), "group", ddof=1))
+  want = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  plain = np.asarray(losses.group_advantages(jnp.asarray(r), "group"))
+  np.testing.assert_allclose(plain / got, np.sqrt(4 / 3), rtol=1e-3)
+  got = np.asarray(losses.group_advantages(jnp.asarray(r), "batch", ddof=1))
+  np.testing.assert_allclose(got, (r - r.mean(1, keepdims=True)) / (r.std(ddof=1) + 1e-4),
+                             rtol=1e-5)
+  x = rng.normal(size=(2, 6))
+  mask = np.array([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]], np.float64)
+  v = x[mask > 0]
+  want = (x - v.mean()) / np.sqrt(v.var(ddof=1) + 1e-8) * mask
+  np.testing.assert_allclose(np.asarray(losses.whiten(jnp.asarray(x), jnp.asarray(mask), ddof=1)),
+                             want, rtol=1e-5, atol=1e-6)
+
+
+def test_bessel_corrected_group_std_equals_trls_own():
+  """Against TRL's GRPO advantages: (r - group mean) / (trl.trainer.utils.nanstd + 1e-4)."""
+  torch = pytest.importorskip("torch")
+  trl_utils = pytest.importorskip("trl.trainer.utils")
+  rng = np.random.default_rng(5)
+  r = rng.normal(size=(5, 4))
+  t = torch.tensor(r)
+  std = trl_utils.nanstd(t, dim=1).unsqueeze(1)
+  want = ((t - t.mean(1, keepdim=True)) / (std + 1e-4)).numpy()
+  np.testing.assert_allclose(np.asarray(losses.group_advantages(jnp.asarray(r), "group", ddof=1)),
+                             want, rtol=1e-5)

@@ -152,8 +152,10 @@ def test_window_softcap_and_scale_equal_a_direct_computation(window, softcap, sc
   want = _naive_attention(q, k, v, window, softcap, scale or K ** -0.5)
   with jax.default_matmul_precision("highest"):
     np.testing.assert_allclose(attention.attend(q, k, v, None, "xla", options), want, atol=1e-5)
-    # The decode path: every slot valid, queries at their own slots.
-    cached = attention.cached_attention(q, k, v, jnp.ones((B, T), bool), jnp.arange(T), options)
+    # The decode path: every slot valid, queries at their own slots, keys and values in
+    # the cache's layout (slots after kv heads).
+    cached = attention.cached_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+                                        jnp.ones((B, T), bool), jnp.arange(T), options)
     np.testing.assert_allclose(cached, want, atol=1e-5)
 
 
