@@ -242,6 +242,7 @@ def test_dpo_raises_implicit_reward_accuracy_and_moves_the_policy(world, tmp_pat
   assert after >= 0.75 and after > before + 0.2, (before, after)
 
 
+@pytest.mark.slow  # fast sibling: DPO with the copied reference
 def test_reference_modes_agree_and_precomputing_resumes(world, tmp_path):
   common = {"task": "dpo", "init_from": world["sft"], "data.train": world["train"],
             "data.eval": world["eval"], "data.seq_len": 64, "steps": 2, "eval_every": 2,

@@ -240,6 +240,7 @@ def test_best_of_n_pairs_and_constitution_write_trainable_records(world, tmp_pat
   assert all({"original", "critique"} <= set(r) for r in rows)
 
 
+@pytest.mark.slow  # fast sibling: GRPO's exact resume (max_staleness)
 def test_ppo_resumes_exactly_with_its_adaptive_kl(world, tmp_path):
   """The adaptive KL coefficient is checkpointed with the data position: a run stopped
   and resumed matches one that ran straight through."""

@@ -136,6 +136,7 @@ def test_json_list_files_report_lines(tok, tmp_path):
   assert ex.counts["used"] == 2 and ex.first["missing_field"] == f"{path}:3"
 
 
+@pytest.mark.slow  # fast sibling: the real-data pipeline's SFT stage on Alpaca
 def test_sft_on_alpaca_lowers_held_out_loss(shared_data, tmp_path):
   with open(os.path.join(shared_data, "alpaca_5000.json"), encoding="utf-8") as f:
     records = json.load(f)
