@@ -57,7 +57,7 @@ class Snapshot(NamedTuple):
   """Weights as decoding reads them (`Engine.snapshot`), held apart from the params they
   came from: a generate call may read them while those params are updated in place."""
   weights: dict
-  lora: dict | None
+  lora: model.Lora | None
 
 
 class Rows(NamedTuple):
@@ -282,7 +282,9 @@ class Engine:
     weights = self._weights(params, lora)
     given = {id(x) for x in jax.tree.leaves((params, lora))}
     own = lambda x: jnp.copy(x) if id(x) in given else x  # noqa: E731  # passed through
-    return Snapshot(jax.tree.map(own, weights), jax.tree.map(jnp.copy, lora))
+    if lora is not None:  # the adapters are trained: copied; scale and dropout stay
+      lora = lora._replace(adapters=jax.tree.map(jnp.copy, lora.adapters))
+    return Snapshot(jax.tree.map(own, weights), lora)
 
   # long: the host's scheduling loop (refill free rows, decode a chunk, collect the done)
   def generate(self, params, prompts: list, rng, sampling: Sampling, *, rows: int = 0,

@@ -333,9 +333,11 @@ def build(config, workdir: str, sharder) -> loop.Task:
       w, b["tokens"], m, segment_ids=b["segment_ids"], positions=b["positions"],
       sharder=sharder), b["targets"], r.temperature)[0])
 
+  # The adapters' arrays only: LoRA's scale and dropout stay Python numbers in the trace.
   jit_current = jax.jit(lambda w, a, b: token_logps(model.forward(
       w, b["tokens"], m, segment_ids=b["segment_ids"], positions=b["positions"],
-      sharder=sharder, lora=a), b["targets"], r.temperature)[0])
+      sharder=sharder, lora=a and lora_lib.as_model_lora(a, config.lora)),
+      b["targets"], r.temperature)[0])
   train_data = _WithState(data.dataset(), state)
   ahead = {}  # step -> its rollout, started during the step before (rl.max_staleness)
   pool = concurrent.futures.ThreadPoolExecutor(1, "rollout") if r.max_staleness else None
@@ -348,7 +350,8 @@ def build(config, workdir: str, sharder) -> loop.Task:
     if lag:
       inputs = {k: rows[k] for k in ("tokens", "targets", "segment_ids", "positions")}
       current = np.asarray(multihost_utils.process_allgather(
-          jit_current(weights, adapters, sharding.global_batch(inputs, sharder)), tiled=True))
+          jit_current(weights, adapters and adapters.adapters,
+                      sharding.global_batch(inputs, sharder)), tiled=True))
       weight, cut = map(np.asarray, losses.truncated_is_weights(current, rows["old_logps"],
                                                                 r.is_cap))
       rows["old_logps"] = (current * mask).astype(np.float32)

@@ -156,6 +156,15 @@ def test_a_snapshot_decodes_as_its_params_after_they_are_donated():
   np.testing.assert_array_equal(got.logprobs, want.logprobs)
   assert not np.array_equal(engine.generate(updated, PROMPTS, jax.random.PRNGKey(1),
                                             sampling).logprobs, want.logprobs)
+  # With LoRA: the adapters are copied, their scale and dropout kept as they are.
+  from jaxlm import lora as lora_lib
+  lcfg = small_config(**{"lora.rank": 2}).lora
+  adapters = jax.tree.map(lambda x: x + 0.01, lora_lib.init(cfg, lcfg, jax.random.PRNGKey(2)))
+  lora = lora_lib.as_model_lora(adapters, lcfg)
+  want = engine.generate(updated, PROMPTS, jax.random.PRNGKey(1), sampling, lora=lora)
+  got = engine.generate(engine.snapshot(updated, lora), PROMPTS, jax.random.PRNGKey(1), sampling)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.logprobs, want.logprobs)
 
 
 def test_stop_sequences_end_each_row_and_rows_share_one_program():

@@ -283,6 +283,17 @@ def test_max_staleness_rolls_out_a_step_ahead_and_resumes_exactly(world, tmp_pat
   assert "rollout/lag" not in sync[0]
 
 
+def test_max_staleness_with_lora(world, tmp_path):
+  """The overlapped rollouts decode from a snapshot of LoRA's adapters, and the current
+  policy's forward (the importance weights) runs with them."""
+  from jaxlm import tasks
+  tasks.run(rl_config(world, task="grpo", steps=3, **{"rl.max_staleness": 1, "lora.rank": 4}),
+            str(tmp_path / "lora"))
+  records = rewards_of(str(tmp_path / "lora"))
+  assert [r["rollout/lag"] for r in records] == [0, 1, 1]
+  assert records[0]["rollout/is_weight"] == 1.0 and records[2]["rollout/is_weight"] != 1.0
+
+
 def test_gsm8k_prompts_parse_and_their_answers_score(shared_data):
   import os
   from jaxlm.data import prompts
