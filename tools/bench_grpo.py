@@ -132,10 +132,11 @@ def run_trl(hf_dir: str, prompts: list[dict], workdir: str, shape: dict) -> dict
   """TRL's GRPOTrainer on the same model, prompts, reward and shapes."""
   import time  # pylint: disable=import-outside-toplevel  # lazy: the child's own
   import datasets  # pylint: disable=import-outside-toplevel  # lazy: the peer's
+  import pyarrow  # pylint: disable=import-outside-toplevel  # lazy: the peer's
   import transformers  # pylint: disable=import-outside-toplevel  # lazy: the peer's
   import trl  # pylint: disable=import-outside-toplevel  # lazy: the peer's
-  gpu = transformers.utils.is_torch_cuda_available()
   from jaxlm import reward_fns  # pylint: disable=import-outside-toplevel  # lazy
+  gpu = transformers.utils.is_torch_cuda_available()
 
   def reward(prompts, completions, answer, **_):
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -151,7 +152,6 @@ def run_trl(hf_dir: str, prompts: list[dict], workdir: str, shape: dict) -> dict
       times.append(time.perf_counter() - self.t0)
 
   rows = shape["batch"] * shape["generations"]
-  import pyarrow  # pylint: disable=import-outside-toplevel  # lazy: the peer's
   # A fingerprint given: datasets hashes no Arrow table (its hashing fails on some
   # pyarrow builds).
   data = datasets.Dataset(datasets.table.InMemoryTable(pyarrow.Table.from_pylist(
@@ -160,8 +160,8 @@ def run_trl(hf_dir: str, prompts: list[dict], workdir: str, shape: dict) -> dict
   args = trl.GRPOConfig(
       output_dir=workdir, per_device_train_batch_size=rows, gradient_accumulation_steps=1,
       num_generations=shape["generations"], max_completion_length=shape["new_tokens"],
-      max_steps=shape["steps"], learning_rate=1e-4, beta=0.04, temperature=1.0, bf16=gpu, use_cpu=not gpu,
-      gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to=[],
+      max_steps=shape["steps"], learning_rate=1e-4, beta=0.04, temperature=1.0, bf16=gpu,
+      use_cpu=not gpu, gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to=[],
       use_vllm=False, seed=0)
   trainer = trl.GRPOTrainer(model=hf_dir, reward_funcs=reward, args=args, train_dataset=data,
                             callbacks=[Timer()])
@@ -190,12 +190,12 @@ def _shape() -> dict:
 
 
 def _child(spec: str, root: str) -> dict:
-  prompts = read_prompts(_PROMPTS.value, 4 * _BATCH.value * max(_STEPS.value, 1))
   hf_dir = os.path.join(root, "model")
-  if spec == "model":
-    write_model(_PRESET.value, prompts, hf_dir)
-    return {}
-  if spec == "trl":
+  if spec in ("model", "trl"):  # the prompts the vocabulary is made of, and TRL's data
+    prompts = read_prompts(_PROMPTS.value, 4 * _BATCH.value * max(_STEPS.value, 1))
+    if spec == "model":
+      write_model(_PRESET.value, prompts, hf_dir)
+      return {}
     return run_trl(hf_dir, prompts, os.path.join(root, "trl"), _shape())
   staleness = int(spec.split(":")[1])
   return run_jaxlm(hf_dir, _PROMPTS.value, os.path.join(root, f"jaxlm_{staleness}"), staleness,
